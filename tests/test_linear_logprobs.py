@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from vpo import oracle
-from vpo.ops import linear_logprobs, target_logits
+from vpo import linear_logprobs, target_logits
 from vpo.testing import assert_close_to_oracle, make_linear_head_inputs
 
 # The module itself (its Functions, chunk policy and registries), not just the public function.

@@ -1,0 +1,452 @@
+"""Per-token log-probs under a linear LM head without materializing the logits (SPEC.md, "linear log-probs").
+
+Inputs (flat): ``h [N, D]``, ``W [V, D]``, ``labels [N]`` (``ignore_index`` = no target), optional ``bias [V]``;
+h, W, bias share one dtype (fp32 / fp16 / bf16). Outputs, all fp32 ``[N]`` and 0 on ignored rows::
+
+    z_n      = W h_n + b                       (never stored: [BLOCK_N, BLOCK_V] tiles live in registers)
+    lse_n    = log Σ_v exp z_n[v]
+    tgt_n    = z_n[y_n]                        (gather-dot, O(N·D): target_logits._gather_dot_rows)
+    logp_n   = tgt_n − lse_n
+
+Forward
+-------
+``_lse_partial_kernel``, grid ``(cdiv(N, BLOCK_N), SPLIT_V)``: program (i, s) owns rows ``i*BLOCK_N ...`` and the s-th
+contiguous run of vocabulary tiles. For each tile it forms ``z = h_blk @ W_tileᵀ (+ b)`` looping over D, and keeps the
+online logsumexp ``(m, s)``: ``m' = max(m, max_v z)``, ``s' = s·exp(m − m') + Σ_v exp(z − m')``. It writes the split's
+``(m, s)`` to ``[SPLIT_V, N]`` fp32 buffers; ``_lse_combine_kernel`` (grid over N) folds them,
+``lse = M + log Σ_s s_s·exp(m_s − M)`` with ``M = max_s m_s``, computes the target logit and writes the outputs.
+Splitting V lets a small N (e.g. one preference batch, N = 2B·T ~ 4k) still fill 132 SMs.
+
+Backward
+--------
+With upstream gradients ``g_n = ∂L/∂logp_n`` and ``t_n = ∂L/∂tgt_n`` and ``p_n = softmax(z_n)``::
+
+    ∂logp_n/∂z_n[v] = 1[v = y_n] − p_n[v]        ∂tgt_n/∂z_n[v] = 1[v = y_n]
+    dz_n[v] = −g_n · p_n[v] + (g_n + t_n) · 1[v = y_n]
+    dh_n = Σ_v dz_n[v] W[v] = dz_n @ W           dW = dzᵀ @ h            db = Σ_n dz_n
+
+``p`` is recomputed from the saved lse: ``p = exp(z − lse)`` (one more pass of the forward's matmul). ``_lse_bwd_kernel``,
+one program per (N block, V block) tile: recompute the [BLOCK_N, BLOCK_V] logits over D, form dz (the one-hot term is
+folded in: it lives in exactly one V tile, and costs a compare per element), then sweep D again accumulating
+``dz @ W[tile, d-chunk]`` into dh and ``dzᵀ @ h[blk, d-chunk]`` into dW with fp32 atomics (every dh element gets
+``V / BLOCK_V`` adds, every dW element ``N / BLOCK_N``), and the column sums of dz into db. Accumulation is fp32
+throughout (bf16 accumulation diverges, Liger #512); the fp32 buffers are cast to the input dtype at the end.
+When only ``t`` flows (``g`` is None), ``dz = t · 1[v = y]`` and the backward is ``target_logits_bwd``: no vocab sweep.
+
+Ignored rows
+------------
+The launchers order rows so valid rows come first (a stable argsort of ``labels == ignore_index``) and pass the valid
+count as a device scalar: programs whose rows all lie past it return at once, and the others load h through the order
+array. Nothing syncs with the host. Ignored rows get 0 outputs and 0 gradients.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from vpo_kernels import target_logits as _tgt
+from vpo_kernels.target_logits import GatherConfig, _autotuning, _check_head, _gather_dot_rows, _interpreting
+
+__all__ = [
+    "TileConfig",
+    "LinearLogprobsConfig",
+    "linear_logprobs_fwd",
+    "linear_logprobs_bwd",
+    "LinearLogprobsTriton",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """A [block_n, block_v] logits tile built from block_d-wide chunks of h and W."""
+
+    block_n: int
+    block_v: int
+    block_d: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class LinearLogprobsConfig:
+    """Every kernel's tile for one call. ``split_v=None`` picks the vocabulary split to fill the device."""
+
+    sweep: TileConfig  # forward online-logsumexp kernel
+    bwd: TileConfig  # backward recompute + atomics kernel
+    gather: GatherConfig = field(default_factory=lambda: GatherConfig(block_n=8, block_d=512))
+    split_v: Optional[int] = None
+    group_n: int = 8  # backward: N blocks per group in the tile order (see _lse_bwd_kernel)
+
+
+def default_config(dtype: torch.dtype, N: int, V: int, D: int) -> LinearLogprobsConfig:
+    """The pinned configs. None was timed (no GPU in the session that wrote them): the GPU tiles were checked by
+    compiling ahead of time for sm_90 with Triton 3.9 (``triton.compile(..., target=GPUTarget("cuda", 90, 32))``) for
+    wgmma use, cp.async pipelining, shared memory and register counts without spills; ``VPO_AUTOTUNE=1`` retunes
+    BLOCK_D / warps / stages on the real device."""
+    gather = _tgt.default_gather_config(D)
+    if _interpreting():
+        # ~2 ms per program iteration whatever the tile: few programs, wide tiles; tl.dot needs every dim >= 16.
+        bn = max(16, min(32, triton.next_power_of_2(N)))
+        bv = max(16, min(64, triton.next_power_of_2(V)))
+        bd = max(16, min(32, triton.next_power_of_2(D)))
+        tile = TileConfig(bn, bv, bd)
+        return LinearLogprobsConfig(sweep=tile, bwd=tile, gather=gather, split_v=2)
+    if dtype == torch.float32:
+        # fp32 runs in "ieee" precision (FMA, no tensor cores): a correctness path. 64x64x32 with 8 warps compiles to
+        # ~115-130 registers; with 4 warps the backward spilled 4.5 KB to local memory.
+        tile = TileConfig(64, 64, 32, num_warps=8, num_stages=2)
+        return LinearLogprobsConfig(sweep=tile, bwd=tile, gather=gather)
+    # bf16/fp16 sweep: [128, 128] fp32 accumulator over 64-wide D chunks, 8 warps = two m64n128k16 wgmma warpgroups;
+    # 3 cp.async stages x (128x64 + 128x64) x 2 B = 96 KB shared memory, ~136 registers.
+    sweep = TileConfig(128, 128, 64, num_warps=8, num_stages=3)
+    # Backward keeps dz [128, 128] live in registers (operand of dz @ W) and in shared memory (dzᵀ for dzᵀ @ h) while two
+    # [128, 32] products are formed per D chunk: ~246 registers, 96 KB shared. BLOCK_D = 64 hit the 255-register cap;
+    # a [128, 64] tile (~145 registers) would cost 1.5x the atomics (each dh element gets V / BLOCK_V adds).
+    bwd = TileConfig(128, 128, 32, num_warps=8, num_stages=3)
+    return LinearLogprobsConfig(sweep=sweep, bwd=bwd, gather=gather)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _pick_split_v(cfg: LinearLogprobsConfig, N: int, V: int, device: torch.device) -> int:
+    """V splits so that (N blocks) x (splits) is about two waves; every split gets at least one V tile."""
+    n_vtiles = triton.cdiv(V, cfg.sweep.block_v)
+    if cfg.split_v is not None:
+        split = cfg.split_v
+    else:
+        split = triton.cdiv(2 * _num_sms(device), triton.cdiv(N, cfg.sweep.block_n))
+    split = max(1, min(split, n_vtiles))
+    return triton.cdiv(n_vtiles, triton.cdiv(n_vtiles, split))  # drop splits that would own no tile
+
+
+def _valid_rows_first(labels: torch.Tensor, ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(order [N] int64 with valid rows first, n_valid as a 0-dim int32 device tensor). No host sync."""
+    ignored = labels == ignore_index
+    order = torch.argsort(ignored.to(torch.int8), stable=True)
+    n_valid = (~ignored).sum(dtype=torch.int32)
+    return order, n_valid
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation; fp32 operands in full "ieee" precision (tf32 would lose ~1e-3)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, D,
+                 HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """z[rows, offs_v] as a [BLOCK_N, BLOCK_V] fp32 register tile; rows / offs_v are int64."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        hb = tl.load(h_ptr + rows[:, None] * D + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :],
+                     other=0.0)  # [BLOCK_N, BLOCK_D]
+        wb = tl.load(w_ptr + offs_v[:, None] * D + offs_d[None, :], mask=v_mask[:, None] & d_mask[None, :],
+                     other=0.0)  # [BLOCK_V, BLOCK_D]
+        acc = _dot(hb, tl.trans(wb), acc, IEEE)  # [BLOCK_N, BLOCK_D] @ [BLOCK_D, BLOCK_V] -> [BLOCK_N, BLOCK_V]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _lse_partial_kernel(h_ptr, w_ptr, b_ptr, order_ptr, n_valid_ptr, m_part_ptr, s_part_ptr, N, V, D,
+                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    # grid: (cdiv(N, BLOCK_N), SPLIT_V). N blocks on axis 0 (limit 2^31 - 1, so any N works); consecutive programs
+    # share a V split, so a W slice is read from HBM once and from L2 by the other N blocks.
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_valid = tl.load(n_valid_ptr)
+    if pid_n * BLOCK_N >= n_valid:
+        return  # every row of this block is ignored
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = offs_n < n_valid
+    rows = tl.load(order_ptr + offs_n, mask=row_mask, other=0).to(tl.int64)  # original row ids, valid first
+
+    n_vtiles = tl.cdiv(V, BLOCK_V)
+    per_split = tl.cdiv(n_vtiles, tl.num_programs(1))
+    t_lo = pid_s * per_split
+    t_hi = tl.minimum(t_lo + per_split, n_vtiles)
+
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)  # running max
+    s = tl.zeros([BLOCK_N], dtype=tl.float32)  # running Σ exp(z - m)
+    for t in range(t_lo, t_hi):
+        offs_v = (t * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        v_mask = offs_v < V
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, D,
+                         HAS_BIAS, IEEE, BLOCK_N, BLOCK_V, BLOCK_D)  # [BLOCK_N, BLOCK_V]
+        z = tl.where(v_mask[None, :], z, float("-inf"))  # padding columns add exp(-inf) = 0
+        m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: each tile has >= 1 real column
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m = m_new
+    # Stored at the ORIGINAL row id, so the combine kernel reads them in row order.
+    tl.store(m_part_ptr + pid_s * N + rows, m, mask=row_mask)
+    tl.store(s_part_ptr + pid_s * N + rows, s, mask=row_mask)
+
+
+@triton.jit
+def _lse_combine_kernel(m_part_ptr, s_part_ptr, h_ptr, w_ptr, b_ptr, labels_ptr,
+                        logp_ptr, tgt_ptr, lse_ptr, N, D, ignore_index, SPLIT_V,
+                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # grid: (cdiv(N, BLOCK_N),) in original row order; writes every row (0 where ignored).
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_n = offs_n < N
+    y = tl.load(labels_ptr + offs_n, mask=in_n, other=ignore_index).to(tl.int64)
+    valid = in_n & (y != ignore_index)
+    # Fold the splits: M = max_s m_s, S = Σ_s s_s exp(m_s - M). Ignored rows were never written: masked to m=0, s=0.
+    big_m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    for sp in range(0, SPLIT_V):
+        big_m = tl.maximum(big_m, tl.load(m_part_ptr + sp * N + offs_n, mask=valid, other=0.0))
+    big_s = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for sp in range(0, SPLIT_V):
+        m_s = tl.load(m_part_ptr + sp * N + offs_n, mask=valid, other=0.0)
+        s_s = tl.load(s_part_ptr + sp * N + offs_n, mask=valid, other=0.0)
+        big_s += s_s * tl.exp(m_s - big_m)
+    lse = big_m + tl.log(tl.where(valid, big_s, 1.0))  # no log(0) on ignored rows
+    tgt = _gather_dot_rows(h_ptr, w_ptr, b_ptr, offs_n, y, valid, D, HAS_BIAS, BLOCK_N, BLOCK_D)  # [BLOCK_N]
+    tl.store(lse_ptr + offs_n, tl.where(valid, lse, 0.0), mask=in_n)
+    tl.store(tgt_ptr + offs_n, tgt, mask=in_n)
+    tl.store(logp_ptr + offs_n, tl.where(valid, tgt - lse, 0.0), mask=in_n)
+
+
+@triton.jit
+def _lse_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, n_valid_ptr, lse_ptr, g_ptr, t_ptr,
+                    dh_ptr, dw_ptr, db_ptr, N, V, D,
+                    HAS_BIAS: tl.constexpr, HAS_T: tl.constexpr, IEEE: tl.constexpr,
+                    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr):
+    # grid: (cdiv(N, BLOCK_N) * cdiv(V, BLOCK_V),), 1-D. Tiles are visited in groups of GROUP_N N blocks x all V blocks
+    # (N fastest inside a group), so the ~132 resident programs spread their atomics over ~GROUP_N dh row blocks and
+    # ~132 / GROUP_N dW row blocks instead of hammering a single dW (or dh) block.
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_v = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * num_pid_v
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(num_pid_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+
+    n_valid = tl.load(n_valid_ptr)
+    if pid_n * BLOCK_N >= n_valid:
+        return  # every row of this block is ignored: zero gradient, no work
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = offs_n < n_valid
+    rows = tl.load(order_ptr + offs_n, mask=row_mask, other=0).to(tl.int64)
+    offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    v_mask = offs_v < V
+
+    z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, D,
+                     HAS_BIAS, IEEE, BLOCK_N, BLOCK_V, BLOCK_D)  # [BLOCK_N, BLOCK_V]
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)  # [BLOCK_N]
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)  # ∂L/∂logp
+    y = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+    coef = g  # weight of the one-hot term: g + t
+    if HAS_T:
+        coef += tl.load(t_ptr + rows, mask=row_mask, other=0.0)
+    tile_mask = row_mask[:, None] & v_mask[None, :]
+    z = tl.where(tile_mask, z, float("-inf"))  # padding rows / columns: p = 0 (and no exp overflow)
+    p = tl.exp(z - lse[:, None])  # softmax from the saved lse, [BLOCK_N, BLOCK_V]
+    dz = -g[:, None] * p + tl.where(offs_v[None, :] == y[:, None], coef[:, None], 0.0)  # y = -1 on padding rows
+    if COMPUTE_DB:
+        tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_mask, sem="relaxed")  # [BLOCK_V]
+    if COMPUTE_DH or COMPUTE_DW:
+        # Tensor-core operand in the input dtype (as PyTorch's own 16-bit backward materializes it); fp32 sums.
+        dz_op = dz.to(h_ptr.dtype.element_ty)  # [BLOCK_N, BLOCK_V]
+        dz_t = tl.trans(dz_op)  # [BLOCK_V, BLOCK_N], formed once outside the D loop
+        n_dchunks = tl.cdiv(D, BLOCK_D)
+        # Start the D sweep at a tile-dependent chunk so concurrent programs add into different addresses.
+        shift = pid_n + pid_v
+        for c in range(0, n_dchunks):
+            offs_d = ((c + shift) % n_dchunks) * BLOCK_D + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D
+            if COMPUTE_DH:
+                wb = tl.load(w_ptr + offs_v[:, None] * D + offs_d[None, :], mask=v_mask[:, None] & d_mask[None, :],
+                             other=0.0)  # [BLOCK_V, BLOCK_D]
+                dh_blk = _dot(dz_op, wb, tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), IEEE)
+                # [BLOCK_N, BLOCK_V] @ [BLOCK_V, BLOCK_D] -> [BLOCK_N, BLOCK_D]
+                tl.atomic_add(dh_ptr + rows[:, None] * D + offs_d[None, :], dh_blk,
+                              mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
+            if COMPUTE_DW:
+                hb = tl.load(h_ptr + rows[:, None] * D + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :],
+                             other=0.0)  # [BLOCK_N, BLOCK_D]
+                dw_blk = _dot(dz_t, hb, tl.zeros([BLOCK_V, BLOCK_D], dtype=tl.float32), IEEE)
+                # [BLOCK_V, BLOCK_N] @ [BLOCK_N, BLOCK_D] -> [BLOCK_V, BLOCK_D]
+                tl.atomic_add(dw_ptr + offs_v[:, None] * D + offs_d[None, :], dw_blk,
+                              mask=v_mask[:, None] & d_mask[None, :], sem="relaxed")
+
+
+_autotuned = {}
+
+
+def _tuned(name: str):
+    """Autotuned variants (``VPO_AUTOTUNE=1``). Only BLOCK_D / num_warps / num_stages vary: BLOCK_N and BLOCK_V fix
+    the grid and the split buffers, so they stay pinned. The backward restores its atomic accumulators between trials
+    (``restore_value``: correct whether or not the Triton version resets after the last trial)."""
+    if name not in _autotuned:
+        cfgs = [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s)
+                for bd in (32, 64) for w in (4, 8) for s in (2, 3, 4)]
+        if name == "sweep":
+            _autotuned[name] = triton.autotune(cfgs, key=["V", "D"])(_lse_partial_kernel)
+        else:
+            _autotuned[name] = triton.autotune(cfgs, key=["V", "D"], restore_value=["dh_ptr", "dw_ptr", "db_ptr"])(
+                _lse_bwd_kernel)
+    return _autotuned[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Host launchers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def linear_logprobs_fwd(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                        ignore_index: int = -100, *, config: Optional[LinearLogprobsConfig] = None,
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logp, target_logit, lse)``, each ``[N]`` fp32 and 0 where ``labels == ignore_index``.
+
+    h ``[N, D]``, W ``[V, D]``, labels ``[N]``, bias ``[V]`` or None. Extra memory: two ``[SPLIT_V, N]`` fp32 buffers
+    and the row order; nothing O(N·V). No host sync.
+    """
+    h, W, labels, bias = _check_head(h, W, labels, bias)
+    N, D = h.shape
+    V = W.shape[0]
+    dev = h.device
+    logp = _tgt._empty((N,), torch.float32, dev)
+    tgt = _tgt._empty((N,), torch.float32, dev)
+    lse = _tgt._empty((N,), torch.float32, dev)
+    if N == 0:
+        return logp, tgt, lse
+    cfg = config or default_config(h.dtype, N, V, D)
+    order, n_valid = _valid_rows_first(labels, ignore_index)
+    split = _pick_split_v(cfg, N, V, dev)
+    m_part = _tgt._empty((split, N), torch.float32, dev)
+    s_part = _tgt._empty((split, N), torch.float32, dev)
+    b_arg = bias if bias is not None else h  # never read when HAS_BIAS is False
+    ieee = h.dtype == torch.float32
+    sw = cfg.sweep
+    grid = (triton.cdiv(N, sw.block_n), split)
+    args = (h, W, b_arg, order, n_valid, m_part, s_part, N, V, D)
+    meta = dict(HAS_BIAS=bias is not None, IEEE=ieee, BLOCK_N=sw.block_n, BLOCK_V=sw.block_v)
+    if _autotuning():
+        _tuned("sweep")[grid](*args, **meta)
+    else:
+        _lse_partial_kernel[grid](*args, **meta, BLOCK_D=sw.block_d, num_warps=sw.num_warps,
+                                  num_stages=sw.num_stages)
+    gc = cfg.gather
+    _lse_combine_kernel[(triton.cdiv(N, gc.block_n),)](
+        m_part, s_part, h, W, b_arg, labels, logp, tgt, lse, N, D, ignore_index, split,
+        HAS_BIAS=bias is not None, BLOCK_N=gc.block_n, BLOCK_D=gc.block_d,
+        num_warps=gc.num_warps, num_stages=gc.num_stages,
+    )
+    return logp, tgt, lse
+
+
+def linear_logprobs_bwd(grad_logp: Optional[torch.Tensor], grad_target: Optional[torch.Tensor], h: torch.Tensor,
+                        W: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor], lse: torch.Tensor,
+                        ignore_index: int = -100, *, compute_dh: bool = True, compute_dw: bool = True,
+                        compute_db: Optional[bool] = None, config: Optional[LinearLogprobsConfig] = None,
+                        ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients ``(dh [N, D], dW [V, D], db [V])`` of ``Σ_n grad_logp[n]·logp[n] + grad_target[n]·tgt[n]``.
+
+    Either upstream gradient may be None (treated as 0); ``lse`` is the forward's. Returned in the inputs' dtype;
+    a gradient whose ``compute_*`` flag is False (``compute_db`` defaults to ``bias is not None``) is None. Ignored rows
+    get zero gradient. Extra memory: fp32 accumulators for dh / dW / db (cast at the end for 16-bit inputs).
+    """
+    h, W, labels, bias = _check_head(h, W, labels, bias)
+    N, D = h.shape
+    V = W.shape[0]
+    dev = h.device
+    compute_db = (bias is not None) if compute_db is None else (compute_db and bias is not None)
+    for name, t in (("grad_logp", grad_logp), ("grad_target", grad_target), ("lse", lse)):
+        if t is not None and t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but h is on {dev}: expected the same device")
+    if grad_logp is None:
+        if grad_target is None:
+            grad_target = torch.zeros((N,), dtype=torch.float32, device=dev)
+        # dz = t · 1[v = y]: the target-logit gather backward, O(N·D), no vocabulary sweep.
+        return _tgt.target_logits_bwd(grad_target, h, W, labels, bias, ignore_index, compute_dh=compute_dh,
+                                      compute_dw=compute_dw, compute_db=compute_db,
+                                      config=None if config is None else config.gather)
+    grad_logp = grad_logp.contiguous().to(torch.float32)
+    grad_target = None if grad_target is None else grad_target.contiguous().to(torch.float32)
+    lse = lse.contiguous().to(torch.float32)
+    # fp32 accumulators (atomics need a zero start); for fp32 inputs they are the outputs.
+    dh = torch.zeros((N, D), dtype=torch.float32, device=dev) if compute_dh else None
+    dw = torch.zeros((V, D), dtype=torch.float32, device=dev) if compute_dw else None
+    db = torch.zeros((V,), dtype=torch.float32, device=dev) if compute_db else None
+    if N > 0 and (compute_dh or compute_dw or compute_db):
+        cfg = config or default_config(h.dtype, N, V, D)
+        bw = cfg.bwd
+        order, n_valid = _valid_rows_first(labels, ignore_index)
+        grid = (triton.cdiv(N, bw.block_n) * triton.cdiv(V, bw.block_v),)
+        args = (h, W, bias if bias is not None else h, labels, order, n_valid, lse, grad_logp,
+                grad_target if grad_target is not None else grad_logp,
+                dh if dh is not None else lse, dw if dw is not None else lse, db if db is not None else lse,
+                N, V, D)
+        meta = dict(HAS_BIAS=bias is not None, HAS_T=grad_target is not None, IEEE=h.dtype == torch.float32,
+                    COMPUTE_DH=compute_dh, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+                    BLOCK_N=bw.block_n, BLOCK_V=bw.block_v, GROUP_N=cfg.group_n)
+        if _autotuning():
+            _tuned("bwd")[grid](*args, **meta)
+        else:
+            _lse_bwd_kernel[grid](*args, **meta, BLOCK_D=bw.block_d, num_warps=bw.num_warps,
+                                  num_stages=bw.num_stages)
+    if h.dtype != torch.float32:
+        dh = dh.to(h.dtype) if dh is not None else None
+        dw = dw.to(h.dtype) if dw is not None else None
+        db = db.to(h.dtype) if db is not None else None
+    return dh, dw, db
+
+
+class LinearLogprobsTriton(torch.autograd.Function):
+    """``LinearLogprobsTriton.apply(h, W, labels, bias, ignore_index) -> (logp [N] fp32, target_logit [N] fp32)``.
+
+    Saves lse ([N] fp32) for the backward; gradients flow to h, W and bias (None where not required). Either output's
+    gradient may be absent.
+    """
+
+    @staticmethod
+    def forward(ctx, h, W, labels, bias=None, ignore_index=-100, config=None):
+        logp, tgt, lse = linear_logprobs_fwd(h, W, labels, bias, ignore_index, config=config)
+        ctx.save_for_backward(h, W, labels, bias, lse)
+        ctx.ignore_index = ignore_index
+        ctx.config = config
+        ctx.set_materialize_grads(False)  # a None gradient means: skip that term (and the vocab sweep if logp's)
+        return logp, tgt
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_target):
+        h, W, labels, bias, lse = ctx.saved_tensors
+        need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
+        if (grad_logp is None and grad_target is None) or not (need_h or need_w or need_b):
+            return None, None, None, None, None, None
+        dh, dw, db = linear_logprobs_bwd(grad_logp, grad_target, h, W, labels, bias, lse, ctx.ignore_index,
+                                         compute_dh=need_h, compute_dw=need_w, compute_db=need_b, config=ctx.config)
+        return dh, dw, None, db, None, None
