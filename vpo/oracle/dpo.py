@@ -1,0 +1,256 @@
+"""Oracle for DPO from last hidden states (SPEC.md "DPO"), and the pieces the other method oracles share.
+
+Logits are materialized in full by :func:`vpo.oracle.logprobs.token_logprobs`, summed per sequence by
+:func:`vpo.oracle.logprobs.sequence_logps`, and the per-sequence values go through the loss head
+:func:`vpo.losses.dpo_loss` — the math lives there, once.
+
+Batch convention (Liger's): chosen rows first, then rejected, on dim 0: ``hidden [2B, T, D]``, ``labels [2B, T]``,
+already aligned (``hidden[:, t]`` predicts ``labels[:, t]``), ``ignore_index`` on prompt and padding positions.
+
+The reference pass is computed under ``torch.no_grad()`` — the reference is frozen, so no gradient reaches
+``ref_hidden``, ``ref_weight`` or ``ref_bias`` (nor ``weight`` through the reference when the head is shared).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+from vpo import losses
+from vpo._validate import (
+    check_even_batch,
+    check_float,
+    check_labels,
+    check_labels_in_range,
+    check_same_device,
+    check_same_dtype,
+)
+from vpo.oracle.logprobs import sequence_logps, token_logprobs
+
+Metrics = Dict[str, torch.Tensor]
+
+
+def check_head(weight_name: str, weight, bias_name: str, bias) -> None:
+    """``weight [V, D]`` float; ``bias`` None or ``[V]`` of the same dtype and device."""
+    check_float(weight_name, weight, ndim=2)
+    if bias is not None:
+        check_float(bias_name, bias, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"{bias_name} has shape {tuple(bias.shape)} but {weight_name} has shape {tuple(weight.shape)}: "
+                f"expected {bias_name}.shape == ({weight_name}.shape[0],)"
+            )
+        check_same_dtype(bias_name, bias, weight_name, weight)
+        check_same_device(bias_name, bias, weight_name, weight)
+
+
+def check_pass(
+    hidden_name: str,
+    hidden,
+    labels_name: str,
+    labels,
+    weight_name: str,
+    weight: torch.Tensor,
+    *,
+    ignore_index: int,
+    ndim: int = 3,
+) -> None:
+    """One forward pass: ``hidden [..., T, D]`` (``ndim`` dims), ``labels [..., T]``, against ``weight [V, D]``."""
+    check_float(hidden_name, hidden, ndim=ndim)
+    check_labels(labels_name, labels, ndim=ndim - 1)
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"{labels_name} has shape {tuple(labels.shape)} but {hidden_name} has shape {tuple(hidden.shape)}: "
+            f"expected {labels_name}.shape == {hidden_name}.shape[:-1]"
+        )
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{hidden_name} has shape {tuple(hidden.shape)} but {weight_name} has shape {tuple(weight.shape)}: "
+            f"expected {hidden_name}.shape[-1] == {weight_name}.shape[1]"
+        )
+    check_same_dtype(hidden_name, hidden, weight_name, weight)
+    check_same_device(hidden_name, hidden, weight_name, weight)
+    check_same_device(labels_name, labels, hidden_name, hidden)
+    check_labels_in_range(labels_name, labels, weight.shape[0], ignore_index)
+
+
+def check_rows(name: str, t: torch.Tensor, allowed: Sequence[int], what: str) -> int:
+    """``t.shape[0]`` must be one of ``allowed``; returns it."""
+    if t.shape[0] not in allowed:
+        raise ValueError(f"{name} has {t.shape[0]} rows (shape {tuple(t.shape)}): expected {what}")
+    return t.shape[0]
+
+
+def reference_head(
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    ref_weight: Optional[torch.Tensor],
+    ref_bias: Optional[torch.Tensor],
+) -> Tuple[str, torch.Tensor, Optional[torch.Tensor]]:
+    """The reference's LM head: ``(ref_weight, ref_bias)``, or the policy's ``(weight, bias)`` when ``ref_weight`` is
+    None (a frozen head shared by both models, as with LoRA). Returns ``(name for messages, W_ref, b_ref)``."""
+    if ref_weight is None:
+        if ref_bias is not None:
+            raise ValueError(
+                "ref_bias is given but ref_weight is None: expected both (a separate reference head) "
+                "or neither (the reference shares the policy's weight and bias)"
+            )
+        return "weight", weight, bias
+    check_head("ref_weight", ref_weight, "ref_bias", ref_bias)
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"ref_weight has shape {tuple(ref_weight.shape)} but weight has shape {tuple(weight.shape)}: "
+            f"expected the same vocabulary size (shape[0])"
+        )
+    check_same_dtype("ref_weight", ref_weight, "weight", weight)
+    check_same_device("ref_weight", ref_weight, "weight", weight)
+    return "ref_weight", ref_weight, ref_bias
+
+
+def check_reference_passes(named: Sequence[Tuple[str, Optional[torch.Tensor]]], ref_weight, ref_bias) -> bool:
+    """All reference passes given, or none (reference-free, Δ = logp_θ). Returns whether they are given."""
+    given = [name for name, t in named if t is not None]
+    if given and len(given) != len(named):
+        missing = [name for name, t in named if t is None]
+        raise ValueError(
+            f"{', '.join(given)} given but {', '.join(missing)} is None: expected every reference pass "
+            f"({', '.join(n for n, _ in named)}) or none of them (reference-free)"
+        )
+    if not given and (ref_weight is not None or ref_bias is not None):
+        raise ValueError(
+            f"ref_weight/ref_bias given but {named[0][0]} is None: expected the reference's hidden states with its head"
+        )
+    return bool(given)
+
+
+def sequence_logps_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    *,
+    ignore_index: int,
+) -> torch.Tensor:
+    """``[..., T, D] -> [...]``: per-token log-probs via the full logits, summed over response tokens."""
+    logp, _, _ = token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index)  # [..., T]
+    return sequence_logps(logp, labels, ignore_index=ignore_index)  # [...]
+
+
+def reference_sequence_logps(
+    ref_hidden: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    ref_weight: torch.Tensor,
+    ref_bias: Optional[torch.Tensor],
+    *,
+    like: torch.Tensor,
+    ignore_index: int,
+) -> torch.Tensor:
+    """Reference per-sequence log-probs without gradient; zeros shaped like ``like`` when ``ref_hidden`` is None."""
+    if ref_hidden is None:
+        return torch.zeros_like(like).detach()
+    with torch.no_grad():
+        return sequence_logps_from_hidden(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index)
+
+
+@dataclass(frozen=True)
+class Heads:
+    """The policy's and the reference's LM heads, validated (see :func:`heads`)."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    ref_weight_name: str
+    ref_weight: torch.Tensor
+    ref_bias: Optional[torch.Tensor]
+
+
+def heads(weight, bias, ref_weight, ref_bias) -> Heads:
+    check_head("weight", weight, "bias", bias)
+    ref_name, ref_w, ref_b = reference_head(weight, bias, ref_weight, ref_bias)
+    return Heads(weight, bias, ref_name, ref_w, ref_b)
+
+
+def pass_logps(
+    hidden_name: str,
+    hidden: torch.Tensor,
+    labels_name: str,
+    labels: torch.Tensor,
+    ref_hidden_name: str,
+    ref_hidden: Optional[torch.Tensor],
+    head: Heads,
+    *,
+    ignore_index: int,
+    ndim: int = 3,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Validate one forward pass (policy and, if given, reference on the same labels) and return its per-sequence
+    ``(logps, ref_logps)``, each ``hidden.shape[:-2]``; ``ref_logps`` is zeros when ``ref_hidden`` is None."""
+    check_pass(hidden_name, hidden, labels_name, labels, "weight", head.weight, ignore_index=ignore_index, ndim=ndim)
+    if ref_hidden is not None:
+        check_pass(
+            ref_hidden_name, ref_hidden, labels_name, labels, head.ref_weight_name, head.ref_weight,
+            ignore_index=ignore_index, ndim=ndim,
+        )  # fmt: skip
+    logps = sequence_logps_from_hidden(hidden, head.weight, labels, head.bias, ignore_index=ignore_index)
+    ref_logps = reference_sequence_logps(
+        ref_hidden, labels, head.ref_weight, head.ref_bias, like=logps, ignore_index=ignore_index
+    )
+    return logps, ref_logps
+
+
+def merge_metrics(*parts: Metrics) -> Metrics:
+    out: Metrics = {}
+    for part in parts:
+        out.update(part)
+    return out
+
+
+def dpo_loss(
+    weight: torch.Tensor,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    ref_hidden: Optional[torch.Tensor] = None,
+    ref_weight: Optional[torch.Tensor] = None,
+    ref_bias: Optional[torch.Tensor] = None,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+) -> Tuple[torch.Tensor, Metrics]:
+    """DPO from last hidden states, materializing the logits (the oracle for the fused DPO loss).
+
+    Args:
+        weight: ``[V, D]`` policy LM-head weight; ``bias``: optional ``[V]``.
+        hidden: ``[2B, T, D]`` policy hidden states, chosen rows first then rejected.
+        labels: ``[2B, T]`` int targets aligned with ``hidden``, ``ignore_index`` where there is none.
+        ref_hidden: ``[2B, T, D]`` the reference's hidden states on the same inputs, or None for reference-free DPO.
+        ref_weight, ref_bias: the reference's head; None: the policy's ``weight``/``bias`` (a shared frozen head).
+        beta, label_smoothing: as in :func:`vpo.losses.dpo_loss`.
+        ignore_index: label of positions without a target (-100).
+
+    Returns:
+        ``(loss, metrics)`` of :func:`vpo.losses.dpo_loss`. Gradients reach ``hidden``, ``weight`` and ``bias`` only.
+
+    Example:
+        >>> import torch
+        >>> from vpo.oracle.dpo import dpo_loss
+        >>> W = torch.eye(3, dtype=torch.float64)            # logits = hidden
+        >>> h = torch.zeros(2, 1, 3, dtype=torch.float64)    # uniform: logp = -log 3 for both rows
+        >>> loss, m = dpo_loss(W, h, torch.tensor([[0], [1]]), ref_hidden=h)
+        >>> round(loss.item(), 4)                             # -log σ(0)
+        0.6931
+    """
+    head = heads(weight, bias, ref_weight, ref_bias)
+    n_pairs = check_even_batch("hidden", check_float("hidden", hidden, ndim=3))
+    check_reference_passes([("ref_hidden", ref_hidden)], ref_weight, ref_bias)
+    logps, ref_logps = pass_logps(
+        "hidden", hidden, "labels", labels, "ref_hidden", ref_hidden, head, ignore_index=ignore_index
+    )  # [2B], [2B]
+    return losses.dpo_loss(
+        logps[:n_pairs],
+        logps[n_pairs:],
+        ref_logps[:n_pairs],
+        ref_logps[n_pairs:],
+        beta=beta,
+        label_smoothing=label_smoothing,
+    )
