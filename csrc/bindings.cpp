@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "attention_stats.h"
 #include "segment_sum.h"
 
 namespace py = pybind11;
@@ -53,6 +54,21 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("dtype"), py::arg("grad_out"), py::arg("values"), py::arg("weights"), py::arg("offsets"),
       py::arg("num_segments"), py::arg("grad_values"), py::arg("grad_weights"));
+  m.def(
+      "image_attention_probs_cpu",
+      [](int dtype, std::uintptr_t attn, int64_t batch, int64_t heads, int64_t seq, int64_t stride_b, int64_t stride_h,
+         int64_t stride_q, int64_t stride_k, std::uintptr_t image_pos, int64_t num_image, std::uintptr_t query_pos,
+         int64_t num_query, std::uintptr_t out) {
+        py::gil_scoped_release release;
+        vpo::image_attention_probs_cpu(dtype, ptr<const void>(attn), batch, heads, seq, stride_b, stride_h, stride_q,
+                                       stride_k, ptr<const int64_t>(image_pos), num_image,
+                                       ptr<const int64_t>(query_pos), num_query, ptr<float>(out));
+      },
+      py::arg("dtype"), py::arg("attn"), py::arg("batch"), py::arg("heads"), py::arg("seq"), py::arg("stride_b"),
+      py::arg("stride_h"), py::arg("stride_q"), py::arg("stride_k"), py::arg("image_pos"), py::arg("num_image"),
+      py::arg("query_pos"), py::arg("num_query"), py::arg("out"),
+      "out[b, t, n] = mean_h attn[b, h, query_pos[b, t], image_pos[b, n]] (float32 out [B, Tq, N_p]; query_pos = 0 "
+      "pointer means every row). dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16.");
 #ifdef VPO_WITH_CUDA
   m.def(
       "segment_sum_fwd_cuda",
@@ -75,5 +91,17 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dtype"), py::arg("grad_out"), py::arg("values"), py::arg("weights"), py::arg("offsets"),
       py::arg("num_segments"), py::arg("num_tokens"), py::arg("grad_values"), py::arg("grad_weights"),
       py::arg("stream"));
+  m.def(
+      "image_attention_probs_cuda",
+      [](int dtype, std::uintptr_t attn, int64_t batch, int64_t heads, int64_t seq, int64_t stride_b, int64_t stride_h,
+         int64_t stride_q, int64_t stride_k, std::uintptr_t image_pos, int64_t num_image, std::uintptr_t query_pos,
+         int64_t num_query, std::uintptr_t out, std::uintptr_t stream) {
+        vpo::image_attention_probs_cuda(dtype, ptr<const void>(attn), batch, heads, seq, stride_b, stride_h, stride_q,
+                                        stride_k, ptr<const int64_t>(image_pos), num_image,
+                                        ptr<const int64_t>(query_pos), num_query, ptr<float>(out), stream);
+      },
+      py::arg("dtype"), py::arg("attn"), py::arg("batch"), py::arg("heads"), py::arg("seq"), py::arg("stride_b"),
+      py::arg("stride_h"), py::arg("stride_q"), py::arg("stride_k"), py::arg("image_pos"), py::arg("num_image"),
+      py::arg("query_pos"), py::arg("num_query"), py::arg("out"), py::arg("stream"));
 #endif
 }

@@ -110,6 +110,7 @@ def test_reference_head_defaults_and_separate_reference():
         (lambda a: a.update(labels=a["labels"].float()), "labels must have dtype"),
         (lambda a: a.update(labels=torch.full_like(a["labels"], 131)), r"labels contains 131: expected values in \[0, 131\)"),
         (lambda a: a.update(beta=0.0), "beta must be > 0"),
+        (lambda a: a.update(ref_bias=torch.zeros(131)), "ref_bias is given but ref_weight is None"),
         (lambda a: a.update(impl="cuda"), "impl must be one of"),
         (lambda a: a.update(hidden=a["hidden"][:0], labels=a["labels"][:0], ref_hidden=a["ref_hidden"][:0]),
          "hidden must not be empty"),

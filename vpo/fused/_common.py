@@ -105,11 +105,14 @@ def resolve_reference(ref_hidden, ref_logps, hidden: torch.Tensor, *, extra_ref=
 
 def reference_head(weight, bias, ref_weight, ref_bias, ref_hidden):
     """The reference LM head, detached: ``ref_weight``/``ref_bias`` if given; ``ref_weight=None`` shares the policy's
-    ``weight`` and, unless ``ref_bias`` is given, its ``bias`` (the oracle's convention)."""
+    ``weight`` and ``bias`` (then ``ref_bias`` must be None too, as in the oracle)."""
     if ref_weight is None:
-        if ref_bias is None:
-            ref_bias = bias
-        return weight.detach(), None if ref_bias is None else ref_bias.detach()
+        if ref_bias is not None:
+            raise ValueError(
+                "ref_bias is given but ref_weight is None: expected both (a separate reference head) "
+                "or neither (the reference shares the policy's weight and bias)"
+            )
+        return weight.detach(), None if bias is None else bias.detach()
     check_float("ref_weight", ref_weight, ndim=2)
     if ref_weight.shape[1] != ref_hidden.shape[-1]:
         raise ValueError(

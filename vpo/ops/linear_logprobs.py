@@ -42,6 +42,13 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from vpo.ops._common import acc_dtype as _acc_dtype
+from vpo.ops._common import check_ignore_index, check_labels_like, check_linear_head
+from vpo.ops._common import chunk_logits as _chunk_logits
+from vpo.ops._common import resolve_impl
+from vpo.ops._common import scatter_back as _scatter_back
+from vpo.ops._common import select_valid as _select_valid
+
 TILE_BUDGET = 1 << 24  # elements in one [M, C] logits tile: 64 MiB in float32
 CHUNK_ENV = "VPO_TORCH_CHUNK"
 
@@ -64,38 +71,12 @@ def chunk_size(n_valid: int, vocab: int, override: Optional[int] = None) -> int:
     return max(1, min(vocab, TILE_BUDGET // max(n_valid, 1)))
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation/output dtype: float64 stays float64, everything else computes in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _select_valid(labels: torch.Tensor, ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Indices ``[M]`` of the non-ignored rows and their labels ``[M]`` (int64). One host sync (``nonzero``)."""
-    idx = (labels != ignore_index).nonzero().squeeze(1)
-    return idx, labels[idx].long()
-
-
 def _target_dot(hv: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
     """``W[y] · h + b[y]`` for ``hv [M, D]`` in the accumulation dtype: ``[M, D] * [M, D] -> sum -> [M]``."""
     z = (W[y].to(hv.dtype) * hv).sum(-1)
     if b is not None:
         z = z + b[y].to(hv.dtype)
     return z
-
-
-def _chunk_logits(hv, W, b, v0, v1):
-    """One logits tile ``z_c = h @ W[v0:v1].T + b[v0:v1]``: ``[M, D] @ [D, C] -> [M, C]`` in ``hv.dtype``."""
-    Wc = W[v0:v1].to(hv.dtype)  # [C, D]
-    if b is None:
-        return hv @ Wc.T, Wc
-    return torch.addmm(b[v0:v1].to(hv.dtype), hv, Wc.T), Wc
-
-
-def _scatter_back(full_shape, idx, values, dtype):
-    """Zeros of ``full_shape`` with ``values`` written at rows ``idx`` (ignored rows stay 0)."""
-    out = torch.zeros(full_shape, dtype=dtype, device=values.device)
-    out[idx] = values.to(dtype)
-    return out
 
 
 class LinearLogprobsTorch(torch.autograd.Function):
@@ -248,78 +229,19 @@ def _target_logits_triton(h, W, labels, bias, ignore_index):
 LINEAR_LOGPROBS_IMPLS = {"torch": _linear_logprobs_torch, "triton": _linear_logprobs_triton}
 TARGET_LOGITS_IMPLS = {"torch": _target_logits_torch, "triton": _target_logits_triton}
 
-_TRITON_IMPORTS: Optional[bool] = None
-
-
-def _triton_imports() -> bool:
-    global _TRITON_IMPORTS
-    if _TRITON_IMPORTS is None:
-        try:
-            import triton  # noqa: F401
-
-            import vpo_kernels.linear_logprobs  # noqa: F401
-            import vpo_kernels.target_logits  # noqa: F401
-
-            _TRITON_IMPORTS = True
-        except Exception:  # ImportError, or a broken install raising something else
-            _TRITON_IMPORTS = False
-    return _TRITON_IMPORTS
+_TRITON_MODULES = ("vpo_kernels.linear_logprobs", "vpo_kernels.target_logits")
 
 
 def _resolve_impl(impl, registry, hidden: torch.Tensor) -> str:
-    names = ["auto", *registry]
-    if not isinstance(impl, str) or impl not in names:
-        raise ValueError(f"impl must be one of {names}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if hidden.is_cuda and "triton" in registry and _triton_imports() else "torch"
-    if impl == "triton" and not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter), got hidden on "
-            f"{hidden.device}: use impl='torch' or impl='auto'"
-        )
-    return impl
+    return resolve_impl(impl, registry, hidden, _TRITON_MODULES)
 
 
 def _validate(hidden, weight, labels, bias, ignore_index) -> None:
-    from vpo._validate import (
-        check_float,
-        check_labels,
-        check_labels_in_range,
-        check_same_device,
-        check_same_dtype,
-    )
+    from vpo._validate import check_labels_in_range
 
-    check_float("hidden", hidden)
-    if hidden.dim() < 2:
-        raise ValueError(
-            f"hidden must have at least 2 dimensions [..., D], got shape {tuple(hidden.shape)} ({hidden.dim()} dims)"
-        )
-    check_float("weight", weight, ndim=2)
-    check_labels("labels", labels)
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(
-            f"labels has shape {tuple(labels.shape)} but hidden has shape {tuple(hidden.shape)}: "
-            f"expected labels.shape == hidden.shape[:-1]"
-        )
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"weight has shape {tuple(weight.shape)} but hidden has shape {tuple(hidden.shape)}: "
-            f"expected weight.shape == (V, hidden.shape[-1])"
-        )
-    check_same_dtype("weight", weight, "hidden", hidden)
-    check_same_device("weight", weight, "hidden", hidden)
-    check_same_device("labels", labels, "hidden", hidden)
-    if bias is not None:
-        check_float("bias", bias, ndim=1)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(
-                f"bias has shape {tuple(bias.shape)} but weight has shape {tuple(weight.shape)}: "
-                f"expected bias.shape == (weight.shape[0],)"
-            )
-        check_same_dtype("bias", bias, "hidden", hidden)
-        check_same_device("bias", bias, "hidden", hidden)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_linear_head(hidden, weight, bias)
+    check_labels_like(labels, hidden)
+    check_ignore_index(ignore_index)
     check_labels_in_range("labels", labels, weight.shape[0], ignore_index)  # one host sync
 
 

@@ -175,8 +175,8 @@ def tpo_loss(
         hidden, hidden_noised: ``[2B, T, D]`` the policy's hidden states on the clean / noised image, chosen rows first.
         labels: ``[2B, T]`` aligned targets (``ignore_index`` = no target), shared by all passes.
         ref_hidden, ref_hidden_noised: ``[2B, T, D]`` the reference's two passes (both or neither).
-        ref_weight, ref_bias: the reference's head; ``ref_weight=None`` means it shares the policy's head (``weight``
-            and, unless ``ref_bias`` is given, ``bias``), used detached.
+        ref_weight, ref_bias: the reference's head; ``ref_weight=None`` (and ``ref_bias=None``) means it shares the
+            policy's ``weight`` and ``bias``, used detached.
         ref_logps: ``[2B]`` precomputed ``Σ_i (logp_ref + log c_ref)`` (e.g. from :func:`tpo_sequence_logps`), instead
             of the reference passes. Give exactly one of ``ref_hidden`` and ``ref_logps``.
         beta: β > 0. a, rewards: see :func:`tpo_calibrated_reward`.
@@ -313,9 +313,13 @@ def _ref_head(weight, bias, ref_weight, ref_bias, ref_hidden, hidden, *, ndim=3)
         )
     check_same_device("ref_hidden", ref_hidden, "hidden", hidden)
     if ref_weight is None:
+        if ref_bias is not None:
+            raise ValueError(
+                "ref_bias is given but ref_weight is None: expected both (a separate reference head) "
+                "or neither (the reference shares the policy's weight and bias)"
+            )
         ref_weight = weight.detach()
-        if ref_bias is None and bias is not None:
-            ref_bias = bias.detach()
+        ref_bias = None if bias is None else bias.detach()
     else:
         check_float("ref_weight", ref_weight, ndim=2)
         if ref_weight.shape != weight.shape:
