@@ -277,7 +277,7 @@ def linear_logprobs(
 
     Example:
         >>> import torch
-        >>> from vpo.ops import linear_logprobs
+        >>> from vpo.ops.linear_logprobs import linear_logprobs
         >>> h = torch.randn(2, 5, 16, requires_grad=True)
         >>> W = torch.randn(100, 16, requires_grad=True)
         >>> y = torch.randint(0, 100, (2, 5)); y[:, :2] = -100   # prompt positions are ignored
@@ -320,7 +320,7 @@ def target_logits(
 
     Example:
         >>> import torch
-        >>> from vpo.ops import target_logits
+        >>> from vpo.ops.linear_logprobs import target_logits
         >>> h, W = torch.randn(3, 16), torch.randn(100, 16)
         >>> z = target_logits(h, W, torch.tensor([5, -100, 7]))
         >>> torch.allclose(z, torch.stack([W[5] @ h[0], torch.tensor(0.0), W[7] @ h[2]]))

@@ -1,0 +1,275 @@
+"""Per-token KL between the policy's and the reference's next-token distributions, without ``[N, V]`` logits.
+
+SPEC.md, Cat-PO and "Kernel contracts / token KL": for policy ``h [N, D]``, ``W [V, D]``, ``b [V]?`` and reference
+``h_ref [N, D]``, ``W_ref [V, D]``, ``b_ref [V]?``,
+
+    z = W h + b,   r = W_ref h_ref + b_ref,   p = softmax(z),   q = softmax(r)        (never held as [N, V])
+    KL(p ‖ q) = Σ_v p_v (log p_v − log q_v) = Σ_v p_v ((z_v − lse_z) − (r_v − lse_r))
+              = E_p[d] − lse_z + lse_r,        d = z − r                             (Σ_v p_v = 1)
+
+so the KL needs three per-row reductions over the vocabulary, all from ONE online sweep: the policy's running max
+``m`` and ``s = Σ exp(z − m)``, ``u = Σ exp(z − m) · d`` (rescaled by ``exp(m − m')`` exactly like ``s`` when the max
+grows, so ``E_p[d] = u / s``), and the reference's own running max ``m_r`` and ``s_r = Σ exp(r − m_r)``. Then
+``lse_z = m + log s``, ``lse_r = m_r + log s_r``, and the KL is formed as ``u/s − (m − m_r) − (log s − log s_r)``
+(the maxima cancel before the logs are added: fp32-accurate at |z| ~ 1e3, and 0 when policy == reference).
+
+Backward (the reference is frozen: no gradient to h_ref, W_ref, b_ref). With ``E = E_p[d]`` and upstream ``g``::
+
+    ∂KL/∂z_v = ∂/∂z_v [Σ_w p_w d_w] − p_v = p_v (d_v − E) + p_v − p_v = p_v (d_v − E)
+    dz = g · p · (d − E);   dh = dz @ W,   dW = dzᵀ @ h,   db = Σ_rows dz
+
+Both logits tiles are recomputed chunk by chunk from the saved ``lse_z`` and ``E`` ([N] each). Accumulation is in
+float32 (float64 for float64 inputs).
+
+Torch path (``TokenKLTorch``): the vocabulary is swept in chunks of ``C`` columns over the non-ignored rows only
+(selected once, a host sync — acceptable on this reference/CPU path). The chunk policy is linear_logprobs'
+(:func:`vpo.ops.linear_logprobs.chunk_size`: ``VPO_TORCH_CHUNK``, else the ``TILE_BUDGET``), applied to the PAIR of
+tiles: ``C = chunk_size(2·M, V)``, so the policy and reference tiles together fit the budget of one log-prob tile. At
+most three ``[M, C]`` tiles are alive at once (z, r and one temporary); everything else is in place.
+
+Triton path: ``vpo_kernels.token_kl.TokenKLTriton`` (the same math, tiled; see that module).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from vpo._validate import check_float, check_same_device, check_same_dtype
+from vpo.ops._common import (
+    acc_dtype,
+    check_ignore_index,
+    check_labels_like,
+    check_linear_head,
+    chunk_logits,
+    resolve_impl,
+    scatter_back,
+    select_valid,
+)
+from vpo.ops.linear_logprobs import chunk_size
+
+__all__ = ["linear_token_kl", "TokenKLTorch", "TOKEN_KL_IMPLS"]
+
+
+def _valid_rows(labels: Optional[torch.Tensor], ignore_index: int, N: int, device) -> torch.Tensor:
+    """Indices ``[M]`` of the rows that count (all of them without labels)."""
+    if labels is None:
+        return torch.arange(N, device=device)
+    return select_valid(labels, ignore_index)[0]
+
+
+class TokenKLTorch(torch.autograd.Function):
+    """Chunked ``KL [N]`` for flat ``h, h_ref [N, D]``, ``W, W_ref [V, D]``, ``labels [N] | None``, biases ``[V]?``.
+
+    ``apply(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, chunk=None)`` (the public argument order, with the
+    reference's defaults already applied); ``chunk`` overrides the vocabulary chunk size. Never allocates an ``[N, V]``
+    tensor; gradients flow to h, W and bias only. See the module docstring for the math.
+    """
+
+    @staticmethod
+    def forward(ctx, h, W, hr, Wr, labels, bias, ref_bias, ignore_index, chunk=None):
+        ctx.set_materialize_grads(False)
+        N, V = h.shape[0], W.shape[0]
+        acc = acc_dtype(h.dtype)
+        idx = _valid_rows(labels, ignore_index, N, h.device)
+        M = idx.numel()
+        C = chunk_size(2 * M, V, chunk)  # the z and r tiles share one tile budget
+
+        hv, hrv = h[idx].to(acc), hr[idx].to(acc)  # [M, D] each
+        full = lambda v: torch.full((M,), v, dtype=acc, device=h.device)  # noqa: E731
+        m, s, u = full(float("-inf")), full(0.0), full(0.0)  # policy: running max, Σ exp(z − m), Σ exp(z − m)·d
+        m_r, s_r = full(float("-inf")), full(0.0)  # reference: running max, Σ exp(r − m_r)
+        if M > 0:
+            for v0 in range(0, V, C):
+                v1 = min(v0 + C, V)
+                zc, _ = chunk_logits(hv, W, bias, v0, v1)  # [M, C]
+                rc, _ = chunk_logits(hrv, Wr, ref_bias, v0, v1)  # [M, C]
+                m_new = torch.maximum(m, zc.amax(1))
+                m_r_new = torch.maximum(m_r, rc.amax(1))
+                s_r = s_r * torch.exp(m_r - m_r_new) + torch.exp(rc - m_r_new[:, None]).sum(1)  # one temporary tile
+                dc = rc.neg_().add_(zc)  # in place: r -> d = z − r
+                ec = zc.sub_(m_new[:, None]).exp_()  # in place: z -> exp(z − m')
+                alpha = torch.exp(m - m_new)
+                s = s * alpha + ec.sum(1)
+                u = u * alpha + dc.mul_(ec).sum(1)  # in place: d -> exp(z − m')·d
+                m, m_r = m_new, m_r_new
+        log_s = torch.log(s)
+        lse = m + log_s  # [M] policy logsumexp
+        e_d = u / s  # [M] E_p[z − r]
+        kl = e_d - (m - m_r) - (log_s - torch.log(s_r))  # = E_p[d] − lse_z + lse_r
+
+        ctx.save_for_backward(h, W, hr, Wr, bias, ref_bias, idx, lse, e_d)
+        ctx.chunk = C
+        return scatter_back((N,), idx, kl, acc)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        h, W, hr, Wr, bias, ref_bias, idx, lse, e_d = ctx.saved_tensors
+        need_h, need_W = ctx.needs_input_grad[:2]
+        need_b = ctx.needs_input_grad[5] and bias is not None
+        if g is None or not (need_h or need_W or need_b):
+            return (None,) * 9
+        N, D = h.shape
+        V = W.shape[0]
+        acc = lse.dtype
+        M, C = idx.numel(), ctx.chunk
+
+        gv = g[idx].to(acc)[:, None]  # [M, 1]
+        hv, hrv = h[idx].to(acc), hr[idx].to(acc)  # [M, D]
+        dh = torch.zeros((M, D), dtype=acc, device=h.device) if need_h else None
+        dW = torch.zeros((V, D), dtype=acc, device=h.device) if need_W else None
+        db = torch.zeros((V,), dtype=acc, device=h.device) if need_b else None
+        if M > 0:
+            for v0 in range(0, V, C):
+                v1 = min(v0 + C, V)
+                zc, Wc = chunk_logits(hv, W, bias, v0, v1)  # [M, C], [C, D]
+                rc, _ = chunk_logits(hrv, Wr, ref_bias, v0, v1)  # [M, C]
+                dz = rc.neg_().add_(zc).sub_(e_d[:, None])  # in place: r -> d − E
+                dz.mul_(zc.sub_(lse[:, None]).exp_()).mul_(gv)  # z -> p;  dz = g · p · (d − E)  [M, C]
+                if need_h:
+                    dh.addmm_(dz, Wc)  # [M, C] @ [C, D] -> [M, D]
+                if need_W:
+                    dW[v0:v1] = dz.T @ hv  # [C, M] @ [M, D] -> [C, D]
+                if need_b:
+                    db[v0:v1] = dz.sum(0)
+        grad_h = scatter_back((N, D), idx, dh, h.dtype) if need_h else None
+        grad_W = dW.to(W.dtype) if need_W else None
+        grad_b = db.to(bias.dtype) if need_b else None
+        return grad_h, grad_W, None, None, None, grad_b, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public entry point: validation, then dispatch on ``impl``.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _token_kl_torch(h, W, hr, Wr, labels, bias, ref_bias, ignore_index):
+    return TokenKLTorch.apply(h, W, hr, Wr, labels, bias, ref_bias, ignore_index)
+
+
+def _token_kl_triton(h, W, hr, Wr, labels, bias, ref_bias, ignore_index):
+    from vpo_kernels.token_kl import TokenKLTriton  # lazy: `import vpo` never needs triton
+
+    return TokenKLTriton.apply(h, W, hr, Wr, labels, bias, ref_bias, ignore_index)
+
+
+# name -> callable(h [N, D], W [V, D], hr [N, D], Wr [V, D], labels [N] | None, bias [V] | None, ref_bias [V] | None,
+# ignore_index) on flat, validated inputs, with the reference's defaults applied and the reference detached.
+TOKEN_KL_IMPLS = {"torch": _token_kl_torch, "triton": _token_kl_triton}
+_TRITON_MODULES = ("vpo_kernels.token_kl",)
+
+
+def _resolve_impl(impl, registry, hidden: torch.Tensor) -> str:
+    return resolve_impl(impl, registry, hidden, _TRITON_MODULES)
+
+
+def _validate(hidden, weight, ref_hidden, ref_weight, labels, bias, ref_bias, ignore_index) -> None:
+    check_linear_head(hidden, weight, bias)
+    check_float("ref_hidden", ref_hidden)
+    if ref_hidden.shape != hidden.shape:
+        raise ValueError(
+            f"ref_hidden has shape {tuple(ref_hidden.shape)} but hidden has shape {tuple(hidden.shape)}: "
+            f"expected ref_hidden.shape == hidden.shape"
+        )
+    check_same_dtype("ref_hidden", ref_hidden, "hidden", hidden)
+    check_same_device("ref_hidden", ref_hidden, "hidden", hidden)
+    if ref_weight is not None:
+        check_float("ref_weight", ref_weight, ndim=2)
+        if ref_weight.shape != weight.shape:
+            raise ValueError(
+                f"ref_weight has shape {tuple(ref_weight.shape)} but weight has shape {tuple(weight.shape)}: "
+                f"expected ref_weight.shape == weight.shape"
+            )
+        check_same_dtype("ref_weight", ref_weight, "hidden", hidden)
+        check_same_device("ref_weight", ref_weight, "hidden", hidden)
+    if ref_bias is not None:
+        if ref_weight is None:
+            raise ValueError(
+                "ref_bias is given but ref_weight is None: expected both (a separate reference head) "
+                "or neither (the reference shares the policy's weight and bias)"
+            )
+        check_float("ref_bias", ref_bias, ndim=1)
+        if ref_bias.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"ref_bias has shape {tuple(ref_bias.shape)} but weight has shape {tuple(weight.shape)}: "
+                f"expected ref_bias.shape == (weight.shape[0],)"
+            )
+        check_same_dtype("ref_bias", ref_bias, "hidden", hidden)
+        check_same_device("ref_bias", ref_bias, "hidden", hidden)
+    if labels is not None:
+        check_labels_like(labels, hidden)
+    check_ignore_index(ignore_index)
+
+
+def linear_token_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    ref_bias: Optional[torch.Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Per-position ``KL(π_θ(·|h) ‖ π_ref(·|h_ref))`` over the full vocabulary, never materializing ``[N, V]`` logits.
+
+    ``π_θ = softmax(hidden @ weight.T + bias)``, ``π_ref = softmax(ref_hidden @ ref_weight.T + ref_bias)``; the Cat-PO
+    KL term (SPEC.md). The reference is frozen: gradients flow to ``hidden``, ``weight`` and ``bias`` only (reference
+    tensors may require grad, they receive none).
+
+    Args:
+        hidden: ``[..., D]`` the policy's last hidden states, float16/bfloat16/float32/float64.
+        weight: ``[V, D]`` the policy's LM-head weight, same dtype and device as ``hidden``.
+        ref_hidden: the reference's hidden states, same shape, dtype and device as ``hidden``.
+        ref_weight: ``[V, D]`` the reference's LM-head weight. Default ``None``: ``weight``, detached.
+        labels: optional ``hidden.shape[:-1]`` int32/int64, used only as a mask: KL is 0 (zero gradient) where
+            ``labels == ignore_index``; other values are not read. Default ``None``: every position counts.
+        bias: optional ``[V]`` policy bias.
+        ref_bias: optional ``[V]`` reference bias, only with ``ref_weight`` (a separate head: ``None`` = no bias).
+            With ``ref_weight=None`` the reference uses ``bias`` (detached) and ``ref_bias`` must be None.
+        ignore_index: label value marking positions without a target. Default ``-100``.
+        impl: ``"auto"`` (default: ``"triton"`` for CUDA tensors when triton imports, else ``"torch"``),
+            ``"triton"`` (``vpo_kernels.token_kl``; CPU tensors only under ``TRITON_INTERPRET=1``) or ``"torch"``
+            (chunked PyTorch; chunk size from ``VPO_TORCH_CHUNK`` or the tile budget).
+
+    Returns:
+        ``kl`` of shape ``hidden.shape[:-1]``, float32 (float64 for float64 inputs).
+
+    Raises:
+        ValueError: on a bad argument (shape, dtype, device, empty input, unknown ``impl``), naming it.
+
+    Example:
+        >>> import torch
+        >>> from vpo.ops.token_kl import linear_token_kl
+        >>> h, W = torch.randn(2, 5, 16, requires_grad=True), torch.randn(100, 16, requires_grad=True)
+        >>> h_ref = h.detach() + 0.1 * torch.randn(2, 5, 16)
+        >>> y = torch.randint(0, 100, (2, 5)); y[:, :2] = -100   # prompt positions are ignored
+        >>> kl = linear_token_kl(h, W, h_ref, labels=y)
+        >>> kl.shape, kl.dtype, bool((kl[:, 2:] > 0).all()), bool((kl[:, :2] == 0).all())
+        (torch.Size([2, 5]), torch.float32, True, True)
+        >>> kl.sum().backward()
+        >>> bool(linear_token_kl(h, W, h.detach()).abs().max() == 0)   # π_θ == π_ref
+        True
+    """
+    _validate(hidden, weight, ref_hidden, ref_weight, labels, bias, ref_bias, ignore_index)
+    if ref_weight is None:  # the shared head: the policy's weight and bias, as constants
+        ref_weight, ref_bias = weight, bias
+    ref_weight = ref_weight.detach()
+    ref_bias = ref_bias.detach() if ref_bias is not None else None
+    name = _resolve_impl(impl, TOKEN_KL_IMPLS, hidden)
+    D = hidden.shape[-1]
+    kl = TOKEN_KL_IMPLS[name](
+        hidden.reshape(-1, D),  # [N, D]
+        weight,
+        ref_hidden.detach().reshape(-1, D),  # [N, D]
+        ref_weight,
+        None if labels is None else labels.reshape(-1),
+        bias,
+        ref_bias,
+        ignore_index,
+    )
+    return kl.view(hidden.shape[:-1])

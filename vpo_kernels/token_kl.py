@@ -1,0 +1,471 @@
+"""Per-token KL between the policy's and the reference's next-token distributions under linear LM heads, without
+materializing either ``[N, V]`` logits tensor (SPEC.md, Cat-PO and "token KL"). The math is derived once in
+:mod:`vpo.ops.token_kl`; in short, with ``z = W h + b`` (policy), ``r = W_ref h_ref + b_ref`` (reference),
+``d = z − r``, ``p = softmax(z)``::
+
+    KL_n = E_p[d] − lse_z + lse_r                       ∂KL_n/∂z_n[v] = p[v] · (d[v] − E_p[d])
+
+Inputs (flat): ``h, h_ref [N, D]``, ``W, W_ref [V, D]``, optional ``bias, ref_bias [V]``, optional ``labels [N]`` (used
+only as a mask: ``ignore_index`` rows give 0 and zero gradient); one dtype (fp32 / fp16 / bf16) for all of them.
+Gradients flow to h, W and bias only: the reference is frozen.
+
+Forward
+-------
+``_kl_partial_kernel``, grid ``(cdiv(N, BLOCK_N), SPLIT_V)``, is ``linear_logprobs._lse_partial_kernel`` with two
+logits tiles per ``[BLOCK_N, BLOCK_V]`` tile: ``z`` and ``r`` are built in ONE loop over D (``_logits_pair_tile``; when
+the reference shares the policy's head, the common case in Cat-PO, each W chunk is loaded once and feeds both GEMMs).
+One online sweep keeps five fp32 running statistics per row::
+
+    m' = max(m, max_v z)       α = exp(m − m')       e = exp(z − m')
+    s' = s·α + Σ_v e           u' = u·α + Σ_v e·d            (E_p[d] = u / s: u is rescaled with the policy's max)
+    m_r' = max(m_r, max_v r)   s_r' = s_r·exp(m_r − m_r') + Σ_v exp(r − m_r')
+
+and writes them to a ``[5, SPLIT_V, N]`` fp32 buffer; ``_kl_combine_kernel`` folds the splits (rescaling s, u by
+``exp(m_s − M)``) and writes ``kl``, plus ``lse_z`` and ``E = E_p[d]`` for the backward. ``kl`` is formed as
+``E − (M − M_r) − (log S − log S_r)``: the maxima cancel before the logs are added, which keeps fp32 accuracy at
+|z| ~ 1e3, and gives 0 when policy == reference (both tiles are then identical and d = 0).
+
+Backward
+--------
+``_kl_bwd_kernel``, one program per (N block, V block) tile, as ``linear_logprobs._lse_bwd_kernel``: recompute both
+tiles over D, ``p = exp(z − lse_z)``, ``dz = g · p · (d − E)`` (no one-hot term), then sweep D again accumulating
+``dz @ W`` into dh and ``dzᵀ @ h`` into dW with fp32 atomics, and the column sums of dz into db.
+
+Cost, and the "≤ 1.6× the log-prob op" target: the work is GEMMs over [N, V, D]. linear_logprobs does 1 (forward) +
+3 (backward: recompute, dh, dW) = 4 GEMM units; token KL does 2 + 4 = 6, i.e. 1.5×, and nothing else grows except
+one more exp per element in the forward. The design keeps it there by (a) sharing the D loop (and, for a shared head,
+the W tile loads) between the two GEMMs, (b) getting lse_z, lse_r and E_p[d] from one sweep instead of one sweep each,
+(c) saving only ``lse_z`` and ``E`` ([N] each) for the backward, so the backward needs no third reduction, and (d) the
+log-prob kernels' V split, backward tile and atomic grouping (the forward tile is narrower in V: two accumulators).
+
+Ignored rows are handled as in ``linear_logprobs``: valid rows first (a stable argsort, no host sync), programs past the
+valid count return at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from vpo_kernels import target_logits as _tgt
+from vpo_kernels.linear_logprobs import TileConfig, _dot, _pick_split_v, _valid_rows_first
+from vpo_kernels.target_logits import _autotuning, _interpreting
+
+__all__ = ["TokenKLConfig", "token_kl_fwd", "token_kl_bwd", "TokenKLTriton"]
+
+_N_STATS = 5  # m, s, u (policy) and m_r, s_r (reference) per row and V split
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenKLConfig:
+    """Every kernel's tile for one call (field names as ``LinearLogprobsConfig``; no gather kernel here).
+    ``split_v=None`` picks the vocabulary split to fill the device."""
+
+    sweep: TileConfig  # forward online sweep (two logits tiles)
+    bwd: TileConfig  # backward recompute (two logits tiles) + atomics
+    split_v: Optional[int] = None
+    group_n: int = 8  # backward: N blocks per group in the tile order (see _kl_bwd_kernel)
+    block_n_combine: int = 128  # rows per program of the split-combine kernel (elementwise over [SPLIT_V, N])
+
+
+def default_config(dtype: torch.dtype, N: int, V: int, D: int) -> TokenKLConfig:
+    """The pinned configs. Not measured (no GPU in this session): the log-prob kernels' tiles, with the register and
+    shared-memory budgets redone for the second GEMM (with or without a separate W_ref: the same tiles fit both);
+    ``VPO_AUTOTUNE=1`` retunes BLOCK_D / warps / stages."""
+    if _interpreting():
+        # ~2 ms per program iteration whatever the tile: few programs, wide tiles; tl.dot needs every dim >= 16.
+        bn = max(16, min(32, triton.next_power_of_2(N)))
+        bv = max(16, min(64, triton.next_power_of_2(V)))
+        bd = max(16, min(32, triton.next_power_of_2(D)))
+        tile = TileConfig(bn, bv, bd)
+        return TokenKLConfig(sweep=tile, bwd=tile, split_v=2, block_n_combine=64)
+    if dtype == torch.float32:
+        # fp32 runs in "ieee" precision (no tensor cores): a correctness path, modest tiles (two 64x64 accumulators).
+        tile = TileConfig(64, 64, 32, num_warps=4, num_stages=2)
+        return TokenKLConfig(sweep=tile, bwd=tile)
+    # bf16/fp16 forward: BLOCK_V = 64, half the log-prob sweep's 128, because TWO fp32 accumulators (z and r) are
+    # live: [128, 64] each over 8 warps = 2 x 32 registers / thread, leaving room for the exp / d temporaries without
+    # spilling (two [128, 128] tiles would take 128 registers before any temporary). Shared memory per stage: h and
+    # h_ref chunks [128, 64] + the W chunk [64, 64] (x 2 B) = 40 KB with a shared head, 48 KB with W_ref: 3 stages fit.
+    sweep = TileConfig(128, 64, 64, num_warps=8, num_stages=3)
+    # Backward: the log-prob backward's tile (dz [128, 128] amortizes the dh / dW atomics over 128 columns / rows);
+    # z and r are both live only until dz is formed, after which the D sweep is the log-prob backward's. 2 stages.
+    bwd = TileConfig(128, 128, 64, num_warps=8, num_stages=2)
+    return TokenKLConfig(sweep=sweep, bwd=bwd)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _logits_pair_tile(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, rows, row_mask, offs_v, v_mask, D,
+                      HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, SHARED_W: tl.constexpr,
+                      IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(z, r): policy and reference logits at [rows, offs_v], two [BLOCK_N, BLOCK_V] fp32 register tiles built in one
+    loop over D. With SHARED_W (W_ref is W) each W chunk is loaded once and feeds both GEMMs."""
+    z = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    r = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        nd_mask = row_mask[:, None] & d_mask[None, :]
+        vd_mask = v_mask[:, None] & d_mask[None, :]
+        hb = tl.load(h_ptr + rows[:, None] * D + offs_d[None, :], mask=nd_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        hrb = tl.load(hr_ptr + rows[:, None] * D + offs_d[None, :], mask=nd_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        wb = tl.load(w_ptr + offs_v[:, None] * D + offs_d[None, :], mask=vd_mask, other=0.0)  # [BLOCK_V, BLOCK_D]
+        z = _dot(hb, tl.trans(wb), z, IEEE)  # [BLOCK_N, BLOCK_D] @ [BLOCK_D, BLOCK_V] -> [BLOCK_N, BLOCK_V]
+        if SHARED_W:
+            r = _dot(hrb, tl.trans(wb), r, IEEE)  # same W chunk, no second load
+        else:
+            wrb = tl.load(wr_ptr + offs_v[:, None] * D + offs_d[None, :], mask=vd_mask, other=0.0)  # [BLOCK_V, BLOCK_D]
+            r = _dot(hrb, tl.trans(wrb), r, IEEE)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_REF_BIAS:
+        r += tl.load(br_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+    return z, r
+
+
+@triton.jit
+def _kl_partial_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, order_ptr, n_valid_ptr, part_ptr, N, V, D,
+                       HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, SHARED_W: tl.constexpr, IEEE: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    # grid: (cdiv(N, BLOCK_N), SPLIT_V), as _lse_partial_kernel: consecutive programs share a V split, so the W (and
+    # W_ref) slice comes from HBM once and from L2 for the other N blocks.
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_valid = tl.load(n_valid_ptr)
+    if pid_n * BLOCK_N >= n_valid:
+        return  # every row of this block is ignored
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = offs_n < n_valid
+    rows = tl.load(order_ptr + offs_n, mask=row_mask, other=0).to(tl.int64)  # original row ids, valid first
+
+    n_vtiles = tl.cdiv(V, BLOCK_V)
+    split = tl.num_programs(1)
+    per_split = tl.cdiv(n_vtiles, split)
+    t_lo = pid_s * per_split
+    t_hi = tl.minimum(t_lo + per_split, n_vtiles)
+
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)  # policy running max
+    s = tl.zeros([BLOCK_N], dtype=tl.float32)  # Σ exp(z - m)
+    u = tl.zeros([BLOCK_N], dtype=tl.float32)  # Σ exp(z - m) · (z - r)
+    m_r = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)  # reference running max
+    s_r = tl.zeros([BLOCK_N], dtype=tl.float32)  # Σ exp(r - m_r)
+    for t in range(t_lo, t_hi):
+        offs_v = (t * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        v_mask = offs_v < V
+        z, r = _logits_pair_tile(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, rows, row_mask, offs_v, v_mask, D,
+                                 HAS_BIAS, HAS_REF_BIAS, SHARED_W, IEEE, BLOCK_N, BLOCK_V, BLOCK_D)
+        # Reference first, so that r is dead (folded into d) before the policy's exp tile is formed.
+        r_m = tl.where(v_mask[None, :], r, float("-inf"))  # padding columns add exp(-inf) = 0
+        m_r_new = tl.maximum(m_r, tl.max(r_m, axis=1))  # finite: each tile has >= 1 real column
+        s_r = s_r * tl.exp(m_r - m_r_new) + tl.sum(tl.exp(r_m - m_r_new[:, None]), axis=1)
+        m_r = m_r_new
+        d = tl.where(v_mask[None, :], z - r, 0.0)  # [BLOCK_N, BLOCK_V]; padding columns: 0 (not -inf - -inf)
+        z = tl.where(v_mask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)  # 0 on the first tile
+        e = tl.exp(z - m_new[:, None])  # [BLOCK_N, BLOCK_V]
+        s = s * alpha + tl.sum(e, axis=1)
+        u = u * alpha + tl.sum(e * d, axis=1)
+        m = m_new
+    # [5, SPLIT_V, N] at the ORIGINAL row id, so the combine kernel reads them in row order.
+    base = part_ptr + pid_s * N + rows
+    stride = split * N
+    tl.store(base, m, mask=row_mask)
+    tl.store(base + stride, s, mask=row_mask)
+    tl.store(base + 2 * stride, u, mask=row_mask)
+    tl.store(base + 3 * stride, m_r, mask=row_mask)
+    tl.store(base + 4 * stride, s_r, mask=row_mask)
+
+
+@triton.jit
+def _kl_combine_kernel(part_ptr, labels_ptr, kl_ptr, lse_ptr, e_ptr, N, ignore_index, SPLIT_V,
+                       HAS_LABELS: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid: (cdiv(N, BLOCK_N),) in original row order; writes every row (0 where ignored).
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_n = offs_n < N
+    if HAS_LABELS:
+        y = tl.load(labels_ptr + offs_n, mask=in_n, other=ignore_index)
+        valid = in_n & (y != ignore_index)
+    else:
+        valid = in_n
+    stride = SPLIT_V * N
+    # M = max_s m_s; S = Σ_s s_s exp(m_s - M), U likewise (u was rescaled with the policy's max, like s).
+    # Ignored rows were never written: masked to m = 0, s = u = 0.
+    big_m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    big_mr = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    for sp in range(0, SPLIT_V):
+        big_m = tl.maximum(big_m, tl.load(part_ptr + sp * N + offs_n, mask=valid, other=0.0))
+        big_mr = tl.maximum(big_mr, tl.load(part_ptr + 3 * stride + sp * N + offs_n, mask=valid, other=0.0))
+    big_s = tl.zeros([BLOCK_N], dtype=tl.float32)
+    big_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+    big_sr = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for sp in range(0, SPLIT_V):
+        at = part_ptr + sp * N + offs_n
+        scale = tl.exp(tl.load(at, mask=valid, other=0.0) - big_m)
+        big_s += tl.load(at + stride, mask=valid, other=0.0) * scale
+        big_u += tl.load(at + 2 * stride, mask=valid, other=0.0) * scale
+        scale_r = tl.exp(tl.load(at + 3 * stride, mask=valid, other=0.0) - big_mr)
+        big_sr += tl.load(at + 4 * stride, mask=valid, other=0.0) * scale_r
+    big_s = tl.where(valid, big_s, 1.0)  # no log(0) or 0/0 on ignored rows
+    big_sr = tl.where(valid, big_sr, 1.0)
+    log_s = tl.log(big_s)
+    e_d = big_u / big_s  # E_p[z - r]
+    kl = e_d - (big_m - big_mr) - (log_s - tl.log(big_sr))  # = E_p[d] - lse_z + lse_r, maxima cancelled first
+    tl.store(kl_ptr + offs_n, tl.where(valid, kl, 0.0), mask=in_n)
+    tl.store(lse_ptr + offs_n, tl.where(valid, big_m + log_s, 0.0), mask=in_n)
+    tl.store(e_ptr + offs_n, tl.where(valid, e_d, 0.0), mask=in_n)
+
+
+@triton.jit
+def _kl_bwd_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, order_ptr, n_valid_ptr, lse_ptr, e_ptr, g_ptr,
+                   dh_ptr, dw_ptr, db_ptr, N, V, D,
+                   HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, SHARED_W: tl.constexpr, IEEE: tl.constexpr,
+                   COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr):
+    # grid: (cdiv(N, BLOCK_N) * cdiv(V, BLOCK_V),), 1-D, in the tile order of _lse_bwd_kernel: groups of GROUP_N
+    # N blocks x all V blocks (N fastest inside a group), so concurrent programs spread their atomics over many dh / dW
+    # blocks.
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_v = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * num_pid_v
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(num_pid_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+
+    n_valid = tl.load(n_valid_ptr)
+    if pid_n * BLOCK_N >= n_valid:
+        return  # every row of this block is ignored: zero gradient, no work
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = offs_n < n_valid
+    rows = tl.load(order_ptr + offs_n, mask=row_mask, other=0).to(tl.int64)
+    offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    v_mask = offs_v < V
+
+    z, r = _logits_pair_tile(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, rows, row_mask, offs_v, v_mask, D,
+                             HAS_BIAS, HAS_REF_BIAS, SHARED_W, IEEE, BLOCK_N, BLOCK_V, BLOCK_D)  # [BLOCK_N, BLOCK_V] x2
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)  # [BLOCK_N] policy lse
+    e_d = tl.load(e_ptr + rows, mask=row_mask, other=0.0)  # [BLOCK_N] E_p[z - r]
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)  # [BLOCK_N] ∂L/∂KL
+    tile_mask = row_mask[:, None] & v_mask[None, :]
+    # Ordered so that r dies before p is formed: at most two [BLOCK_N, BLOCK_V] fp32 tiles are live at a time.
+    dz = (tl.where(tile_mask, z - r, 0.0) - e_d[:, None]) * g[:, None]  # g · (d - E)
+    dz = dz * tl.exp(tl.where(tile_mask, z, float("-inf")) - lse[:, None])  # · p (from the saved lse; 0 on padding)
+    if COMPUTE_DB:
+        tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_mask, sem="relaxed")  # [BLOCK_V]
+    if COMPUTE_DH or COMPUTE_DW:
+        # Tensor-core operand in the input dtype (as PyTorch's own 16-bit backward materializes it); fp32 sums.
+        dz_op = dz.to(h_ptr.dtype.element_ty)  # [BLOCK_N, BLOCK_V]
+        dz_t = tl.trans(dz_op)  # [BLOCK_V, BLOCK_N], formed once outside the D loop
+        n_dchunks = tl.cdiv(D, BLOCK_D)
+        shift = pid_n + pid_v  # tile-dependent first D chunk: concurrent programs add into different addresses
+        for c in range(0, n_dchunks):
+            offs_d = ((c + shift) % n_dchunks) * BLOCK_D + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D
+            if COMPUTE_DH:
+                wb = tl.load(w_ptr + offs_v[:, None] * D + offs_d[None, :], mask=v_mask[:, None] & d_mask[None, :],
+                             other=0.0)  # [BLOCK_V, BLOCK_D]
+                dh_blk = _dot(dz_op, wb, tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), IEEE)
+                # [BLOCK_N, BLOCK_V] @ [BLOCK_V, BLOCK_D] -> [BLOCK_N, BLOCK_D]
+                tl.atomic_add(dh_ptr + rows[:, None] * D + offs_d[None, :], dh_blk,
+                              mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
+            if COMPUTE_DW:
+                hb = tl.load(h_ptr + rows[:, None] * D + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :],
+                             other=0.0)  # [BLOCK_N, BLOCK_D]
+                dw_blk = _dot(dz_t, hb, tl.zeros([BLOCK_V, BLOCK_D], dtype=tl.float32), IEEE)
+                # [BLOCK_V, BLOCK_N] @ [BLOCK_N, BLOCK_D] -> [BLOCK_V, BLOCK_D]
+                tl.atomic_add(dw_ptr + offs_v[:, None] * D + offs_d[None, :], dw_blk,
+                              mask=v_mask[:, None] & d_mask[None, :], sem="relaxed")
+
+
+_autotuned = {}
+
+
+def _tuned(name: str):
+    """Autotuned variants (``VPO_AUTOTUNE=1``), as in linear_logprobs: only BLOCK_D / num_warps / num_stages vary
+    (BLOCK_N, BLOCK_V fix the grid and the split buffers); the backward restores its atomic accumulators between
+    trials. Stage counts stop at 3: at BLOCK_D = 64 a forward stage holds up to four operand chunks (h, h_ref, W,
+    W_ref: 48 KB at the pinned 128 x 64 tile) and a backward stage up to 64 KB."""
+    if name not in _autotuned:
+        cfgs = [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s)
+                for bd in (32, 64) for w in (4, 8) for s in (2, 3)]
+        if name == "sweep":
+            _autotuned[name] = triton.autotune(cfgs, key=["V", "D"])(_kl_partial_kernel)
+        else:
+            _autotuned[name] = triton.autotune(cfgs, key=["V", "D"], restore_value=["dh_ptr", "dw_ptr", "db_ptr"])(
+                _kl_bwd_kernel)
+    return _autotuned[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Host launchers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(h, W, hr, Wr, labels, bias, ref_bias):
+    """The launchers' own checks (the public wrapper validates the rest); returns contiguous tensors and whether the
+    reference shares the policy's weight storage (then each W chunk is loaded once for both GEMMs)."""
+    if h.dim() != 2 or W.dim() != 2 or hr.shape != h.shape or Wr.shape != W.shape or h.shape[1] != W.shape[1]:
+        raise ValueError(
+            f"expected flat inputs h, h_ref [N, D] and W, W_ref [V, D]; got h {tuple(h.shape)}, h_ref "
+            f"{tuple(hr.shape)}, W {tuple(W.shape)}, W_ref {tuple(Wr.shape)}"
+        )
+    if labels is not None and (labels.dim() != 1 or labels.shape[0] != h.shape[0]):
+        raise ValueError(f"labels has shape {tuple(labels.shape)} but h has shape {tuple(h.shape)}: expected [N]")
+    if h.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"h must have dtype float32, float16 or bfloat16, got {h.dtype}")
+    for name, t in (("W", W), ("h_ref", hr), ("W_ref", Wr), ("labels", labels), ("bias", bias),
+                    ("ref_bias", ref_bias)):
+        if t is None:
+            continue
+        if t.device != h.device:
+            raise ValueError(f"{name} is on {t.device} but h is on {h.device}: expected the same device")
+        if name != "labels" and t.dtype != h.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but h has dtype {h.dtype}: expected the same dtype")
+        if name in ("bias", "ref_bias") and (t.dim() != 1 or t.shape[0] != W.shape[0]):
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but W has shape {tuple(W.shape)}: expected [V]")
+    h, W, hr, Wr = h.contiguous(), W.contiguous(), hr.contiguous(), Wr.contiguous()
+    shared = Wr.data_ptr() == W.data_ptr()  # same storage, both contiguous, same shape: the same matrix
+    c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    return h, W, hr, Wr, c(labels), c(bias), c(ref_bias), shared
+
+
+def _rows(labels: Optional[torch.Tensor], ignore_index: int, N: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(order [N] with valid rows first, n_valid as a 0-dim int32 device tensor); every row counts without labels."""
+    if labels is None:
+        return torch.arange(N, device=device), torch.full((), N, dtype=torch.int32, device=device)
+    return _valid_rows_first(labels, ignore_index)
+
+
+def token_kl_fwd(h: torch.Tensor, W: torch.Tensor, hr: torch.Tensor, Wr: Optional[torch.Tensor] = None,
+                 labels: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                 ref_bias: Optional[torch.Tensor] = None, ignore_index: int = -100, *,
+                 config: Optional[TokenKLConfig] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(kl, lse, e)``, each ``[N]`` fp32 and 0 where ``labels == ignore_index``: the KL, the policy's logsumexp
+    and ``E_p[z − r]`` (the last two are what the backward needs).
+
+    h, hr ``[N, D]``; W, Wr ``[V, D]`` (``Wr=None``: the policy's W); labels ``[N]`` or None (every row counts);
+    bias, ref_bias ``[V]`` or None (taken as given: the public wrapper applies the defaults). Extra memory: a
+    ``[5, SPLIT_V, N]`` fp32 buffer and the row order; nothing O(N·V). No host sync.
+    """
+    h, W, hr, Wr, labels, bias, ref_bias, shared = _check_inputs(h, W, hr, W if Wr is None else Wr, labels, bias,
+                                                                 ref_bias)
+    N, D = h.shape
+    V = W.shape[0]
+    dev = h.device
+    kl = _tgt._empty((N,), torch.float32, dev)
+    lse = _tgt._empty((N,), torch.float32, dev)
+    e_d = _tgt._empty((N,), torch.float32, dev)
+    if N == 0:
+        return kl, lse, e_d
+    cfg = config or default_config(h.dtype, N, V, D)
+    order, n_valid = _rows(labels, ignore_index, N, dev)
+    split = _pick_split_v(cfg, N, V, dev)
+    part = _tgt._empty((_N_STATS, split, N), torch.float32, dev)
+    sw = cfg.sweep
+    grid = (triton.cdiv(N, sw.block_n), split)
+    args = (h, W, bias if bias is not None else h, hr, Wr, ref_bias if ref_bias is not None else h,
+            order, n_valid, part, N, V, D)  # a bias pointer is never read when its HAS_* flag is False
+    meta = dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, SHARED_W=shared,
+                IEEE=h.dtype == torch.float32, BLOCK_N=sw.block_n, BLOCK_V=sw.block_v)
+    if _autotuning():
+        _tuned("sweep")[grid](*args, **meta)
+    else:
+        _kl_partial_kernel[grid](*args, **meta, BLOCK_D=sw.block_d, num_warps=sw.num_warps, num_stages=sw.num_stages)
+    bnc = cfg.block_n_combine
+    _kl_combine_kernel[(triton.cdiv(N, bnc),)](
+        part, labels if labels is not None else order, kl, lse, e_d, N, ignore_index, split,
+        HAS_LABELS=labels is not None, BLOCK_N=bnc, num_warps=4,
+    )
+    return kl, lse, e_d
+
+
+def token_kl_bwd(grad_kl: torch.Tensor, h: torch.Tensor, W: torch.Tensor, hr: torch.Tensor, Wr: Optional[torch.Tensor],
+                 labels: Optional[torch.Tensor], bias: Optional[torch.Tensor], ref_bias: Optional[torch.Tensor],
+                 lse: torch.Tensor, e_d: torch.Tensor, ignore_index: int = -100, *, compute_dh: bool = True,
+                 compute_dw: bool = True, compute_db: Optional[bool] = None, config: Optional[TokenKLConfig] = None,
+                 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients ``(dh [N, D], dW [V, D], db [V])`` of ``Σ_n grad_kl[n] · kl[n]`` with respect to the POLICY's h, W,
+    bias (``lse``, ``e_d`` from :func:`token_kl_fwd`). Returned in the inputs' dtype; a gradient whose ``compute_*``
+    flag is False (``compute_db`` defaults to ``bias is not None``) is None. Ignored rows get zero gradient. Extra
+    memory: fp32 accumulators for dh / dW / db (cast at the end for 16-bit inputs).
+    """
+    h, W, hr, Wr, labels, bias, ref_bias, shared = _check_inputs(h, W, hr, W if Wr is None else Wr, labels, bias,
+                                                                 ref_bias)
+    N, D = h.shape
+    V = W.shape[0]
+    dev = h.device
+    compute_db = (bias is not None) if compute_db is None else (compute_db and bias is not None)
+    for name, t in (("grad_kl", grad_kl), ("lse", lse), ("e_d", e_d)):
+        if t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but h is on {dev}: expected the same device")
+    grad_kl = grad_kl.contiguous().to(torch.float32)
+    lse = lse.contiguous().to(torch.float32)
+    e_d = e_d.contiguous().to(torch.float32)
+    # fp32 accumulators (atomics need a zero start); for fp32 inputs they are the outputs.
+    dh = torch.zeros((N, D), dtype=torch.float32, device=dev) if compute_dh else None
+    dw = torch.zeros((V, D), dtype=torch.float32, device=dev) if compute_dw else None
+    db = torch.zeros((V,), dtype=torch.float32, device=dev) if compute_db else None
+    if N > 0 and (compute_dh or compute_dw or compute_db):
+        cfg = config or default_config(h.dtype, N, V, D)
+        bw = cfg.bwd
+        order, n_valid = _rows(labels, ignore_index, N, dev)
+        grid = (triton.cdiv(N, bw.block_n) * triton.cdiv(V, bw.block_v),)
+        args = (h, W, bias if bias is not None else h, hr, Wr, ref_bias if ref_bias is not None else h,
+                order, n_valid, lse, e_d, grad_kl,
+                dh if dh is not None else lse, dw if dw is not None else lse, db if db is not None else lse,
+                N, V, D)
+        meta = dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, SHARED_W=shared,
+                    IEEE=h.dtype == torch.float32, COMPUTE_DH=compute_dh, COMPUTE_DW=compute_dw,
+                    COMPUTE_DB=compute_db, BLOCK_N=bw.block_n, BLOCK_V=bw.block_v, GROUP_N=cfg.group_n)
+        if _autotuning():
+            _tuned("bwd")[grid](*args, **meta)
+        else:
+            _kl_bwd_kernel[grid](*args, **meta, BLOCK_D=bw.block_d, num_warps=bw.num_warps, num_stages=bw.num_stages)
+    if h.dtype != torch.float32:
+        dh = dh.to(h.dtype) if dh is not None else None
+        dw = dw.to(h.dtype) if dw is not None else None
+        db = db.to(h.dtype) if db is not None else None
+    return dh, dw, db
+
+
+class TokenKLTriton(torch.autograd.Function):
+    """``TokenKLTriton.apply(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, config=None) -> kl [N] fp32``.
+
+    Argument order as the public ``linear_token_kl`` (flat); ``labels`` may be None. Saves ``lse`` and ``E_p[z − r]``
+    ([N] fp32 each) for the backward; gradients flow to h, W and bias only (None for the frozen reference's tensors).
+    """
+
+    @staticmethod
+    def forward(ctx, h, W, hr, Wr, labels=None, bias=None, ref_bias=None, ignore_index=-100, config=None):
+        kl, lse, e_d = token_kl_fwd(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, config=config)
+        ctx.save_for_backward(h, W, hr, Wr, labels, bias, ref_bias, lse, e_d)
+        ctx.ignore_index = ignore_index
+        ctx.config = config
+        ctx.set_materialize_grads(False)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        h, W, hr, Wr, labels, bias, ref_bias, lse, e_d = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        need_b = ctx.needs_input_grad[5]
+        if grad_kl is None or not (need_h or need_w or need_b):
+            return (None,) * 9
+        dh, dw, db = token_kl_bwd(grad_kl, h, W, hr, Wr, labels, bias, ref_bias, lse, e_d, ctx.ignore_index,
+                                  compute_dh=need_h, compute_dw=need_w, compute_db=need_b, config=ctx.config)
+        return dh, dw, None, None, None, db, None, None, None
