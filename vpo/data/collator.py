@@ -1,0 +1,585 @@
+"""The preference collator: records -> the model family's inputs for every pass a method needs.
+
+:class:`PreferenceCollator` turns a list of :class:`~vpo.data.PreferenceRecord` into one batch dict (the contract is
+pinned in ``docs/data_format.md``; the trainer consumes exactly it):
+
+- ``input_ids``, ``attention_mask``, ``labels`` ``[2B, L]``: rows ``0..B-1`` = the chosen responses, ``B..2B-1`` = the
+  rejected ones (Liger's convention); each row = the chat-templated prompt with the image, then the response.
+  ``labels`` are UNSHIFTED (HF convention): ``labels[t] = input_ids[t]`` on the response tokens (the response's
+  end-of-turn token included), ``-100`` elsewhere (prompt, image tokens, padding). Padding is on the RIGHT.
+- the family's vision keys for those ``2B`` rows (each example's image serves its chosen and its rejected row).
+- ``sub``: the extra passes of the method, each a complete model-input dict with its own ``labels``
+  (``tpo``: ``noised``; ``mdpo``: ``crop``; ``ovip``: ``noimg``, ``negimg``; ``lpoi``: ``list``).
+- ``token_weights`` (``catpo``), ``ref_logps`` (when every record carries them), ``ids``, ``skipped``.
+
+How a row is tokenized: the prompt (``[{"type": "image"}, {"type": "text", "text": prompt}]`` as the user turn) is
+rendered with the processor's chat template and ``add_generation_prompt=True`` and run through the processor with the
+image (which expands the image placeholder to the model's image tokens); the response is the rest of the rendered
+two-turn conversation (``full[len(prompt):]``, trailing whitespace stripped), tokenized in context (the tokens of
+``prompt + response`` after those of ``prompt``, so BPE merges at the boundary are the conversation's); when
+that does not end with a special token (a template without an end-of-turn) the tokenizer's eos is appended. Response
+tokens are therefore exactly the labels. Special-token strings (and a literal ``<image>``) are removed from the
+record's text first, so a prompt such as ``"<image>\\nWhat is this?"`` cannot inject a second image placeholder.
+
+TPO noise (SPEC.md, TPO step 1, pixel space): the decoded image as a ``[3, H, W]`` tensor in ``[0, 1]`` ->
+:func:`vpo.add_diffusion_noise` (``step=noise_step``, clamped to ``[0, 1]``) with a ``torch.Generator`` seeded from
+``(seed, record id)`` when ``fixed_noise`` (one ε per example for the whole run, so ``c_ref`` can be cached), else from
+``(seed, record id, draw)`` (``draw`` = the collator's call counter: a fresh ε per call) -> rounded to 8 bits (the PIL
+image the processor's resize needs; the PIL image processors round float images the same way) -> the processor's
+resize and normalization.
+
+mDPO crop: a box keeping ``1 - f`` of the area (``f ~ U(0, crop_max_frac)``, aspect ratio kept, the box sides rounded
+up so at most ``f`` is removed) at a uniform position, drawn from ``(seed, record id, draw)``, then resized back to the
+image's size (so the image-token count does not change). One crop per example and call: the trainer runs policy and
+reference on the same sub-batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import operator
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from vpo._validate import check_choice, check_range
+from vpo.data.processors import FAMILIES
+from vpo.data.records import (
+    BAD_FIELD,
+    BAD_IMAGE,
+    BAD_IMAGE_LIST,
+    BAD_TOKEN_WEIGHTS,
+    MISSING_FIELD,
+    NO_IMAGE_LIST,
+    NO_NEG_IMAGE,
+    TOO_LONG,
+    UNREADABLE_IMAGE,
+    DataStats,
+    PreferenceRecord,
+    SkipRecord,
+    UnreadableImageError,
+    load_image,
+    record_from_row,
+    warn_skip,
+)
+from vpo.noise import NUM_DIFFUSION_STEPS, add_diffusion_noise
+
+METHODS = ("dpo", "csr", "tpo", "mdpo", "ovip", "lpoi", "catpo")
+IGNORE_INDEX = -100
+
+# The keys a model's forward takes, per family (labels excluded: the trainer computes log-probs itself).
+VISION_KEYS = {
+    "llava": ("pixel_values",),
+    "qwen2_vl": ("pixel_values", "image_grid_thw", "mm_token_type_ids"),
+    "qwen2_5_vl": ("pixel_values", "image_grid_thw", "mm_token_type_ids"),
+    "idefics2": ("pixel_values", "pixel_attention_mask"),
+}
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids",
+                    "pixel_attention_mask")
+# Keys of a processor output that are text-side (rebuilt by the collator), not vision tensors.
+_TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+def model_inputs(inputs: Mapping[str, Any]) -> Dict[str, Any]:
+    """The keyword arguments of the model's ``forward`` in a batch or sub-batch (drops ``labels``, ``sub``, ...)."""
+    return {k: v for k, v in inputs.items() if k in MODEL_INPUT_KEYS}
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts, stable across processes and Python versions (``hash()`` is not)."""
+    h = hashlib.sha256("\x1f".join(repr(p) for p in parts).encode("utf-8")).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class _Row:
+    ids: List[int]
+    labels: List[int]
+    vision: Optional[Dict[str, torch.Tensor]]  # the processor's vision tensors for this row's one image
+
+
+@dataclass
+class _Example:
+    id: str
+    chosen: _Row
+    rejected: _Row
+    n_chosen: int  # response tokens kept (after truncation) in each row
+    n_rejected: int
+    sub: Dict[str, List[_Row]] = field(default_factory=dict)
+    token_weights: Optional[Tuple[List[float], List[float]]] = None
+    ref_logps: Optional[Tuple[float, float]] = None
+
+
+class PreferenceCollator:
+    """Collate preference records into the batch contract of ``docs/data_format.md`` (``collate_fn`` of a loader).
+
+    Args:
+        processor: the model's processor (``LlavaProcessor``, ``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``,
+            ``Idefics2Processor``; a real checkpoint's or :func:`vpo.data.build_tiny_processor`'s) with a chat
+            template.
+        family: ``"llava"``, ``"qwen2_vl"``, ``"qwen2_5_vl"`` or ``"idefics2"`` (which vision keys to emit).
+        method: ``"dpo"``, ``"csr"``, ``"tpo"``, ``"mdpo"``, ``"ovip"``, ``"lpoi"`` or ``"catpo"`` (which extra
+            passes to build).
+        max_length: truncate each row's response so the row fits (prompts are never cut; an example whose prompt
+            leaves no room for one response token is skipped as ``too_long``). ``None``: no limit.
+        noise_step: TPO's diffusion step ``k`` in ``[0, 999]`` (500 = the paper's).
+        seed: seeds the TPO noise and the mDPO crops, together with each record's id.
+        fixed_noise: TPO: one fixed ε per example for the whole run (else a fresh ε per call).
+        crop_max_frac: mDPO: the crop removes a fraction of the area drawn uniformly in ``[0, crop_max_frac]``.
+        list_size: LPOI: the list length ``L``.
+        ovip_rejected: OViP: give ``noimg`` and ``negimg`` ``2B`` rows (the chosen rows, then the rejected rows: the
+            symmetric image loss and the bi-anchor variant need them) instead of the ``B`` chosen rows.
+
+    Call it on a list of records (or of ``"vpo"``-layout dicts). Records that cannot be used are skipped with a
+    :class:`~vpo.data.DataWarning` and counted in ``batch["skipped"]`` and in :attr:`stats`; the rest of the batch
+    survives. When every record of a call is skipped the result is ``{"ids": [], "skipped": {...}}`` (no tensors).
+
+    Attributes:
+        stats: a :class:`~vpo.data.DataStats` over all calls of this instance (per worker process with a
+            multi-worker ``DataLoader``: use ``batch["skipped"]`` to aggregate).
+        draw: the call counter that seeds the per-call randomness (TPO's ε unless ``fixed_noise``, mDPO's crops);
+            set it to resume a run's random stream.
+
+    Example:
+        >>> from vpo.data import PreferenceCollator, PreferenceRecord, build_tiny_processor
+        >>> from PIL import Image
+        >>> proc = build_tiny_processor("llava")
+        >>> rec = PreferenceRecord("r0", Image.new("RGB", (24, 24), "red"), "what color is the cat ?",
+        ...                        "red .", "blue .")
+        >>> batch = PreferenceCollator(proc, "llava", method="tpo")([rec])
+        >>> tuple(batch["input_ids"].shape), tuple(batch["pixel_values"].shape), sorted(batch["sub"])
+        ((2, 23), (2, 3, 24, 24), ['noised'])
+        >>> proc.tokenizer.decode(batch["labels"][0][batch["labels"][0] != -100])
+        'red . </s>'
+    """
+
+    def __init__(
+        self,
+        processor,
+        family: str,
+        *,
+        method: str = "dpo",
+        max_length: Optional[int] = None,
+        noise_step: int = 500,
+        seed: int = 0,
+        fixed_noise: bool = False,
+        crop_max_frac: float = 0.2,
+        list_size: int = 5,
+        ovip_rejected: bool = False,
+    ):
+        tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is None or not callable(processor):
+            raise ValueError(
+                f"processor must be a transformers processor with a tokenizer, got {type(processor).__name__}"
+            )
+        if not getattr(processor, "chat_template", None) and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("processor has no chat template: set processor.chat_template")
+        check_choice("family", family, FAMILIES)
+        check_choice("method", method, METHODS)
+        if max_length is not None:
+            max_length = _check_int("max_length", max_length, 2, None)
+        self.noise_step = _check_int("noise_step", noise_step, 0, NUM_DIFFUSION_STEPS - 1)
+        self.seed = _check_int("seed", seed, None, None)
+        if not isinstance(fixed_noise, bool):
+            raise ValueError(f"fixed_noise must be a bool, got {type(fixed_noise).__name__}")
+        check_range("crop_max_frac", crop_max_frac, 0.0, 1.0, hi_open=True)
+        self.list_size = _check_int("list_size", list_size, 2, None)
+        if not isinstance(ovip_rejected, bool):
+            raise ValueError(f"ovip_rejected must be a bool, got {type(ovip_rejected).__name__}")
+        self.ovip_rejected = ovip_rejected
+
+        self.processor = processor
+        self.tokenizer = tokenizer
+        self.family = family
+        self.method = method
+        self.max_length = max_length
+        self.fixed_noise = fixed_noise
+        self.crop_max_frac = float(crop_max_frac)
+        self.draw = 0
+        self.stats = DataStats()
+
+        self.image_token_id = getattr(processor, "image_token_id", None)
+        if self.image_token_id is None:
+            self.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.video_token_id = getattr(processor, "video_token_id", None)
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
+        self._special_ids = set(tokenizer.all_special_ids)
+        scrub = set(tokenizer.all_special_tokens) | {"<image>"}
+        for attr in ("image_token", "video_token", "fake_image_token", "image_boundary_token"):
+            tok = getattr(processor, attr, None)
+            if isinstance(tok, str) and tok:
+                scrub.add(tok)
+        self._scrub = sorted((t for t in scrub if t), key=len, reverse=True)
+        self._warned_template = False
+
+    # ---------------------------------------------------------------------------------------------- public helpers
+    def noise_seed(self, record_id: str, draw: Optional[int] = None) -> int:
+        """The seed of the TPO ε of ``record_id`` at call ``draw`` (ignored when ``fixed_noise``)."""
+        if self.fixed_noise:
+            return derive_seed("vpo-tpo-noise", self.seed, str(record_id))
+        return derive_seed("vpo-tpo-noise", self.seed, str(record_id), self.draw if draw is None else draw)
+
+    def noised_pixels(self, image, record_id: str, draw: Optional[int] = None) -> torch.Tensor:
+        """The TPO-noised image of ``record_id`` in pixel space: ``[3, H, W]`` float32 in ``[0, 1]`` (before the
+        8-bit rounding and the processor)."""
+        x = _to_unit_tensor(image)
+        g = torch.Generator().manual_seed(self.noise_seed(record_id, draw))
+        return add_diffusion_noise(x, self.noise_step, generator=g)
+
+    def crop_box(
+        self, record_id: str, width: int, height: int, draw: Optional[int] = None
+    ) -> Tuple[int, int, int, int]:
+        """mDPO's crop of ``record_id`` at call ``draw``: ``(left, top, right, bottom)`` in pixels of a
+        ``width x height`` image, removing a fraction of the area in ``[0, crop_max_frac]``."""
+        g = torch.Generator().manual_seed(
+            derive_seed("vpo-mdpo-crop", self.seed, str(record_id), self.draw if draw is None else draw)
+        )
+        u = torch.rand(3, generator=g, dtype=torch.float64).tolist()
+        keep = math.sqrt(1.0 - u[0] * self.crop_max_frac)  # side scale; area kept >= 1 - f after rounding up
+        cw = min(width, max(1, math.ceil(width * keep - 1e-9)))
+        ch = min(height, max(1, math.ceil(height * keep - 1e-9)))
+        left = min(int(u[1] * (width - cw + 1)), width - cw)
+        top = min(int(u[2] * (height - ch + 1)), height - ch)
+        return left, top, left + cw, top + ch
+
+    # --------------------------------------------------------------------------------------------------- the call
+    def __call__(self, records: Sequence[Any]) -> Dict[str, Any]:
+        if isinstance(records, (str, bytes, Mapping)) or not isinstance(records, Sequence):
+            raise ValueError(f"records must be a list of PreferenceRecord, got {type(records).__name__}")
+        draw = self.draw
+        self.draw += 1
+        skipped: Counter = Counter()
+        examples: List[_Example] = []
+        for i, rec in enumerate(records):
+            rid = getattr(rec, "id", None) if not isinstance(rec, Mapping) else rec.get("id", f"#{i}")
+            try:
+                rec = self._as_record(rec, i)
+                rid = rec.id
+                examples.append(self._prepare(rec, draw))
+            except SkipRecord as e:
+                skipped[e.reason] += 1
+                warn_skip(rid, e.reason, e.message, stacklevel=2)
+        self.stats.seen += len(records)
+        self.stats.kept += len(examples)
+        self.stats.skipped.update(skipped)
+        if not examples:
+            return {"ids": [], "skipped": dict(skipped)}
+        return self._assemble(examples, dict(skipped))
+
+    # ------------------------------------------------------------------------------------------------ preparation
+    def _as_record(self, rec: Any, i: int) -> PreferenceRecord:
+        if isinstance(rec, PreferenceRecord):
+            return rec
+        if isinstance(rec, Mapping):
+            return record_from_row(rec, layout="auto", default_id=f"#{i}")
+        raise ValueError(f"records must hold PreferenceRecord objects or dicts, got {type(rec).__name__} at index {i}")
+
+    def _clean(self, text: Any, name: str) -> str:
+        if text is None:
+            raise SkipRecord(MISSING_FIELD, f"missing field {name!r}")
+        if not isinstance(text, str):
+            raise SkipRecord(BAD_FIELD, f"field {name!r} must be a string, got {type(text).__name__}")
+        for tok in self._scrub:
+            text = text.replace(tok, " ")
+        text = text.strip()
+        if not text:
+            raise SkipRecord(MISSING_FIELD, f"missing field {name!r} (empty)")
+        return text
+
+    def _load(self, spec: Any, name: str):
+        if spec is None or (isinstance(spec, str) and not spec.strip()):
+            raise SkipRecord(MISSING_FIELD, f"missing field {name!r}")
+        try:
+            return load_image(spec)
+        except UnreadableImageError as e:
+            raise SkipRecord(UNREADABLE_IMAGE, f"{name}: {e}") from None
+
+    def _prepare(self, rec: PreferenceRecord, draw: int) -> _Example:
+        prompt = self._clean(rec.prompt, "prompt")
+        chosen = self._clean(rec.chosen, "chosen")
+        rejected = self._clean(rec.rejected, "rejected")
+        image = self._load(rec.image, "image")
+        method = self.method
+        # Everything that can skip the record is checked before any tokenization work.
+        neg = list_images = None
+        if method == "ovip":
+            if rec.neg_image is None:
+                raise SkipRecord(NO_NEG_IMAGE, "method 'ovip' needs a neg_image")
+            neg = self._load(rec.neg_image, "neg_image")
+        if method == "lpoi":
+            lst = rec.image_list
+            if not lst:
+                raise SkipRecord(NO_IMAGE_LIST, "method 'lpoi' needs an image_list")
+            if len(lst) == self.list_size - 1:
+                list_images = [image] + [self._load(x, f"image_list[{k}]") for k, x in enumerate(lst)]
+            elif len(lst) == self.list_size:
+                list_images = [self._load(x, f"image_list[{k}]") for k, x in enumerate(lst)]
+            else:
+                raise SkipRecord(
+                    BAD_IMAGE_LIST,
+                    f"image_list has {len(lst)} images: expected list_size={self.list_size} (x_1..x_L) or "
+                    f"{self.list_size - 1} (x_2..x_L, the record's image is x_1)",
+                )
+        ref = self._ref_logps(rec)
+        weights_spec = rec.extra.get("token_weights") if method == "catpo" else None
+
+        p_img = self._render_prompt(prompt, with_image=True)
+        prompt_ids, vision = self._encode_prompt(p_img, image)
+        c_ids = self._response_ids(prompt, chosen, with_image=True)
+        r_ids = self._response_ids(prompt, rejected, with_image=True)
+        row_c, n_c = self._row(prompt_ids, c_ids, vision)
+        row_r, n_r = self._row(prompt_ids, r_ids, vision)
+        ex = _Example(id=rec.id, chosen=row_c, rejected=row_r, n_chosen=n_c, n_rejected=n_r, ref_logps=ref)
+
+        if method == "tpo":
+            noised = _to_pil(self.noised_pixels(image, rec.id, draw))
+            ids, vis = self._encode_prompt(p_img, noised)
+            if ids != prompt_ids:  # same image size -> same image-token count; guard anyway
+                raise RuntimeError(f"the noised image of {rec.id!r} changed the prompt's tokens")
+            # two rows per example; _assemble orders them chosen-first like the main rows
+            ex.sub["noised"] = [_Row(row_c.ids, row_c.labels, vis), _Row(row_r.ids, row_r.labels, vis)]
+        elif method == "mdpo":
+            box = self.crop_box(rec.id, image.width, image.height, draw)
+            cropped = image.crop(box).resize(image.size, _bicubic())
+            ids, vis = self._encode_prompt(p_img, cropped)
+            ex.sub["crop"] = [self._row(ids, c_ids, vis)[0]]
+        elif method == "ovip":
+            p_txt = self._render_prompt(prompt, with_image=False)
+            ids, _ = self._encode_prompt(p_txt, None)
+            if self.image_token_id in ids:
+                raise RuntimeError("the image-free prompt still holds image tokens: check the chat template")
+            responses = [chosen, rejected] if self.ovip_rejected else [chosen]
+            ex.sub["noimg"] = [self._row(ids, self._response_ids(prompt, r, with_image=False), None)[0]
+                               for r in responses]
+            ids, vis = self._encode_prompt(p_img, neg)
+            ex.sub["negimg"] = [self._row(ids, r_ids_, vis)[0] for r_ids_ in [c_ids, r_ids][: len(responses)]]
+        elif method == "lpoi":
+            rows = []
+            for img in list_images:
+                ids, vis = (prompt_ids, vision) if img is image else self._encode_prompt(p_img, img)
+                rows.append(self._row(ids, c_ids, vis)[0])
+            ex.sub["list"] = rows
+        elif method == "catpo" and weights_spec is not None:
+            ex.token_weights = self._token_weights(weights_spec, len(c_ids), len(r_ids), n_c, n_r)
+        return ex
+
+    def _ref_logps(self, rec: PreferenceRecord) -> Optional[Tuple[float, float]]:
+        ref = rec.extra.get("ref_logps")
+        if ref is None:
+            return None
+        if not isinstance(ref, Mapping):
+            raise SkipRecord(BAD_FIELD, f"ref_logps must map method -> [chosen, rejected], got {type(ref).__name__}")
+        val = ref.get(self.method)
+        if val is None:
+            return None
+        ok = isinstance(val, (list, tuple)) and len(val) == 2
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in val)
+        if not ok:
+            raise SkipRecord(BAD_FIELD, f"ref_logps[{self.method!r}] must be [chosen, rejected] finite numbers, "
+                                        f"got {val!r}")
+        return float(val[0]), float(val[1])
+
+    def _token_weights(self, spec, len_c: int, len_r: int, n_c: int, n_r: int):
+        if not isinstance(spec, Mapping):
+            raise SkipRecord(BAD_TOKEN_WEIGHTS, f"token_weights must be {{'chosen': [...], 'rejected': [...]}}, "
+                                                f"got {type(spec).__name__}")
+        out = []
+        for key, n_full, n_kept in (("chosen", len_c, n_c), ("rejected", len_r, n_r)):
+            w = spec.get(key)
+            ok = isinstance(w, (list, tuple)) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in w
+            )
+            if not ok:
+                raise SkipRecord(BAD_TOKEN_WEIGHTS, f"token_weights[{key!r}] must be a list of finite numbers")
+            if len(w) != n_full:
+                raise SkipRecord(
+                    BAD_TOKEN_WEIGHTS,
+                    f"token_weights[{key!r}] has {len(w)} weights but the {key} response has {n_full} tokens "
+                    f"(its end-of-turn token included)",
+                )
+            out.append([float(v) for v in w[:n_kept]])
+        return out[0], out[1]
+
+    # -------------------------------------------------------------------------------------------------- tokenizing
+    def _messages(self, prompt: str, with_image: bool, response: Optional[str] = None) -> list:
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
+        msgs = [{"role": "user", "content": content}]
+        if response is not None:
+            msgs.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
+        return msgs
+
+    def _render(self, msgs: list, add_generation_prompt: bool) -> str:
+        return self.processor.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+    def _render_prompt(self, prompt: str, with_image: bool) -> str:
+        return self._render(self._messages(prompt, with_image), True)
+
+    def _response_ids(self, prompt: str, response: str, with_image: bool) -> List[int]:
+        head = self._render_prompt(prompt, with_image)
+        full = self._render(self._messages(prompt, with_image, response), False)
+        ids = None
+        if full.startswith(head):
+            text = full[len(head):].rstrip()
+            # Tokenize the response in context (after the rendered prompt, image placeholder unexpanded) so a BPE /
+            # SentencePiece tokenizer splits its first word as it does inside the full conversation; fall back to the
+            # response alone if the prompt's tokens do not survive as a prefix.
+            tok = self.tokenizer
+            a = tok(head, add_special_tokens=False)["input_ids"]
+            b = tok(head + text, add_special_tokens=False)["input_ids"]
+            if len(b) > len(a) and b[: len(a)] == a:
+                ids = list(b[len(a):])
+        else:
+            if not self._warned_template:
+                warnings.warn(
+                    "vpo.data: the chat template's generation prompt is not a prefix of the rendered conversation; "
+                    "the response is tokenized as its raw text + eos",
+                    stacklevel=3,
+                )
+                self._warned_template = True
+            text = response
+        if ids is None:
+            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and (not ids or ids[-1] not in self._special_ids):
+            ids.append(eos)
+        return ids
+
+    def _encode_prompt(self, text: str, image) -> Tuple[List[int], Optional[Dict[str, torch.Tensor]]]:
+        bos = self.tokenizer.bos_token
+        kwargs = {"add_special_tokens": not (bos is not None and text.startswith(bos))}
+        try:
+            out = self.processor(text=[text], images=[image] if image is not None else None, return_tensors="pt",
+                                 **kwargs)
+        except (ValueError, TypeError, OSError) as e:  # a degenerate image (too small, extreme aspect ratio, ...)
+            if image is None:
+                raise
+            raise SkipRecord(BAD_IMAGE, f"the processor rejected a {image.width}x{image.height} image: {e}") from None
+        ids = out["input_ids"][0].tolist()
+        if image is None:
+            return ids, None
+        vision = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
+        return ids, vision
+
+    def _row(self, prompt_ids: List[int], resp_ids: List[int], vision) -> Tuple[_Row, int]:
+        n = len(resp_ids)
+        if self.max_length is not None:
+            room = self.max_length - len(prompt_ids)
+            if room < 1:
+                raise SkipRecord(TOO_LONG, f"the prompt has {len(prompt_ids)} tokens: no room for a response "
+                                           f"within max_length={self.max_length}")
+            n = min(n, room)
+        resp = resp_ids[:n]
+        return _Row(prompt_ids + resp, [IGNORE_INDEX] * len(prompt_ids) + resp, vision), n
+
+    # -------------------------------------------------------------------------------------------------- assembling
+    def _assemble(self, examples: List[_Example], skipped: Dict[str, int]) -> Dict[str, Any]:
+        rows = [ex.chosen for ex in examples] + [ex.rejected for ex in examples]
+        batch = self._model_dict(rows)
+        if self.method == "catpo":
+            tw = torch.ones(batch["labels"].shape, dtype=torch.float32)
+            for b, ex in enumerate(examples):
+                if ex.token_weights is None:
+                    continue
+                for r, w in ((b, ex.token_weights[0]), (b + len(examples), ex.token_weights[1])):
+                    pos = (batch["labels"][r] != IGNORE_INDEX).nonzero().flatten()
+                    tw[r, pos] = torch.tensor(w, dtype=torch.float32)
+            batch["token_weights"] = tw
+        sub_names = {"tpo": ("noised",), "mdpo": ("crop",), "ovip": ("noimg", "negimg"), "lpoi": ("list",)}
+        batch["sub"] = {}
+        for name in sub_names.get(self.method, ()):
+            if name == "noised" or (name in ("noimg", "negimg") and self.ovip_rejected):
+                # 2B rows like the main ones: all chosen rows, then all rejected rows
+                sub_rows = [ex.sub[name][0] for ex in examples] + [ex.sub[name][1] for ex in examples]
+            else:  # example-major: B rows (crop, noimg, negimg) or B * list_size rows (list)
+                sub_rows = [row for ex in examples for row in ex.sub[name]]
+            batch["sub"][name] = self._model_dict(sub_rows)
+        if all(ex.ref_logps is not None for ex in examples):
+            batch["ref_logps"] = torch.tensor(
+                [ex.ref_logps[0] for ex in examples] + [ex.ref_logps[1] for ex in examples], dtype=torch.float32
+            )
+        batch["ids"] = [ex.id for ex in examples]
+        batch["skipped"] = skipped
+        return batch
+
+    def _model_dict(self, rows: List[_Row]) -> Dict[str, torch.Tensor]:
+        n, length = len(rows), max(len(r.ids) for r in rows)
+        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, length), dtype=torch.long)
+        labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+        for i, r in enumerate(rows):  # right padding
+            input_ids[i, : len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
+            attention_mask[i, : len(r.ids)] = 1
+            labels[i, : len(r.labels)] = torch.tensor(r.labels, dtype=torch.long)
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        visions = [r.vision for r in rows]
+        if all(v is None for v in visions):
+            return out  # the image-free pass: no vision keys at all
+        if any(v is None for v in visions):
+            raise RuntimeError("a sub-batch mixes rows with and without an image")
+        out.update(_cat_vision(visions))
+        if "mm_token_type_ids" in VISION_KEYS[self.family]:
+            mm = (input_ids == self.image_token_id).long()
+            if self.video_token_id is not None:
+                mm = mm + 2 * (input_ids == self.video_token_id).long()
+            out["mm_token_type_ids"] = mm * attention_mask
+        return out
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+def _cat_vision(visions: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Concatenate per-row vision tensors on dim 0, zero-padding trailing dims that differ (Idefics2's image sizes;
+    a zero ``pixel_attention_mask`` marks the padding)."""
+    out = {}
+    for key in visions[0]:
+        ts = [v[key] for v in visions]
+        if any(t.shape[1:] != ts[0].shape[1:] for t in ts):
+            if any(t.dim() != ts[0].dim() for t in ts):
+                raise RuntimeError(f"cannot batch {key}: ranks differ across rows")
+            size = [max(t.shape[d] for t in ts) for d in range(1, ts[0].dim())]
+            padded = []
+            for t in ts:
+                p = t.new_zeros((t.shape[0], *size))
+                p[(slice(None),) + tuple(slice(0, s) for s in t.shape[1:])] = t
+                padded.append(p)
+            ts = padded
+        out[key] = torch.cat(ts, dim=0)
+    return out
+
+
+def _to_unit_tensor(image) -> torch.Tensor:
+    """A PIL image -> ``[3, H, W]`` float32 in ``[0, 1]``."""
+    import numpy as np
+
+    arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
+
+
+def _to_pil(x: torch.Tensor):
+    """``[3, H, W]`` in ``[0, 1]`` -> an 8-bit RGB PIL image (round to nearest)."""
+    from PIL import Image
+
+    arr = x.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    return Image.fromarray(arr)
+
+
+def _bicubic():
+    from PIL import Image
+
+    return Image.Resampling.BICUBIC
+
+
+def _check_int(name: str, value, lo: Optional[int], hi: Optional[int]) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int, got {type(value).__name__}") from None
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be in {rng}, got {value}")
+    return value
