@@ -1,0 +1,87 @@
+"""Preference-data construction: the datasets CSR, LPOI and mDPO train on, written in the format the trainer reads.
+
+- :mod:`vpo.construct.csr`: sentence-level beam search under CSR's calibrated reward (``score`` and ``rank`` modes),
+  image-text scorers (the shapes world's ground truth, CLIP from a local folder), :func:`write_csr_dataset` and the
+  iterative loop :func:`csr_iterate`.
+- :mod:`vpo.construct.lpoi`: LPOI's progressively masked image lists with a visual prompt, detectors (the shapes
+  world's ground truth, a zero-shot detector from a local folder), the verification hook and
+  :func:`write_lpoi_dataset`.
+- :mod:`vpo.construct.mdpo`: mDPO's crop (the collator's, recorded per example) and :func:`write_mdpo_dataset`.
+
+Every writer reads a ``.jsonl`` file (or a folder with ``train.jsonl``) and writes ``out_dir/train.jsonl`` ("vpo"
+layout, ``docs/data_format.md``; image paths relative to ``out_dir``), the images it made under ``out_dir/images/``
+and ``out_dir/construct.json`` (options and counts). Command line: :mod:`vpo.construct.cli` (``vpo csr``,
+``vpo lpoi-lists``, ``vpo mdpo-crops``).
+"""
+from vpo.construct._io import ConstructionSummary, ConstructWarning
+from vpo.construct.csr import (
+    CSRConfig,
+    CSRIteration,
+    CSRSearchResult,
+    CLIPScorer,
+    ImageTextScorer,
+    Response,
+    SentenceScore,
+    ShapesWorldScorer,
+    TokenLM,
+    VLMTokenLM,
+    calibrated_reward,
+    csr_iterate,
+    load_policy,
+    make_scorer,
+    propose_sentences,
+    sentence_beam_search,
+    sibling_ranks,
+    vlm_factory,
+    write_csr_dataset,
+)
+from vpo.construct.lpoi import (
+    Detection,
+    Detector,
+    DetectorVerifier,
+    GroundTruthDetector,
+    LPOIConfig,
+    ZeroShotDetector,
+    build_lpoi_list,
+    lpoi_mask_side,
+    lpoi_masks,
+    write_lpoi_dataset,
+)
+from vpo.construct.mdpo import crop_image, mdpo_crop_box, write_mdpo_dataset
+
+__all__ = [
+    "CLIPScorer",
+    "CSRConfig",
+    "CSRIteration",
+    "CSRSearchResult",
+    "ConstructWarning",
+    "ConstructionSummary",
+    "Detection",
+    "Detector",
+    "DetectorVerifier",
+    "GroundTruthDetector",
+    "ImageTextScorer",
+    "LPOIConfig",
+    "Response",
+    "SentenceScore",
+    "ShapesWorldScorer",
+    "TokenLM",
+    "VLMTokenLM",
+    "ZeroShotDetector",
+    "build_lpoi_list",
+    "calibrated_reward",
+    "crop_image",
+    "csr_iterate",
+    "load_policy",
+    "lpoi_mask_side",
+    "lpoi_masks",
+    "make_scorer",
+    "mdpo_crop_box",
+    "propose_sentences",
+    "sentence_beam_search",
+    "sibling_ranks",
+    "vlm_factory",
+    "write_csr_dataset",
+    "write_lpoi_dataset",
+    "write_mdpo_dataset",
+]

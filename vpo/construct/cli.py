@@ -1,0 +1,177 @@
+"""The data-construction subcommands: ``vpo csr``, ``vpo lpoi-lists``, ``vpo mdpo-crops``.
+
+Wire them into the main parser with::
+
+    from vpo.construct.cli import register
+    register(subparsers)            # the object returned by parser.add_subparsers(...)
+
+Each prints the writer's summary as JSON and returns 0. Examples on the shapes world (CPU, no download)::
+
+    python -c "from vpo.worlds import shapes; shapes.make_dataset('data/shapes', 64)"
+    vpo csr --data data/shapes --out data/csr --model tiny:llava --scorer shapes --limit 8
+    vpo lpoi-lists --data data/shapes --out data/lpoi --verify detector --detector ground-truth
+    vpo mdpo-crops --data data/shapes --out data/mdpo --save-images
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _rgb(values):
+    return tuple(int(v) for v in values)
+
+
+def _errors_to_exit_code(fn):
+    """A bad argument (``ValueError``) prints ``vpo <command>: error: ...`` and returns 2 instead of a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except ValueError as e:
+            print(f"vpo {getattr(args, 'command', '')}: error: {e}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
+@_errors_to_exit_code
+def csr_main(args: argparse.Namespace) -> int:
+    from vpo.construct.csr import CSRConfig, csr_iterate, load_policy, make_scorer, vlm_factory, write_csr_dataset
+
+    config = CSRConfig(mode=args.mode, lam=args.lam, keep_top=args.keep_top, keep_bottom=args.keep_bottom,
+                       num_candidates=args.num_candidates, token_beams=args.token_beams,
+                       max_new_tokens=args.max_new_tokens, max_sentences=args.max_sentences,
+                       max_response_tokens=args.max_response_tokens, sentence_end=tuple(args.sentence_end),
+                       language_score=args.language_score)
+    scorer = make_scorer(args.scorer, clip_path=args.clip_path, device=args.device)
+
+    def load(path):
+        return load_policy(path, device=args.device, seed=args.seed)
+
+    if args.iterations == 1:
+        model, processor = load(args.model)
+        summary = write_csr_dataset(args.data, args.out, lm_factory=vlm_factory(model, processor), scorer=scorer,
+                                    config=config, limit=args.limit, iteration=1)
+        print(json.dumps(summary.as_dict(), indent=2))
+        return 0
+    try:
+        from vpo.trainer import make_csr_train_fn  # (dataset_dir, ref_model_path) -> new_model_path
+    except ImportError:
+        print("vpo csr --iterations > 1 needs vpo.trainer.make_csr_train_fn(train_config, output_root) (the "
+              "trainer's CSR step); build one iteration at a time with --iterations 1 and `vpo train` meanwhile",
+              file=sys.stderr)
+        return 2
+    train_fn = make_csr_train_fn(args.train_config, args.out)
+    its = csr_iterate(args.data, args.out, model_path=args.model, train_fn=train_fn, scorer=scorer,
+                      iterations=args.iterations, config=config, load_fn=load, limit=args.limit)
+    print(json.dumps([{"iteration": i.iteration, "dataset_dir": i.dataset_dir, "ref_model_path": i.ref_model_path,
+                       "model_path": i.model_path, "summary": i.summary} for i in its], indent=2))
+    return 0
+
+
+@_errors_to_exit_code
+def lpoi_main(args: argparse.Namespace) -> int:
+    from vpo.construct.lpoi import (DetectorVerifier, GroundTruthDetector, LPOIConfig, ZeroShotDetector,
+                                    write_lpoi_dataset)
+
+    config = LPOIConfig(L=args.list_size, ellipse_color=_rgb(args.ellipse_color), ellipse_width=args.ellipse_width,
+                        mask_fill=_rgb(args.mask_fill), max_candidates=args.max_candidates)
+    detector = None
+    if args.detector == "ground-truth":
+        detector = GroundTruthDetector()
+    elif args.detector == "zero-shot":
+        detector = ZeroShotDetector(args.detector_path, threshold=args.threshold, device=args.device)
+    verify = None
+    if args.verify == "detector":
+        if detector is None:
+            print("--verify detector needs --detector ground-truth or zero-shot", file=sys.stderr)
+            return 2
+        verify = DetectorVerifier(detector)
+    summary = write_lpoi_dataset(args.data, args.out, config=config, detector=detector, verify=verify,
+                                 use_record_bbox=not args.no_record_bbox, limit=args.limit)
+    print(json.dumps(summary.as_dict(), indent=2))
+    return 0
+
+
+@_errors_to_exit_code
+def mdpo_main(args: argparse.Namespace) -> int:
+    from vpo.construct.mdpo import write_mdpo_dataset
+
+    summary = write_mdpo_dataset(args.data, args.out, seed=args.seed, max_frac=args.max_frac,
+                                 save_images=args.save_images, limit=args.limit)
+    print(json.dumps(summary.as_dict(), indent=2))
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``csr``, ``lpoi-lists`` and ``mdpo-crops`` to ``sub`` (an ``argparse`` subparsers object); each sets
+    ``func`` to its main function (``args.func(args) -> exit code``)."""
+    c = sub.add_parser("csr", help="CSR: sentence-level beam search with a calibrated reward -> preference pairs")
+    c.add_argument("--data", required=True, help="prompts: a .jsonl (image + prompt per line) or a folder with "
+                                                 "train.jsonl")
+    c.add_argument("--out", required=True, help="output folder (train.jsonl; iter{t}/ with --iterations > 1)")
+    c.add_argument("--model", default="tiny:llava", help="tiny:<family> or a local model folder (π_0)")
+    c.add_argument("--scorer", choices=["shapes", "clip"], default="shapes", help="R_I: the shapes world's ground "
+                                                                                 "truth, or CLIP from --clip-path")
+    c.add_argument("--clip-path", default=None, help="local CLIP folder for --scorer clip")
+    c.add_argument("--mode", choices=["score", "rank"], default="score")
+    c.add_argument("--lam", type=float, default=0.9, help="λ: weight of R_I")
+    c.add_argument("--keep-top", type=int, default=1)
+    c.add_argument("--keep-bottom", type=int, default=2)
+    c.add_argument("--num-candidates", type=int, default=5, help="sentences proposed per beam")
+    c.add_argument("--token-beams", type=int, default=5, help="token-level beam width inside a sentence")
+    c.add_argument("--max-new-tokens", type=int, default=74, help="tokens per sentence")
+    c.add_argument("--max-sentences", type=int, default=8)
+    c.add_argument("--max-response-tokens", type=int, default=512)
+    c.add_argument("--sentence-end", nargs="+", default=["."], help="strings that end a sentence (one token each)")
+    c.add_argument("--language-score", choices=["prob", "logprob", "mean_logprob"], default="prob")
+    c.add_argument("--iterations", type=int, default=1, help="T > 1 runs the iterative loop (needs the trainer)")
+    c.add_argument("--train-config", default=None, help="trainer YAML for the iterative loop")
+    c.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--seed", type=int, default=0, help="seed of a tiny:<family> model")
+    c.set_defaults(func=csr_main)
+
+    p = sub.add_parser("lpoi-lists", help="LPOI: progressively masked image lists with a visual prompt")
+    p.add_argument("--data", required=True, help="preference data: a .jsonl or a folder with train.jsonl")
+    p.add_argument("--out", required=True)
+    p.add_argument("--list-size", type=int, default=5, help="L (x_1 = the original image)")
+    p.add_argument("--ellipse-color", type=int, nargs=3, default=[255, 0, 0], metavar=("R", "G", "B"))
+    p.add_argument("--ellipse-width", type=int, default=2, help="0 = no visual prompt")
+    p.add_argument("--mask-fill", type=int, nargs=3, default=[0, 0, 0], metavar=("R", "G", "B"))
+    p.add_argument("--detector", choices=["none", "ground-truth", "zero-shot"], default="none",
+                   help="boxes for records without bbox: the shapes world's ground truth or a local zero-shot model")
+    p.add_argument("--detector-path", default=None, help="local OWL-ViT / OWLv2 / Grounding DINO folder")
+    p.add_argument("--threshold", type=float, default=0.1, help="zero-shot detector score threshold")
+    p.add_argument("--verify", choices=["none", "detector"], default="none",
+                   help="keep a list only if the detector no longer finds the object in x_L")
+    p.add_argument("--no-record-bbox", action="store_true", help="ignore the records' bbox")
+    p.add_argument("--max-candidates", type=int, default=3)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=lpoi_main)
+
+    m = sub.add_parser("mdpo-crops", help="mDPO: record each example's crop (0-20%% of the area removed)")
+    m.add_argument("--data", required=True, help="preference data: a .jsonl or a folder with train.jsonl")
+    m.add_argument("--out", required=True)
+    m.add_argument("--seed", type=int, default=0, help="use the training collator's seed")
+    m.add_argument("--max-frac", type=float, default=0.2)
+    m.add_argument("--save-images", action="store_true", help="also save the cropped-and-resized images")
+    m.add_argument("--limit", type=int, default=None)
+    m.set_defaults(func=mdpo_main)
+
+
+def main(argv=None) -> int:
+    """Stand-alone entry (``python -m vpo.construct.cli csr ...``) until the subcommands are in ``vpo``."""
+    parser = argparse.ArgumentParser(prog="vpo", description="vpo data construction")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
