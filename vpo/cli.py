@@ -2,6 +2,9 @@
 
     vpo demo [--quick] [--steps N] [--impl auto|torch|triton]   the main job (README quickstart)
     vpo info                                                   what is built and available
+    vpo train --config FILE.yaml                               train a VLM with any method (vpo.trainer)
+    vpo precompute-ref --config FILE.yaml                      reference terms stored with the dataset
+    vpo csr | lpoi-lists | mdpo-crops ...                      build CSR / LPOI / mDPO datasets (vpo.construct)
 
 Until the trainer lands, ``vpo demo`` shows the fused losses on random inputs: it checks them against the
 materializing oracle, then optimizes a small policy head with DPO and with TPO and prints the curves' end points.
@@ -16,13 +19,16 @@ import time
 def _progress(it, total: int, desc: str):
     """A minimal progress bar on stderr (no extra dependency)."""
     width = 30
+    tty = sys.stderr.isatty()
     start = time.perf_counter()
     for i, x in enumerate(it, 1):
         yield x
-        done = int(width * i / total)
-        rate = i / max(time.perf_counter() - start, 1e-9)
-        sys.stderr.write(f"\r{desc} [{'#' * done}{'.' * (width - done)}] {i}/{total} {rate:5.1f} it/s")
-        sys.stderr.flush()
+        if tty or i == total:  # redraw in a terminal; one closing line in logs
+            done = int(width * i / total)
+            rate = i / max(time.perf_counter() - start, 1e-9)
+            sys.stderr.write(f"{chr(13) if tty else ''}{desc} [{'#' * done}{'.' * (width - done)}] {i}/{total} "
+                             f"{rate:5.1f} it/s")
+            sys.stderr.flush()
     sys.stderr.write("\n")
 
 
@@ -111,7 +117,30 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
     i = sub.add_parser("info", help="what is built and available")
     i.set_defaults(func=_info)
+    _register_optional(sub)
     return p
+
+
+def _register_optional(sub) -> None:
+    """Subcommands that need the ``train`` extra (transformers, peft, ...): registered when it imports, else a stub
+    that says how to get it."""
+    try:
+        from vpo.trainer.cli import add_subcommands
+        from vpo.construct.cli import register
+    except ImportError as err:  # pragma: no cover - exercised only without the train extra
+        missing = str(err)
+
+        def _needs_train(args) -> int:
+            print(f"vpo {args.command} needs the train extra ({missing}): pip install -e '.[train]'", file=sys.stderr)
+            return 2
+
+        for name in ("train", "precompute-ref", "csr", "lpoi-lists", "mdpo-crops"):
+            stub = sub.add_parser(name, help=f"(needs pip install '.[train]')", add_help=False)
+            stub.add_argument("rest", nargs=argparse.REMAINDER)
+            stub.set_defaults(func=_needs_train)
+        return
+    add_subcommands(sub)
+    register(sub)
 
 
 def main(argv=None) -> int:
