@@ -1,0 +1,51 @@
+"""The vpo trainer: preference optimization of vision-language models on the fused losses.
+
+- :class:`VPOConfig` (``transformers.TrainingArguments`` + method, model, reference, LoRA and data fields) and
+  :class:`VPOTrainer` (a ``transformers.Trainer`` whose loss runs the method's passes and the fused losses on last
+  hidden states + the LM head);
+- the methods, one function each: :mod:`vpo.trainer.methods` (``dpo``, ``tpo``, ``catpo``, ``ovip``, ``lpoi``,
+  ``mdpo``, ``csr``);
+- the reference: :class:`Reference` (adapter / model / precomputed) and :func:`precompute_reference`;
+- model plumbing: :func:`load_model`, :func:`apply_lora`, :func:`lora_target_regex` (LoRA on the language model only),
+  :func:`merge_and_save` (fold the adapter in: CSR's next iterate);
+- the command line: :func:`vpo.trainer.cli.train_main` (``vpo train``), :func:`vpo.trainer.cli.precompute_ref_main`
+  (``vpo precompute-ref``).
+"""
+import importlib
+
+# name -> submodule. Imported on first use (PEP 562): transformers is slow to import, and `vpo.trainer.cli`'s
+# subcommand registration must stay cheap for `vpo info` / `vpo demo`.
+_EXPORTS = {
+    "METHODS": "config",
+    "REF_MODES": "config",
+    "VPOConfig": "config",
+    "reference_terms": "methods",
+    "apply_lora": "modeling",
+    "load_model": "modeling",
+    "lora_target_regex": "modeling",
+    "merge_and_save": "modeling",
+    "model_family": "modeling",
+    "Passes": "passes",
+    "forward_hidden": "passes",
+    "Reference": "reference",
+    "load_reference_table": "reference",
+    "precompute_reference": "reference",
+    "reference_logps_path": "reference",
+    "save_reference_table": "reference",
+    "VPOTrainer": "trainer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vpo.trainer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"vpo.trainer.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,227 @@
+"""``vpo train`` and ``vpo precompute-ref``: the trainer from a YAML configuration.
+
+    vpo train --config FILE.yaml [--flag value ...]           train (flags override the file)
+    vpo precompute-ref --config FILE.yaml [--flag value ...]  write the reference terms for ref_mode: precomputed
+
+The configuration is a :class:`vpo.trainer.VPOConfig` read by ``transformers.HfArgumentParser``
+(``parse_yaml_file``; with extra flags the file's values become the parser's defaults): every
+``TrainingArguments`` field (``output_dir``, ``max_steps``, ``learning_rate``, ``bf16``, ``gradient_checkpointing``,
+``report_to``, ``save_steps``, ``resume_from_checkpoint``, ...) plus vpo's. ``resume_from_checkpoint: last`` resumes
+from the newest checkpoint in ``output_dir``. Examples: ``examples/configs/*.yaml``.
+
+Entry points for ``vpo/cli.py``: :func:`add_subcommands` (adds both subcommands to an argparse subparsers object),
+or :func:`train_main` / :func:`precompute_ref_main` called with the remaining argv.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import TYPE_CHECKING, List, Optional, Sequence
+
+if TYPE_CHECKING:  # importing transformers is slow: `vpo info` / `vpo demo` must not pay for it
+    from vpo.trainer.config import VPOConfig
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> "VPOConfig":
+    """A :class:`VPOConfig` from ``--config FILE.yaml`` and/or ``--flag value`` arguments."""
+    from transformers import HfArgumentParser
+
+    from vpo.trainer.config import VPOConfig
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser(VPOConfig)
+    if known.config is not None and not os.path.isfile(known.config):
+        raise FileNotFoundError(f"--config {known.config}: no such file")
+    if known.config is not None and not rest:
+        (config,) = parser.parse_yaml_file(known.config)
+        return config
+    if known.config is not None:
+        import dataclasses
+
+        import yaml
+
+        with open(known.config) as f:
+            values = yaml.safe_load(f) or {}
+        fields = {f.name for f in dataclasses.fields(VPOConfig)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"{known.config}: unknown keys {unknown} (not VPOConfig fields)")
+        parser.set_defaults(**values)
+    (config,) = parser.parse_args_into_dataclasses(args=rest)
+    return config
+
+
+def _synthetic_size(path: Optional[str], default: int = 64) -> int:
+    if path is None or path == "synthetic":
+        return default
+    try:
+        return int(path.split(":", 1)[1])
+    except (IndexError, ValueError):
+        raise ValueError(f"data path {path!r}: expected synthetic or synthetic:N") from None
+
+
+def build_data(config: "VPOConfig", family: str, processor, tiny):
+    """``(train_dataset, eval_dataset or None, collator)`` for the configuration."""
+    synthetic = config.data_path is None or config.data_path.startswith("synthetic")
+    if synthetic:
+        if tiny is None:
+            raise ValueError("synthetic data (data_path: synthetic[:N], or no data_path) only works with the tiny "
+                             f"models (model_name_or_path: tiny:<family>), got {config.model_name_or_path!r}")
+        from vpo.trainer.synthetic import TinyPreferenceCollator, synthetic_records
+
+        seed = config.data_seed if config.data_seed is not None else config.seed
+        train = synthetic_records(_synthetic_size(config.data_path), tiny, seed=seed)
+        evaluation = None
+        if config.eval_data_path is not None:
+            evaluation = synthetic_records(_synthetic_size(config.eval_data_path, 16), tiny, seed=seed + 1,
+                                           prefix="syn-eval")
+        collator = TinyPreferenceCollator(tiny, config.method, list_size=config.list_size,
+                                          noise_step=config.noise_step, crop_frac=config.crop_frac,
+                                          fixed_noise=config.fixed_noise)
+        return train, evaluation, collator
+    from vpo.data import PreferenceCollator, PreferenceDataset
+
+    if processor is None:
+        raise ValueError(f"data_path {config.data_path!r} needs the model's processor, and none was loaded")
+    read = dict(layout=config.data_layout, image_root=config.image_root)
+    train = PreferenceDataset.from_jsonl(config.data_path, **read)
+    evaluation = None
+    if config.eval_data_path is not None:
+        evaluation = PreferenceDataset.from_jsonl(config.eval_data_path, **read)
+    for name, ds in (("train", train), ("eval", evaluation)):
+        if ds is not None and ds.stats.skipped:
+            print(f"vpo: {name} data: skipped {dict(ds.stats.skipped)} of {ds.stats.seen} records while reading",
+                  file=sys.stderr)
+    if len(train) == 0:
+        raise ValueError(f"{config.data_path}: no usable record")
+    collator = PreferenceCollator(processor, family, method=config.method, max_length=config.max_length,
+                                  noise_step=config.noise_step, seed=config.seed, fixed_noise=config.fixed_noise,
+                                  crop_max_frac=config.crop_frac, list_size=config.list_size)
+    return train, evaluation, collator
+
+
+def _reference_table_paths(config: "VPOConfig") -> List[str]:
+    from vpo.trainer.reference import reference_logps_path
+
+    if config.ref_logps_path:
+        return [config.ref_logps_path]
+    paths = [reference_logps_path(config.data_path, config.method, config.output_dir)]
+    if config.eval_data_path and not config.eval_data_path.startswith("synthetic"):
+        paths.append(reference_logps_path(config.eval_data_path, config.method, config.output_dir))
+    return paths
+
+
+def train_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``vpo train``: load the model and data of the configuration and train; returns the exit status."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from vpo.trainer.modeling import load_model, model_family
+    from vpo.trainer.reference import load_reference_table
+    from vpo.trainer.trainer import VPOTrainer
+
+    config = parse_config(argv)
+    model, processor, tiny = load_model(config.model_name_or_path, dtype=config.torch_dtype,
+                                        attn_implementation=config.attn_implementation, seed=config.seed)
+    family = config.model_family or model_family(model)
+    train, evaluation, collator = build_data(config, family, processor, tiny)
+
+    ref_model = None
+    if config.ref_mode == "model":
+        path = config.ref_model_path or config.model_name_or_path
+        ref_model, _, _ = load_model(path, dtype=config.torch_dtype, attn_implementation=config.attn_implementation,
+                                     seed=config.seed, with_processor=False)
+    ref_table = None
+    if config.ref_mode == "precomputed":
+        ref_table = {}
+        for path in _reference_table_paths(config):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"ref_mode: precomputed but {path} does not exist: run `vpo precompute-ref "
+                                        "--config ...` with the same configuration first")
+            ref_table.update(load_reference_table(path))
+
+    resume = config.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("last", "true"):
+        resume = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
+    trainer = VPOTrainer(model, config, ref_model=ref_model, ref_table=ref_table, train_dataset=train,
+                         eval_dataset=evaluation, data_collator=collator, processing_class=processor)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    trainer.save_state()
+    if evaluation is not None:
+        trainer.evaluate()
+    return 0
+
+
+def precompute_ref_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``vpo precompute-ref``: write the reference terms of every training (and evaluation) record next to the data."""
+    from vpo.trainer.modeling import load_model, model_family
+    from vpo.trainer.reference import precompute_reference, reference_logps_path
+
+    config = parse_config(argv)
+    path = config.ref_model_path or config.model_name_or_path
+    model, processor, tiny = load_model(path, dtype=config.torch_dtype,
+                                        attn_implementation=config.attn_implementation, seed=config.seed)
+    model.eval().requires_grad_(False)
+    if not config.use_cpu:
+        import torch
+
+        if torch.cuda.is_available():
+            model.cuda()
+    family = config.model_family or model_family(model)
+    train, evaluation, collator = build_data(config, family, processor, tiny)
+    if config.ref_logps_path:
+        table = precompute_reference(model, train, collator, config)
+        if evaluation is not None:
+            table.update(precompute_reference(model, evaluation, collator, config))
+        from vpo.trainer.reference import save_reference_table
+
+        save_reference_table(table, config.ref_logps_path)
+        print(f"wrote {len(table)} records to {config.ref_logps_path}")
+        return 0
+    train_path = reference_logps_path(config.data_path, config.method, config.output_dir)
+    table = precompute_reference(model, train, collator, config)
+    if evaluation is not None:
+        eval_table = precompute_reference(model, evaluation, collator, config)
+        if config.eval_data_path.startswith("synthetic"):
+            table.update(eval_table)
+        else:
+            from vpo.trainer.reference import save_reference_table
+
+            eval_path = reference_logps_path(config.eval_data_path, config.method, config.output_dir)
+            save_reference_table(eval_table, eval_path)
+            print(f"wrote {len(eval_table)} records to {eval_path}")
+    from vpo.trainer.reference import save_reference_table
+
+    save_reference_table(table, train_path)
+    print(f"wrote {len(table)} records to {train_path}")
+    return 0
+
+
+def add_subcommands(subparsers) -> None:
+    """Add ``train`` and ``precompute-ref`` to ``vpo``'s argparse subparsers; each parser's ``func(args)`` runs it
+    with ``args.rest`` (everything after the subcommand)."""
+    for name, fn, text in (
+        ("train", train_main, "train a VLM with a preference method (--config FILE.yaml)"),
+        ("precompute-ref", precompute_ref_main, "precompute the reference terms (ref_mode: precomputed)"),
+    ):
+        # prefix_chars="+": every "--flag" after the subcommand is left to the VPOConfig parser.
+        p = subparsers.add_parser(name, help=text, add_help=False, prefix_chars="+",
+                                  description=f"{text}; flags are VPOConfig fields (see --help of HfArgumentParser)")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda args, fn=fn: fn(args.rest))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m vpo.trainer.cli {train,precompute-ref} ...``"""
+    parser = argparse.ArgumentParser(prog="vpo")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

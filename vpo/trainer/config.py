@@ -1,0 +1,195 @@
+"""``VPOConfig``: ``transformers.TrainingArguments`` plus the model, data, reference and method hyper-parameters.
+
+Every field is a plain dataclass field, so ``transformers.HfArgumentParser`` reads the whole configuration from a YAML
+file (``vpo train --config FILE.yaml``) or from ``--flag value`` pairs, and the Trainer's own arguments (``output_dir``,
+``learning_rate``, ``max_steps``, ``bf16``, ``gradient_checkpointing``, ``report_to``, ``save_steps``, ``seed``,
+``data_seed`` ...) sit beside vpo's. The defaults are the papers' (SPEC.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import TrainingArguments
+
+METHODS = ("dpo", "tpo", "catpo", "ovip", "lpoi", "mdpo", "csr")
+REF_MODES = ("adapter", "model", "precomputed")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics2")
+TPO_REWARDS = ("both", "only_win", "only_loss", "opposite")
+OVIP_IMAGE_LOSSES = ("ovip", "base", "symmetric")
+OVIP_ANCHORS = ("none", "anchor", "bi-anchor")
+LORA_SCOPES = ("language_model", "all")
+CATPO_WEIGHT_SOURCES = ("reference", "batch")
+LOSS_IMPLS = ("auto", "torch", "triton")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass
+class VPOConfig(TrainingArguments):
+    """Training arguments for :class:`vpo.trainer.VPOTrainer` (see the module docstring).
+
+    Example (YAML, read by ``vpo train --config``)::
+
+        method: dpo
+        model_name_or_path: tiny:llava
+        data_path: synthetic:32
+        output_dir: runs/tiny-dpo
+        max_steps: 10
+        per_device_train_batch_size: 2
+        learning_rate: 1.0e-3
+    """
+
+    # --- method -------------------------------------------------------------------------------------------------
+    method: str = field(default="dpo", metadata={"help": f"preference method, one of {list(METHODS)}"})
+    beta: float = field(default=0.1, metadata={"help": "β of the DPO-style terms (every method)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "conservative-DPO ε of the DPO term, in [0, 0.5)"})
+    loss_impl: str = field(default="auto", metadata={"help": "kernel choice of the fused losses: auto|torch|triton"})
+    # TPO
+    tpo_a: float = field(default=0.5, metadata={"help": "TPO calibration offset a (c = a + σ(±s))"})
+    reward_grad: bool = field(default=True, metadata={"help": "TPO: let gradients flow through c_θ (paper default); "
+                                                              "False runs the noised policy pass under no_grad"})
+    tpo_rewards: str = field(default="both", metadata={"help": f"TPO reward ablation, one of {list(TPO_REWARDS)}"})
+    noise_step: int = field(default=500, metadata={"help": "TPO diffusion-noise step k in [0, 999] (data side)"})
+    fixed_noise: bool = field(default=False, metadata={"help": "one fixed draw per example of TPO's noise ε and "
+                                                               "mDPO's crop (data side; required for "
+                                                               "ref_mode=precomputed with tpo / mdpo)"})
+    # Cat-PO
+    kl_coef: float = field(default=0.03, metadata={"help": "Cat-PO λ of the token-weighted KL"})
+    catpo_alpha: float = field(default=0.5, metadata={"help": "Cat-PO α (attention vs semantic branch)"})
+    catpo_lambda_ref: float = field(default=0.5, metadata={"help": "Cat-PO λ_ref offset of the token weights"})
+    catpo_token_weights: str = field(default="reference", metadata={
+        "help": "Cat-PO token weights: reference (computed from the reference model's attention, SPEC) or batch "
+                "(the data's precomputed weights, batch['token_weights'])"})
+    catpo_layers: Optional[str] = field(default=None, metadata={
+        "help": "Cat-PO: comma-separated LM layers to average attention over (default: all)"})
+    # OViP
+    ovip_beta1: float = field(default=0.1, metadata={"help": "OViP β1 of the image loss"})
+    ovip_beta2: float = field(default=0.1, metadata={"help": "OViP β2 of the image loss"})
+    ovip_image_loss: str = field(default="ovip", metadata={
+        "help": f"OViP image loss, one of {list(OVIP_IMAGE_LOSSES)}"})
+    ovip_anchor: str = field(default="none", metadata={"help": f"OViP extra anchor term, one of {list(OVIP_ANCHORS)}"})
+    # LPOI / mDPO anchors
+    list_size: int = field(default=5, metadata={"help": "LPOI list length L (images per list, x_1 = original)"})
+    anchor_delta: float = field(default=0.0, metadata={"help": "anchor δ of LPOI / mDPO"})
+    crop_frac: float = field(default=0.2, metadata={"help": "mDPO: largest fraction of the image a crop removes "
+                                                            "(data side)"})
+    # CSR
+    csr_iteration: int = field(default=1, metadata={"help": "CSR iteration t >= 1; t > 1 needs the previous "
+                                                            "iterate as the reference (ref_model_path, or "
+                                                            "model_name_or_path = the merged previous iterate)"})
+
+    # --- model --------------------------------------------------------------------------------------------------
+    model_name_or_path: str = field(default="tiny:llava", metadata={
+        "help": "a local model folder, or tiny:<family> for a tiny random model (vpo.models.tiny)"})
+    model_family: Optional[str] = field(default=None, metadata={
+        "help": f"one of {list(FAMILIES)}; default: from the model config's model_type"})
+    torch_dtype: str = field(default="auto", metadata={"help": f"dtype to load the model in, one of {list(DTYPES)}"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "attention implementation to load with"})
+    freeze_vision: bool = field(default=True, metadata={
+        "help": "without LoRA: freeze everything outside the language model (vision tower, projector)"})
+
+    # --- reference ----------------------------------------------------------------------------------------------
+    ref_mode: str = field(default="adapter", metadata={
+        "help": "adapter: the LoRA policy with its adapter disabled; model: a separate frozen model "
+                "(ref_model_path); precomputed: reference terms read from ref_logps_path"})
+    ref_model_path: Optional[str] = field(default=None, metadata={"help": "reference model for ref_mode=model"})
+    ref_logps_path: Optional[str] = field(default=None, metadata={
+        "help": "precomputed reference terms (JSON lines); default: next to data_path"})
+
+    # --- LoRA ---------------------------------------------------------------------------------------------------
+    use_lora: bool = field(default=True, metadata={"help": "train a LoRA adapter (required by ref_mode=adapter)"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "comma-separated module leaf names (q_proj,v_proj,...) or all-linear"})
+    lora_scope: str = field(default="language_model", metadata={
+        "help": "language_model: adapt only modules inside the language model (never the vision tower); all"})
+
+    # --- data ---------------------------------------------------------------------------------------------------
+    data_path: Optional[str] = field(default=None, metadata={
+        "help": "training data: a JSONL file (docs/data_format.md), or synthetic[:N] (N random records, tiny models)"})
+    eval_data_path: Optional[str] = field(default=None, metadata={"help": "evaluation data, same format"})
+    data_layout: str = field(default="auto", metadata={
+        "help": "JSONL layout: vpo, rlhf-v, rlaif-v or auto (per line; docs/data_format.md)"})
+    image_root: Optional[str] = field(default=None, metadata={"help": "folder relative image paths are read from"})
+    max_length: int = field(default=1024, metadata={
+        "help": "longest row (prompt + response tokens); responses are truncated to fit"})
+
+    def __post_init__(self):
+        # Preference batches carry keys the model does not take (sub, ids, skipped, token_weights): never drop them.
+        self.remove_unused_columns = False
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) and several forwards per step. transformers 5
+        # calls it activation_checkpointing (gradient_checkpointing is its deprecated alias).
+        new = hasattr(self, "activation_checkpointing_kwargs")
+        on = bool(self.gradient_checkpointing or (new and self.activation_checkpointing))
+        unset = self.gradient_checkpointing_kwargs is None and (not new or self.activation_checkpointing_kwargs is None)
+        if on and unset:
+            setattr(self, "activation_checkpointing_kwargs" if new else "gradient_checkpointing_kwargs",
+                    {"use_reentrant": False})
+        super().__post_init__()
+        _choice("method", self.method, METHODS)
+        _choice("ref_mode", self.ref_mode, REF_MODES)
+        _choice("tpo_rewards", self.tpo_rewards, TPO_REWARDS)
+        _choice("ovip_image_loss", self.ovip_image_loss, OVIP_IMAGE_LOSSES)
+        _choice("ovip_anchor", self.ovip_anchor, OVIP_ANCHORS)
+        _choice("lora_scope", self.lora_scope, LORA_SCOPES)
+        _choice("catpo_token_weights", self.catpo_token_weights, CATPO_WEIGHT_SOURCES)
+        _choice("loss_impl", self.loss_impl, LOSS_IMPLS)
+        _choice("torch_dtype", self.torch_dtype, DTYPES)
+        if self.model_family is not None:
+            _choice("model_family", self.model_family, FAMILIES)
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
+        if not 0 <= self.noise_step <= 999:
+            raise ValueError(f"noise_step must lie in [0, 999], got {self.noise_step}")
+        if self.list_size < 2:
+            raise ValueError(f"list_size must be >= 2 (the original image and at least one negative), got "
+                             f"{self.list_size}")
+        if not 0.0 <= self.crop_frac < 1.0:
+            raise ValueError(f"crop_frac must lie in [0, 1), got {self.crop_frac}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.csr_iteration < 1:
+            raise ValueError(f"csr_iteration must be >= 1, got {self.csr_iteration}")
+        if self.ref_mode == "adapter" and not self.use_lora:
+            raise ValueError("ref_mode='adapter' needs use_lora=True (the reference is the policy with its adapter "
+                             "disabled); use ref_mode='model' with ref_model_path, or 'precomputed', to train "
+                             "without LoRA")
+        if self.ref_mode == "precomputed":
+            if self.method in ("tpo", "mdpo") and not self.fixed_noise:
+                what = "calibrated rewards c_ref depend on the noise ε" if self.method == "tpo" else \
+                    "log-probs on the cropped image depend on the crop"
+                raise ValueError(f"ref_mode='precomputed' with method={self.method!r} needs fixed_noise=True (one "
+                                 f"fixed draw per example): the reference's {what}, which must be the same at "
+                                 "precompute time and at training time")
+            if self.method == "catpo" and self.kl_coef > 0:
+                raise ValueError(f"ref_mode='precomputed' with method='catpo' needs kl_coef=0 (the KL term needs the "
+                                 f"reference's full distribution at every step), got kl_coef={self.kl_coef}")
+        self.catpo_layer_list()  # validate early
+
+    def catpo_layer_list(self):
+        """``catpo_layers`` as a list of ints, or None (all layers)."""
+        if self.catpo_layers is None or str(self.catpo_layers).strip() in ("", "all"):
+            return None
+        try:
+            return [int(x) for x in str(self.catpo_layers).split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"catpo_layers must be comma-separated ints or 'all', got {self.catpo_layers!r}") from None
+
+    def lora_target_list(self):
+        """``lora_target_modules`` as a list of leaf names, or ``"all-linear"``."""
+        value = str(self.lora_target_modules).strip()
+        if value == "all-linear":
+            return value
+        names = [x.strip() for x in value.split(",") if x.strip()]
+        if not names:
+            raise ValueError("lora_target_modules must name at least one module, or be all-linear")
+        return names

@@ -1,0 +1,254 @@
+"""One function per method: ``(passes, config) -> (loss, metrics)``, the loss from the passes of one batch.
+
+Every function reads the policy's and the reference's last hidden states from a :class:`vpo.trainer.passes.Passes`
+(which runs each forward pass once, on demand) and hands them to the fused losses with the LM-head weight — never
+the models' ``[tokens × vocab]`` logits. Sub-batches (noised image, crop, image-free, negative image, image list) are
+reduced to per-sequence log-probs with :func:`vpo.linear_logprobs` + :func:`vpo.sequence_sum` and combined by the loss
+heads of :mod:`vpo.losses`, the same heads the oracle (:mod:`vpo.oracle`) uses.
+
+=======  ===================================================  =====================================================
+method   passes (policy; the reference runs the same ones)     loss
+=======  ===================================================  =====================================================
+dpo      main [2B]                                            ``vpo.fused_dpo_loss``
+csr      main [2B]; reference = the previous iterate           ``vpo.fused_dpo_loss``
+tpo      main [2B], ``sub["noised"]`` [2B] (no_grad for the   ``vpo.fused_tpo_loss``
+         policy when ``reward_grad`` is False)
+catpo    main [2B] (+ token weights from the batch, the       ``vpo.fused_catpo_loss``
+         table, or the reference's attention)
+ovip     main [2B], ``sub["noimg"]`` [B], ``sub["negimg"]``   DPO + ``ovip_image_loss`` (+ anchor variants)
+         [B] (2B rows for the symmetric variant)
+lpoi     main [2B], ``sub["list"]`` [B·L] minus x_1 rows      DPO + ``anchor_loss`` + ``listwise_loss``
+mdpo     main [2B], ``sub["crop"]`` [B]                       DPO + ``mdpo_conditional_loss`` + ``anchor_loss``
+=======  ===================================================  =====================================================
+
+Metrics are TRL's names (``rewards/chosen``, ``rewards/margins``, ``logps/chosen``…) plus each head's namespaced ones
+(``tpo/c_mean_chosen``, ``catpo/kl``, ``listwise/loss``, ``image/margin``, ``conditional/margin``, ``anchor/…``) and
+``dpo/loss`` where DPO is one term of several.
+
+:func:`reference_terms` gives what ``ref_mode="precomputed"`` stores for each method (see :mod:`.reference`).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Tuple
+
+import torch
+
+from vpo import losses
+from vpo.fused import fused_dpo_loss, fused_tpo_loss
+from vpo.ops.linear_logprobs import linear_logprobs, target_logits
+from vpo.ops.segment_sum import sequence_sum
+from vpo.oracle.tpo import tpo_log_calibrated_reward
+from vpo.trainer.passes import IGNORE_INDEX, MAIN, Passes
+
+Metrics = Dict[str, torch.Tensor]
+
+
+def _ref_kwargs(p: Passes, *names: str) -> dict:
+    """Reference arguments of a fused loss: the reference hidden states of the passes, or the precomputed terms."""
+    if p.precomputed:
+        return {"ref_logps": p.ref_terms(MAIN)}
+    out = {"ref_hidden": p.ref_hidden(MAIN), "ref_weight": p.ref_weight, "ref_bias": p.ref_bias}
+    for name, key in names:
+        out[key] = p.ref_hidden(name)
+    return out
+
+
+def _check_same_labels(p: Passes, name: str) -> None:
+    main, other = p.labels(MAIN), p.labels(name)
+    if main.shape != other.shape or not torch.equal(main, other):
+        raise ValueError(f"sub-batch {name!r} must have the main pass's labels (same rows, same tokens), got shape "
+                         f"{tuple(other.shape)} vs {tuple(main.shape)}")
+
+
+def dpo(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
+    """DPO on the main pass."""
+    loss, out = fused_dpo_loss(p.weight, p.hidden(), p.labels(), p.bias, **_ref_kwargs(p), beta=cfg.beta,
+                               label_smoothing=cfg.label_smoothing, impl=cfg.loss_impl)
+    return loss, dict(out.metrics)
+
+
+def csr(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
+    """CSR's iterative DPO step: DPO against the previous iterate (the trainer's reference)."""
+    return dpo(p, cfg)
+
+
+def tpo(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
+    """TPO: clean and noised passes of policy and reference; ``reward_grad=False`` runs the noised policy pass under
+    no_grad."""
+    _check_same_labels(p, "noised")
+    hidden_noised = p.hidden("noised", grad=cfg.reward_grad)
+    loss, out = fused_tpo_loss(
+        p.weight, p.hidden(), hidden_noised, p.labels(), p.bias, **_ref_kwargs(p, ("noised", "ref_hidden_noised")),
+        beta=cfg.beta, a=cfg.tpo_a, reward_grad=cfg.reward_grad, rewards=cfg.tpo_rewards, impl=cfg.loss_impl,
+    )
+    return loss, dict(out.metrics)
+
+
+def _fused_catpo():
+    import vpo
+
+    fn = getattr(vpo, "fused_catpo_loss", None)
+    if fn is None:
+        try:
+            from vpo.fused.catpo import fused_catpo_loss as fn
+        except ImportError:
+            fn = None
+    if fn is None:
+        raise NotImplementedError("method='catpo' needs vpo.fused_catpo_loss, which this vpo build does not have yet")
+    return fn
+
+
+def _catpo_weights(p: Passes, cfg) -> torch.Tensor:
+    return p.token_weights(alpha=cfg.catpo_alpha, lambda_ref=cfg.catpo_lambda_ref, layers=cfg.catpo_layer_list(),
+                           source=cfg.catpo_token_weights)
+
+
+def catpo(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
+    """Cat-PO: token-weighted DPO + λ · token-weighted KL on the main pass."""
+    fn = _fused_catpo()
+    w = _catpo_weights(p, cfg)
+    ref = _ref_kwargs(p)
+    loss, out = fn(p.weight, p.hidden(), p.labels(), w, p.bias, ref.get("ref_hidden"), ref.get("ref_weight"),
+                   ref.get("ref_bias"), ref_logps=ref.get("ref_logps"), beta=cfg.beta, kl_coef=cfg.kl_coef,
+                   impl=cfg.loss_impl)
+    metrics = dict(out.metrics)
+    with torch.no_grad():
+        mask = (p.labels() != IGNORE_INDEX).float()
+        B = p.B
+        metrics["catpo/weight_chosen"] = (w[:B] * mask[:B]).sum() / mask[:B].sum().clamp_min(1)
+        metrics["catpo/weight_rejected"] = (w[B:] * mask[B:]).sum() / mask[B:].sum().clamp_min(1)
+    return loss, metrics
+
+
+def _text_dpo(p: Passes, cfg):
+    """The DPO term of the composite methods on per-sequence log-probs: ``(loss, metrics, logps [2B], ref [2B])``."""
+    logps, ref = p.logps(MAIN), p.ref_logps(MAIN)
+    B = p.B
+    loss, metrics = losses.dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta=cfg.beta,
+                                    label_smoothing=cfg.label_smoothing)
+    metrics["dpo/loss"] = loss.detach()
+    return loss, metrics, logps, ref
+
+
+def ovip(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
+    """OViP (offline): text DPO on the main rows + the image loss over the image-free and negative-image passes."""
+    text, metrics, img, ref_img = _text_dpo(p, cfg)
+    B = p.B
+    pos, rej = slice(0, B), slice(B, 2 * B)
+    neg, ref_neg = p.logps("negimg"), p.ref_logps("negimg")
+    needs_noimg = cfg.ovip_image_loss != "base" or cfg.ovip_anchor == "bi-anchor"
+    if needs_noimg:
+        noimg, ref_noimg = p.logps("noimg"), p.ref_logps("noimg")
+    if cfg.ovip_image_loss == "ovip":
+        image, m = losses.ovip_image_loss(img[pos], noimg[pos], neg[pos], ref_img[pos], ref_noimg[pos], ref_neg[pos],
+                                          beta1=cfg.ovip_beta1, beta2=cfg.ovip_beta2)
+    elif cfg.ovip_image_loss == "base":
+        image, m = losses.ovip_base_image_loss(img[pos], neg[pos], ref_img[pos], ref_neg[pos], beta=cfg.beta)
+    else:
+        for name, t in (("noimg", noimg), ("negimg", neg)):
+            if t.shape[0] != 2 * B:
+                raise ValueError(f"ovip_image_loss='symmetric' needs sub[{name!r}] with 2B = {2 * B} rows (chosen, "
+                                 f"then rejected), got {t.shape[0]}")
+        image, m = losses.ovip_symmetric_image_loss(
+            img[pos], noimg[pos], neg[pos], img[rej], noimg[rej], neg[rej],
+            ref_img[pos], ref_noimg[pos], ref_neg[pos], ref_img[rej], ref_noimg[rej], ref_neg[rej],
+            beta1=cfg.ovip_beta1, beta2=cfg.ovip_beta2,
+        )  # fmt: skip
+    metrics.update(m)
+    loss = text + image
+    if cfg.ovip_anchor == "anchor":
+        aux, m = losses.anchor_loss(img[pos], ref_img[pos], beta=cfg.beta)
+        loss = loss + aux
+        metrics.update(m)
+    elif cfg.ovip_anchor == "bi-anchor":
+        if noimg.shape[0] != 2 * B:
+            raise ValueError(f"ovip_anchor='bi-anchor' pushes down A⁻ given Q alone: it needs sub['noimg'] with "
+                             f"2B = {2 * B} rows, got {noimg.shape[0]}")
+        aux, m = losses.bi_anchor_loss(img[pos], noimg[rej], ref_img[pos], ref_noimg[rej], beta=cfg.beta)
+        loss = loss + aux
+        metrics.update(m)
+    return loss, metrics
+
+
+def lpoi(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
+    """LPOI: DPO + anchor + listwise over the image list (x_1 scored by the main pass's chosen rows)."""
+    dpo_term, metrics, logps, ref = _text_dpo(p, cfg)
+    B = p.B
+    anchor, m = losses.anchor_loss(logps[:B], ref[:B], beta=cfg.beta, delta=cfg.anchor_delta)
+    metrics.update(m)
+    others, ref_others = p.logps("list").reshape(B, -1), p.ref_logps("list").reshape(B, -1)  # [B, L-1]
+    full = torch.cat([logps[:B, None], others], dim=1)  # [B, L]
+    ref_full = torch.cat([ref[:B, None].to(ref_others.dtype), ref_others], dim=1)
+    listwise, m = losses.listwise_loss(full, ref_full.to(full.dtype), beta=cfg.beta)
+    metrics.update(m)
+    return dpo_term + anchor + listwise, metrics
+
+
+def mdpo(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
+    """mDPO: DPO + conditional preference (full vs cropped image, one crop for both models) + anchor."""
+    dpo_term, metrics, logps, ref = _text_dpo(p, cfg)
+    B = p.B
+    crop, ref_crop = p.logps("crop"), p.ref_logps("crop")
+    cond, m = losses.mdpo_conditional_loss(logps[:B], crop, ref[:B], ref_crop.to(crop.dtype), beta=cfg.beta)
+    metrics.update(m)
+    anchor, m = losses.anchor_loss(logps[:B], ref[:B], beta=cfg.beta, delta=cfg.anchor_delta)
+    metrics.update(m)
+    return dpo_term + cond + anchor, metrics
+
+
+METHODS: Dict[str, Callable[[Passes, object], Tuple[torch.Tensor, Metrics]]] = {
+    "dpo": dpo, "tpo": tpo, "catpo": catpo, "ovip": ovip, "lpoi": lpoi, "mdpo": mdpo, "csr": csr,
+}
+
+# The passes each method reads (what the collator must produce under batch["sub"]).
+SUB_PASSES = {"dpo": (), "csr": (), "tpo": ("noised",), "catpo": (), "ovip": ("noimg", "negimg"), "lpoi": ("list",),
+              "mdpo": ("crop",)}
+
+
+def compute(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
+    """The loss and metrics of ``cfg.method`` on the batch behind ``p``."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {cfg.method!r}")
+    return METHODS[cfg.method](p, cfg)
+
+
+@torch.no_grad()
+def reference_terms(p: Passes, cfg) -> Dict[str, torch.Tensor]:
+    """What ``ref_mode="precomputed"`` stores for ``cfg.method``: ``{pass name: [rows] float}`` of the reference."""
+    method = cfg.method
+    if method in ("dpo", "csr"):
+        return {MAIN: p.ref_logps(MAIN)}
+    if method == "tpo":
+        return {MAIN: _tpo_reference_term(p, cfg)}
+    if method == "catpo":
+        w = _catpo_weights(p, cfg)
+        weight, bias = _ref_head(p)
+        logp, _ = linear_logprobs(p.ref_hidden(MAIN), weight, p.labels(), bias, impl=cfg.loss_impl)
+        return {MAIN: sequence_sum(logp * w.to(logp.dtype))}
+    names = {"ovip": ("noimg", "negimg"), "lpoi": ("list",), "mdpo": ("crop",)}[method]
+    out = {MAIN: p.ref_logps(MAIN)}
+    for name in names:
+        if p.has(name):
+            out[name] = p.ref_logps(name)
+    return out
+
+
+def _ref_head(p: Passes):
+    if p.ref_weight is not None:
+        return p.ref_weight, p.ref_bias
+    return p.weight.detach(), None if p.bias is None else p.bias.detach()
+
+
+def _tpo_reference_term(p: Passes, cfg) -> torch.Tensor:
+    """``[2B]`` ``Σ_i (logp_ref(y_i) + log c_ref,i)``, as :func:`vpo.fused_tpo_loss` computes it for the reference."""
+    _check_same_labels(p, "noised")
+    weight, bias = _ref_head(p)
+    labels = p.labels()
+    logp, z = linear_logprobs(p.ref_hidden(MAIN), weight, labels, bias, impl=cfg.loss_impl)
+    z_noised = target_logits(p.ref_hidden("noised"), weight, labels, bias, impl=cfg.loss_impl)
+    mask = labels != IGNORE_INDEX
+    s = torch.where(mask, z - z_noised, torch.zeros_like(z))
+    is_chosen_row = torch.arange(labels.shape[0], device=labels.device) < p.B
+    log_c = tpo_log_calibrated_reward(s, is_chosen_row, a=cfg.tpo_a, rewards=cfg.tpo_rewards)
+    log_c = torch.where(mask, log_c, torch.zeros_like(log_c))
+    return sequence_sum(logp + log_c)

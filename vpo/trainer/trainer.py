@@ -1,0 +1,199 @@
+"""``VPOTrainer``: a ``transformers.Trainer`` whose loss is a preference method on last hidden states + the LM head.
+
+``compute_loss`` builds a :class:`vpo.trainer.passes.Passes` over the batch and calls the method's function
+(:mod:`vpo.trainer.methods`); the fused losses read the backbone's post-norm last hidden states and
+``lm_head.weight``, so no ``[tokens × vocab]`` logits are built. Everything else — optimizer, schedule, gradient
+accumulation, mixed precision, gradient checkpointing, DDP, checkpoints and resuming, progress bars, ``report_to`` —
+is the Trainer's own.
+
+Metrics: each step's metrics (TRL's names plus the method's, :mod:`vpo.trainer.methods`) are stored, and averaged
+over the steps since the last log (and over processes) when the Trainer logs, as TRL's ``DPOTrainer`` does with
+``store_metrics``. Evaluation metrics get the ``eval_`` prefix. Records the collator skipped (``batch["skipped"]``, a
+count or ``{reason: count}``) are summed over the logging window as ``data/skipped_<reason>``.
+"""
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from typing import Dict, Optional
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from vpo.trainer.config import VPOConfig
+from vpo.trainer.methods import compute
+from vpo.trainer.modeling import apply_lora, freeze_outside_language_model, unwrap_peft
+from vpo.trainer.passes import Passes
+from vpo.trainer.reference import Reference, load_reference_table
+
+
+class VPOTrainer(Trainer):
+    """Preference-optimization trainer for vision-language models (module docstring).
+
+    Args:
+        model: a transformers VLM (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, Idefics2) or a peft model of one. With
+            ``args.use_lora`` and a plain model, a LoRA adapter is added on the language model only
+            (:func:`vpo.trainer.modeling.apply_lora`); without LoRA and with ``args.freeze_vision`` everything outside
+            the language model and its head is frozen.
+        args: a :class:`VPOConfig`.
+        ref_model: the frozen reference model for ``ref_mode="model"`` (ignored otherwise).
+        ref_table: precomputed reference terms for ``ref_mode="precomputed"``
+            (:func:`vpo.trainer.precompute_reference`); default: read from ``args.ref_logps_path`` if set.
+        data_collator: required; it produces the preference batch contract (``docs/data_format.md``).
+        Other arguments go to ``transformers.Trainer``.
+
+    Example:
+        >>> from vpo.models import tiny_llava
+        >>> from vpo.trainer import VPOConfig, VPOTrainer
+        >>> from vpo.trainer.synthetic import TinyPreferenceCollator, synthetic_records
+        >>> tiny = tiny_llava()
+        >>> args = VPOConfig(output_dir="/tmp/vpo-doc", max_steps=1, per_device_train_batch_size=2, report_to="none",
+        ...                  use_cpu=True, lora_dropout=0.0)
+        >>> trainer = VPOTrainer(tiny.model, args, train_dataset=synthetic_records(4, tiny),
+        ...                      data_collator=TinyPreferenceCollator(tiny, "dpo"))
+        >>> trainer.train().training_loss > 0
+        True
+    """
+
+    # compute_loss returns the mean over pairs: the Trainer divides it by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model, args: VPOConfig, ref_model: Optional[torch.nn.Module] = None,
+                 ref_table: Optional[Dict[str, Dict]] = None, data_collator=None, **kwargs):
+        if not isinstance(args, VPOConfig):
+            raise ValueError(f"args must be a VPOConfig, got {type(args).__name__}")
+        if data_collator is None:
+            raise ValueError("data_collator is required: it must produce the preference batch contract "
+                             "(vpo.data.PreferenceCollator, or vpo.trainer.synthetic.TinyPreferenceCollator)")
+        if unwrap_peft(model) is None:
+            if args.use_lora:
+                from transformers import set_seed
+
+                set_seed(args.seed)  # the LoRA initialisation is part of the run
+                model = apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                                   targets=args.lora_target_list(), scope=args.lora_scope)
+            elif args.freeze_vision:
+                freeze_outside_language_model(model)
+        if args.ref_mode == "model":
+            if ref_model is None:
+                raise ValueError("ref_mode='model' needs ref_model (the frozen reference, e.g. CSR's previous iterate)")
+        else:
+            ref_model = None
+        if args.ref_mode == "precomputed" and ref_table is None and args.ref_logps_path:
+            ref_table = load_reference_table(args.ref_logps_path)
+
+        super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+        self.model_accepts_loss_kwargs = False  # no num_items_in_batch: the loss is a mean over pairs
+        # A collator with a call counter (vpo.data.PreferenceCollator.draw seeds TPO's per-call noise and mDPO's
+        # crops): evaluation gets its own copy, and resuming restarts the counter where the run left it.
+        self._eval_collator = copy.copy(data_collator) if hasattr(data_collator, "draw") else data_collator
+        if hasattr(data_collator, "draw"):
+            self.add_callback(_CollatorDrawCallback(data_collator))
+
+        if ref_model is not None:
+            ref_model.eval().requires_grad_(False)
+            ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        self.ref_model = ref_model
+        self.reference = Reference(args.ref_mode, model=ref_model, table=ref_table)
+        self._stored_metrics = defaultdict(lambda: defaultdict(list))
+        self._skipped = defaultdict(lambda: defaultdict(int))
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        train_collator, self.data_collator = self.data_collator, self._eval_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
+
+    # -- loss -----------------------------------------------------------------------------------------------------
+
+    def _loss_and_metrics(self, model, inputs, split: str):
+        self._count_skipped(inputs.get("skipped"), split)
+        if "input_ids" not in inputs or inputs["input_ids"].shape[0] == 0:  # every record of the batch was skipped
+            if self.args.world_size > 1:
+                raise RuntimeError("a batch with no valid record reached a distributed step (the other processes "
+                                   "would wait for this one's gradients): filter bad records before training")
+            return torch.zeros((), device=self.args.device, requires_grad=True), {}
+        passes = Passes(inputs, model, self.reference, list_size=self.args.list_size,
+                        need_grad=torch.is_grad_enabled(), impl=self.args.loss_impl)
+        return compute(passes, self.args)
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        loss, metrics = self._loss_and_metrics(model, inputs, "train")
+        self.store_metrics(metrics, "train")
+        return (loss, metrics) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
+        if "input_ids" not in inputs or inputs["input_ids"].shape[0] == 0:  # every record skipped: no loss to average
+            self._count_skipped(inputs.get("skipped"), "eval")
+            return None, None, None
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, metrics = self._loss_and_metrics(model, inputs, "eval")
+        self.store_metrics(metrics, "eval")
+        return loss.detach(), None, None
+
+    # -- metrics --------------------------------------------------------------------------------------------------
+
+    def store_metrics(self, metrics: Dict[str, torch.Tensor], split: str = "train") -> None:
+        """Keep this step's (detached) metrics until the next log; no host sync here."""
+        for key, value in metrics.items():
+            self._stored_metrics[split][key].append(value.detach() if isinstance(value, torch.Tensor) else value)
+
+    def _count_skipped(self, skipped, split: str) -> None:
+        if skipped is None:
+            return
+        if isinstance(skipped, dict):
+            items = skipped.items()
+        else:
+            items = [("total", skipped)]
+        for reason, count in items:
+            self._skipped[split][str(reason)] += int(count)
+
+    def _flush(self, split: str) -> Dict[str, float]:
+        """Means of the stored metrics and sums of the skip counts since the last log, over all processes."""
+        stored = self._stored_metrics.pop(split, {})
+        skipped = self._skipped.pop(split, {})
+        local = {}
+        if stored:
+            keys = sorted(stored)
+            device = self.args.device
+            sums = torch.stack([torch.stack([torch.as_tensor(v, device=device).float().reshape(()) for v in stored[k]])
+                                .sum() for k in keys]).tolist()  # one host sync per log
+            local = {k: (total, len(stored[k])) for k, total in zip(keys, sums)}
+        parts = [(local, dict(skipped))]
+        if self.args.world_size > 1:
+            from accelerate.utils import gather_object
+
+            parts = gather_object(parts)  # every process logs: keys may differ (skip reasons), so gather objects
+        totals: Dict[str, list] = {}
+        counts: Dict[str, int] = defaultdict(int)
+        for metric_part, skip_part in parts:
+            for k, (total, n) in metric_part.items():
+                acc = totals.setdefault(k, [0.0, 0])
+                acc[0] += total
+                acc[1] += n
+            for reason, n in skip_part.items():
+                counts[reason] += n
+        out = {k: total / max(n, 1) for k, (total, n) in totals.items()}
+        out.update({f"data/skipped_{reason}": float(n) for reason, n in counts.items()})
+        return out
+
+    def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
+        split = "train" if "loss" in logs else "eval"
+        prefix = "eval_" if split == "eval" else ""
+        for key, value in self._flush(split).items():
+            logs[f"{prefix}{key}"] = value
+        return super().log(logs, start_time)
+
+
+class _CollatorDrawCallback(TrainerCallback):
+    """Sets the collator's call counter to the number of batches the run has consumed, at the start of training
+    (0 for a new run, ``global_step × gradient_accumulation_steps`` when resuming), so a resumed run draws the same
+    per-call randomness as the uninterrupted one (single-process data loading)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.collator.draw = state.global_step * args.gradient_accumulation_steps
