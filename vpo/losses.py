@@ -123,6 +123,20 @@ def _fraction(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.to(like.dtype).mean()
 
 
+def _margin_loss(prefix: str, margin: torch.Tensor, means: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Metrics]:
+    """``-log σ(margin)`` averaged over the batch, with the metrics ``{prefix}/loss``, ``{prefix}/margin`` (batch mean),
+    ``{prefix}/accuracy`` (fraction of margins > 0) and the batch mean of each tensor in ``means``, under its key."""
+    loss = -F.logsigmoid(margin).mean()
+    with torch.no_grad():
+        metrics = {
+            f"{prefix}/loss": loss.detach(),
+            f"{prefix}/margin": margin.detach().mean(),
+            f"{prefix}/accuracy": _fraction(margin > 0, margin),
+            **{key: t.detach().mean() for key, t in means.items()},
+        }
+    return loss, metrics
+
+
 def anchor_loss(
     chosen_logps: torch.Tensor,
     ref_chosen_logps: torch.Tensor,
@@ -292,17 +306,8 @@ def ovip_image_loss(
     margin = _image_margin(
         logps_img - ref_logps_img, logps_noimg - ref_logps_noimg, logps_negimg - ref_logps_negimg, beta1, beta2
     )  # [B]
-    loss = -F.logsigmoid(margin).mean()
-    with torch.no_grad():
-        metrics = {
-            "image/loss": loss.detach(),
-            "image/margin": margin.detach().mean(),
-            "image/accuracy": _fraction(margin > 0, margin),
-            "image/logps_img": logps_img.detach().mean(),
-            "image/logps_noimg": logps_noimg.detach().mean(),
-            "image/logps_negimg": logps_negimg.detach().mean(),
-        }
-    return loss, metrics
+    logps = {"image/logps_img": logps_img, "image/logps_noimg": logps_noimg, "image/logps_negimg": logps_negimg}
+    return _margin_loss("image", margin, logps)
 
 
 def ovip_base_image_loss(
@@ -346,16 +351,7 @@ def ovip_base_image_loss(
     check_positive("beta", beta)
 
     margin = beta * ((logps_img - ref_logps_img) - (logps_negimg - ref_logps_negimg))  # [B]
-    loss = -F.logsigmoid(margin).mean()
-    with torch.no_grad():
-        metrics = {
-            "image/loss": loss.detach(),
-            "image/margin": margin.detach().mean(),
-            "image/accuracy": _fraction(margin > 0, margin),
-            "image/logps_img": logps_img.detach().mean(),
-            "image/logps_negimg": logps_negimg.detach().mean(),
-        }
-    return loss, metrics
+    return _margin_loss("image", margin, {"image/logps_img": logps_img, "image/logps_negimg": logps_negimg})
 
 
 def ovip_symmetric_image_loss(
@@ -549,12 +545,4 @@ def mdpo_conditional_loss(
     chosen_rewards = beta * (chosen_logps - ref_chosen_logps)  # [B]
     corrupt_rewards = beta * (corrupt_logps - ref_corrupt_logps)  # [B]
     margin = chosen_rewards - corrupt_rewards
-    loss = -F.logsigmoid(margin).mean()
-    with torch.no_grad():
-        metrics = {
-            "conditional/loss": loss.detach(),
-            "conditional/margin": margin.detach().mean(),
-            "conditional/accuracy": _fraction(margin > 0, margin),
-            "rewards/corrupt": corrupt_rewards.detach().mean(),
-        }
-    return loss, metrics
+    return _margin_loss("conditional", margin, {"rewards/corrupt": corrupt_rewards})

@@ -16,12 +16,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from vpo._validate import check_float, check_positive, check_same_device
 from vpo.fused._common import PreferenceOutput, make_output, reference_head, validate_pair_batch
 from vpo.losses import dpo_loss
 from vpo.ops.linear_logprobs import linear_logprobs
 from vpo.ops.segment_sum import sequence_sum
 from vpo.ops.token_kl import linear_token_kl
+from vpo.oracle.catpo import check_catpo_arguments  # Cat-PO's argument rules live once, with the oracle
 
 
 @dataclass(frozen=True)
@@ -75,24 +75,7 @@ def fused_catpo_loss(
         (0.6931, 0.0)
     """
     B = validate_pair_batch(hidden, labels, weight, bias)
-    check_float("token_weights", token_weights)
-    if token_weights.shape != labels.shape:
-        raise ValueError(
-            f"token_weights has shape {tuple(token_weights.shape)} but labels has shape {tuple(labels.shape)}: "
-            "expected token_weights.shape == labels.shape ([2B, T])"
-        )
-    check_same_device("token_weights", token_weights, "hidden", hidden)
-    check_positive("beta", beta)
-    check_positive("kl_coef", kl_coef, allow_zero=True)
-    if ref_hidden is not None and ref_logps is not None:
-        raise ValueError("give ref_hidden or ref_logps, not both (ref_hidden gives the reference log-probs already)")
-    if kl_coef > 0 and ref_hidden is None:
-        raise ValueError(
-            f"ref_hidden is required when kl_coef > 0 (the KL needs the reference's distribution), got kl_coef="
-            f"{kl_coef} and ref_hidden=None; pass ref_hidden, or kl_coef=0 with ref_logps"
-        )
-    if ref_hidden is None and ref_logps is None:
-        raise ValueError("give ref_hidden (the reference's hidden states) or ref_logps (precomputed [2B] sums)")
+    check_catpo_arguments(hidden, labels, token_weights, ref_hidden, ref_logps, beta=beta, kl_coef=kl_coef)
 
     mask = labels != ignore_index
     logp, _ = linear_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, impl=impl)  # [2B, T] fp32
@@ -101,11 +84,6 @@ def fused_catpo_loss(
 
     kl_pair = None
     if ref_hidden is not None:
-        if ref_hidden.shape != hidden.shape:
-            raise ValueError(
-                f"ref_hidden has shape {tuple(ref_hidden.shape)} but hidden has shape {tuple(hidden.shape)}: "
-                "expected ref_hidden.shape == hidden.shape"
-            )
         rw, rb = reference_head(weight, bias, ref_weight, ref_bias, ref_hidden)
         with torch.no_grad():
             ref_logp, _ = linear_logprobs(ref_hidden.detach(), rw, labels, rb, ignore_index=ignore_index, impl=impl)
@@ -116,11 +94,6 @@ def fused_catpo_loss(
             kl_rows = sequence_sum(kl, w)  # [2B]
             kl_pair = kl_rows[:B] + kl_rows[B:]  # [B]
     else:
-        check_float("ref_logps", ref_logps, ndim=1)
-        if ref_logps.shape[0] != hidden.shape[0]:
-            raise ValueError(
-                f"ref_logps has shape {tuple(ref_logps.shape)}: expected ({hidden.shape[0]},) = one value per row"
-            )
         ref = ref_logps.detach().to(policy.dtype)
 
     loss, metrics = dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], beta=beta)

@@ -7,9 +7,8 @@ from typing import Optional, Tuple
 import torch
 
 from vpo._validate import check_positive, check_range
-from vpo.fused._common import (
-    PreferenceOutput, make_output, reference_head, resolve_reference, validate_pair_batch,
-)
+from vpo._heads import resolve_reference
+from vpo.fused._common import PreferenceOutput, make_output, reference_head, validate_pair_batch
 from vpo.losses import dpo_loss
 from vpo.ops.linear_logprobs import linear_logprobs
 from vpo.ops.segment_sum import sequence_sum

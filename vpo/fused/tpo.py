@@ -18,9 +18,8 @@ from typing import Optional, Tuple
 import torch
 
 from vpo._validate import check_choice, check_positive, check_range, check_same_shape
-from vpo.fused._common import (
-    PreferenceOutput, make_output, reference_head, resolve_reference, validate_pair_batch,
-)
+from vpo._heads import resolve_reference
+from vpo.fused._common import PreferenceOutput, make_output, reference_head, validate_pair_batch
 from vpo.losses import dpo_loss
 from vpo.ops.linear_logprobs import linear_logprobs, target_logits
 from vpo.ops.segment_sum import sequence_sum

@@ -1,5 +1,6 @@
-"""Pieces shared by the LM-head ops (``linear_logprobs``, ``token_kl``): the chunked torch paths' tile helpers, the
-``impl=`` resolution, and the argument checks of a linear head ``(hidden [..., D], weight [V, D], bias [V] | None)``.
+"""Pieces shared by the LM-head ops (``linear_logprobs``, ``token_kl``): the chunked torch paths' tile helpers and the
+``impl=`` resolution. The argument checks of a linear head ``(hidden [..., D], weight [V, D], bias [V] | None)`` are in
+:mod:`vpo._heads`, shared with the oracle and the fused losses.
 
 The torch paths' chunk policy (``chunk_size``, ``TILE_BUDGET``, ``VPO_TORCH_CHUNK``) stays in
 :mod:`vpo.ops.linear_logprobs`, where it is documented; ``token_kl`` imports it from there, so one knob sets both.
@@ -7,11 +8,10 @@ The torch paths' chunk policy (``chunk_size``, ``TILE_BUDGET``, ``VPO_TORCH_CHUN
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 
-from vpo._validate import check_float, check_same_device, check_same_dtype
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Chunked torch paths
@@ -85,54 +85,3 @@ def resolve_impl(impl, registry, hidden: torch.Tensor, triton_modules: Sequence[
             f"{hidden.device}: use impl='torch' or impl='auto'"
         )
     return impl
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Argument checks (ValueError naming the argument)
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def check_linear_head(hidden, weight, bias: Optional[torch.Tensor], *,
-                      names: Tuple[str, str, str] = ("hidden", "weight", "bias")) -> None:
-    """``hidden [..., D]`` (at least 2 dims), ``weight [V, D]``, ``bias [V] | None``: float, one dtype, one device."""
-    h_name, w_name, b_name = names
-    check_float(h_name, hidden)
-    if hidden.dim() < 2:
-        raise ValueError(
-            f"{h_name} must have at least 2 dimensions [..., D], got shape {tuple(hidden.shape)} ({hidden.dim()} dims)"
-        )
-    check_float(w_name, weight, ndim=2)
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"{w_name} has shape {tuple(weight.shape)} but {h_name} has shape {tuple(hidden.shape)}: "
-            f"expected {w_name}.shape == (V, {h_name}.shape[-1])"
-        )
-    check_same_dtype(w_name, weight, h_name, hidden)
-    check_same_device(w_name, weight, h_name, hidden)
-    if bias is not None:
-        check_float(b_name, bias, ndim=1)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(
-                f"{b_name} has shape {tuple(bias.shape)} but {w_name} has shape {tuple(weight.shape)}: "
-                f"expected {b_name}.shape == ({w_name}.shape[0],)"
-            )
-        check_same_dtype(b_name, bias, h_name, hidden)
-        check_same_device(b_name, bias, h_name, hidden)
-
-
-def check_labels_like(labels, hidden: torch.Tensor, name: str = "labels") -> None:
-    """``labels`` int32/int64 of shape ``hidden.shape[:-1]`` on ``hidden``'s device."""
-    from vpo._validate import check_labels
-
-    check_labels(name, labels)
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(
-            f"{name} has shape {tuple(labels.shape)} but hidden has shape {tuple(hidden.shape)}: "
-            f"expected {name}.shape == hidden.shape[:-1]"
-        )
-    check_same_device(name, labels, "hidden", hidden)
-
-
-def check_ignore_index(ignore_index) -> None:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")

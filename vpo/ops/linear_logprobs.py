@@ -42,8 +42,8 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from vpo._heads import check_ignore_index, check_labels_like, check_linear_head
 from vpo.ops._common import acc_dtype as _acc_dtype
-from vpo.ops._common import check_ignore_index, check_labels_like, check_linear_head
 from vpo.ops._common import chunk_logits as _chunk_logits
 from vpo.ops._common import resolve_impl
 from vpo.ops._common import scatter_back as _scatter_back

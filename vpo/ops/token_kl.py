@@ -36,12 +36,17 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from vpo._validate import check_float, check_same_device, check_same_dtype
-from vpo.ops._common import (
-    acc_dtype,
+from vpo._heads import (
+    check_bias,
     check_ignore_index,
     check_labels_like,
     check_linear_head,
+    check_ref_hidden,
+    default_reference_head,
+)
+from vpo._validate import check_float, check_same_device, check_same_dtype, check_same_shape
+from vpo.ops._common import (
+    acc_dtype,
     chunk_logits,
     resolve_impl,
     scatter_back,
@@ -165,42 +170,23 @@ def _resolve_impl(impl, registry, hidden: torch.Tensor) -> str:
     return resolve_impl(impl, registry, hidden, _TRITON_MODULES)
 
 
-def _validate(hidden, weight, ref_hidden, ref_weight, labels, bias, ref_bias, ignore_index) -> None:
+def _validate(hidden, weight, ref_hidden, ref_weight, labels, bias, ref_bias, ignore_index):
+    """Check every argument; return the reference's head ``(ref_weight, ref_bias)`` (the policy's when shared)."""
     check_linear_head(hidden, weight, bias)
-    check_float("ref_hidden", ref_hidden)
-    if ref_hidden.shape != hidden.shape:
-        raise ValueError(
-            f"ref_hidden has shape {tuple(ref_hidden.shape)} but hidden has shape {tuple(hidden.shape)}: "
-            f"expected ref_hidden.shape == hidden.shape"
-        )
+    check_ref_hidden(ref_hidden, hidden)
     check_same_dtype("ref_hidden", ref_hidden, "hidden", hidden)
-    check_same_device("ref_hidden", ref_hidden, "hidden", hidden)
-    if ref_weight is not None:
+    ref_w, ref_b, shared = default_reference_head(weight, bias, ref_weight, ref_bias)
+    if not shared:
         check_float("ref_weight", ref_weight, ndim=2)
-        if ref_weight.shape != weight.shape:
-            raise ValueError(
-                f"ref_weight has shape {tuple(ref_weight.shape)} but weight has shape {tuple(weight.shape)}: "
-                f"expected ref_weight.shape == weight.shape"
-            )
+        check_same_shape("ref_weight", ref_weight, "weight", weight)
         check_same_dtype("ref_weight", ref_weight, "hidden", hidden)
         check_same_device("ref_weight", ref_weight, "hidden", hidden)
-    if ref_bias is not None:
-        if ref_weight is None:
-            raise ValueError(
-                "ref_bias is given but ref_weight is None: expected both (a separate reference head) "
-                "or neither (the reference shares the policy's weight and bias)"
-            )
-        check_float("ref_bias", ref_bias, ndim=1)
-        if ref_bias.shape[0] != weight.shape[0]:
-            raise ValueError(
-                f"ref_bias has shape {tuple(ref_bias.shape)} but weight has shape {tuple(weight.shape)}: "
-                f"expected ref_bias.shape == (weight.shape[0],)"
-            )
-        check_same_dtype("ref_bias", ref_bias, "hidden", hidden)
-        check_same_device("ref_bias", ref_bias, "hidden", hidden)
+        if ref_bias is not None:
+            check_bias("ref_bias", ref_bias, "weight", weight, like_name="hidden", like=hidden)
     if labels is not None:
         check_labels_like(labels, hidden)
     check_ignore_index(ignore_index)
+    return ref_w, ref_b
 
 
 def linear_token_kl(
@@ -255,9 +241,8 @@ def linear_token_kl(
         >>> bool(linear_token_kl(h, W, h.detach()).abs().max() == 0)   # π_θ == π_ref
         True
     """
-    _validate(hidden, weight, ref_hidden, ref_weight, labels, bias, ref_bias, ignore_index)
-    if ref_weight is None:  # the shared head: the policy's weight and bias, as constants
-        ref_weight, ref_bias = weight, bias
+    # ref_weight=None: the shared head, the policy's weight and bias as constants
+    ref_weight, ref_bias = _validate(hidden, weight, ref_hidden, ref_weight, labels, bias, ref_bias, ignore_index)
     ref_weight = ref_weight.detach()
     ref_bias = ref_bias.detach() if ref_bias is not None else None
     name = _resolve_impl(impl, TOKEN_KL_IMPLS, hidden)

@@ -27,16 +27,10 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from vpo._validate import (
-    check_float,
-    check_positive,
-    check_same_device,
-    check_tensor,
-)
+from vpo._heads import check_bias, check_pair_batch, check_ref_hidden, check_ref_logps, check_reference_head
+from vpo._validate import check_float, check_positive, check_same_device, check_same_dtype, check_tensor
 from vpo.losses import dpo_loss
 from vpo.oracle.logprobs import sequence_logps, token_logprobs
-# The LM-head argument checks are shared with the TPO oracle (same [2B, T, D] preference batch).
-from vpo.oracle.tpo import _check_bias, _check_head, _check_ref_logps, _ref_head
 
 
 def image_attention_stats(
@@ -170,14 +164,10 @@ def token_kl(
             "hidden.shape[-1] == weight.shape[1] (D)"
         )
     check_same_device("hidden", hidden, "weight", weight)
-    if hidden.dtype != weight.dtype:
-        raise ValueError(
-            f"hidden has dtype {str(hidden.dtype).replace('torch.', '')} but weight has dtype "
-            f"{str(weight.dtype).replace('torch.', '')}: expected the same dtype"
-        )
+    check_same_dtype("hidden", hidden, "weight", weight)
     if bias is not None:
-        _check_bias("bias", bias, "weight", weight)
-    ref_weight, ref_bias = _ref_head(weight, bias, ref_weight, ref_bias, ref_hidden, hidden, ndim=None)
+        check_bias("bias", bias, "weight", weight)
+    ref_weight, ref_bias = check_reference_head(weight, bias, ref_weight, ref_bias, ref_hidden, hidden, ndim=None)
     if labels is not None:
         check_tensor("labels", labels, dtypes=(torch.int32, torch.int64), allow_empty=False)
         if labels.shape != hidden.shape[:-1]:
@@ -213,6 +203,34 @@ def weighted_sequence_logps(
             "the same shape"
         )
     return sequence_logps(token_weights * token_logps, labels, ignore_index=ignore_index)
+
+
+def check_catpo_arguments(hidden, labels, token_weights, ref_hidden, ref_logps, *, beta, kl_coef) -> None:
+    """Cat-PO's own arguments, shared by this oracle and :func:`vpo.fused.catpo.fused_catpo_loss` (the policy's head
+    and pass are checked by the caller): ``token_weights`` like ``labels``; β > 0, λ >= 0; ``ref_hidden`` (required
+    when λ > 0, the KL needs the reference's distribution) or ``ref_logps`` (only with λ = 0), not both."""
+    check_float("token_weights", token_weights)
+    if token_weights.shape != labels.shape:
+        raise ValueError(
+            f"token_weights has shape {tuple(token_weights.shape)} but labels has shape {tuple(labels.shape)}: "
+            "expected token_weights.shape == labels.shape ([2B, T])"
+        )
+    check_same_device("token_weights", token_weights, "hidden", hidden)
+    check_positive("beta", beta)
+    check_positive("kl_coef", kl_coef, allow_zero=True)
+    if ref_hidden is not None and ref_logps is not None:
+        raise ValueError("give ref_hidden or ref_logps, not both (ref_hidden gives the reference log-probs already)")
+    if kl_coef > 0 and ref_hidden is None:
+        raise ValueError(
+            f"ref_hidden is required when kl_coef > 0 (the KL needs the reference's distribution), got kl_coef="
+            f"{kl_coef} and ref_hidden=None; pass ref_hidden, or kl_coef=0 with ref_logps"
+        )
+    if ref_hidden is None and ref_logps is None:
+        raise ValueError("give ref_hidden (the reference's hidden states) or ref_logps (precomputed [2B] sums)")
+    if ref_hidden is not None:
+        check_ref_hidden(ref_hidden, hidden, ndim=3)
+    else:
+        check_ref_logps(ref_logps, hidden)
 
 
 def catpo_loss(
@@ -261,25 +279,8 @@ def catpo_loss(
         >>> round(loss.item(), 4), round(m["catpo/kl"].item(), 6)
         (0.6931, 0.0)
     """
-    n_pairs = _check_head(weight, hidden, labels, bias, ignore_index=ignore_index)
-    check_float("token_weights", token_weights)
-    if token_weights.shape != labels.shape:
-        raise ValueError(
-            f"token_weights has shape {tuple(token_weights.shape)} but labels has shape {tuple(labels.shape)}: "
-            "expected token_weights.shape == labels.shape ([2B, T])"
-        )
-    check_same_device("token_weights", token_weights, "hidden", hidden)
-    check_positive("beta", beta)
-    check_positive("kl_coef", kl_coef, allow_zero=True)
-    if ref_hidden is not None and ref_logps is not None:
-        raise ValueError("give ref_hidden or ref_logps, not both (ref_hidden gives the reference log-probs already)")
-    if kl_coef > 0 and ref_hidden is None:
-        raise ValueError(
-            f"ref_hidden is required when kl_coef > 0 (the KL needs the reference's distribution), got kl_coef="
-            f"{kl_coef} and ref_hidden=None; pass ref_hidden, or kl_coef=0 with ref_logps"
-        )
-    if ref_hidden is None and ref_logps is None:
-        raise ValueError("give ref_hidden (the reference's hidden states) or ref_logps (precomputed [2B] sums)")
+    n_pairs = check_pair_batch(weight, hidden, labels, bias, ignore_index=ignore_index)
+    check_catpo_arguments(hidden, labels, token_weights, ref_hidden, ref_logps, beta=beta, kl_coef=kl_coef)
 
     w = token_weights.detach().to(hidden.dtype)  # constants: the weights are held fixed
     logp, _, _ = token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index)  # [2B, T]
@@ -287,7 +288,7 @@ def catpo_loss(
 
     kl_per_pair = None
     if ref_hidden is not None:
-        ref_weight, ref_bias = _ref_head(weight, bias, ref_weight, ref_bias, ref_hidden, hidden)
+        ref_weight, ref_bias = check_reference_head(weight, bias, ref_weight, ref_bias, ref_hidden, hidden)
         with torch.no_grad():
             ref_logp, _, _ = token_logprobs(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index)
             ref = weighted_sequence_logps(ref_logp.to(hidden.dtype), w, labels, ignore_index=ignore_index)
@@ -296,7 +297,7 @@ def catpo_loss(
             kl_rows = weighted_sequence_logps(kl, w, labels, ignore_index=ignore_index)  # [2B]  Σ_t w_t KL_t
             kl_per_pair = kl_rows[:n_pairs] + kl_rows[n_pairs:]  # [B]
     else:
-        ref = _check_ref_logps(ref_logps, hidden)
+        ref = ref_logps.detach().to(hidden.dtype)
 
     loss, metrics = dpo_loss(policy[:n_pairs], policy[n_pairs:], ref[:n_pairs], ref[n_pairs:], beta=beta)
     if kl_per_pair is not None:

@@ -13,73 +13,16 @@ The reference pass is computed under ``torch.no_grad()`` — the reference is fr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from vpo import losses
-from vpo._validate import (
-    check_even_batch,
-    check_float,
-    check_labels,
-    check_labels_in_range,
-    check_same_device,
-    check_same_dtype,
-)
+from vpo._heads import check_head, check_pass, check_reference_passes, default_reference_head
+from vpo._validate import check_even_batch, check_float, check_same_device, check_same_dtype
 from vpo.oracle.logprobs import sequence_logps, token_logprobs
 
 Metrics = Dict[str, torch.Tensor]
-
-
-def check_head(weight_name: str, weight, bias_name: str, bias) -> None:
-    """``weight [V, D]`` float; ``bias`` None or ``[V]`` of the same dtype and device."""
-    check_float(weight_name, weight, ndim=2)
-    if bias is not None:
-        check_float(bias_name, bias, ndim=1)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(
-                f"{bias_name} has shape {tuple(bias.shape)} but {weight_name} has shape {tuple(weight.shape)}: "
-                f"expected {bias_name}.shape == ({weight_name}.shape[0],)"
-            )
-        check_same_dtype(bias_name, bias, weight_name, weight)
-        check_same_device(bias_name, bias, weight_name, weight)
-
-
-def check_pass(
-    hidden_name: str,
-    hidden,
-    labels_name: str,
-    labels,
-    weight_name: str,
-    weight: torch.Tensor,
-    *,
-    ignore_index: int,
-    ndim: int = 3,
-) -> None:
-    """One forward pass: ``hidden [..., T, D]`` (``ndim`` dims), ``labels [..., T]``, against ``weight [V, D]``."""
-    check_float(hidden_name, hidden, ndim=ndim)
-    check_labels(labels_name, labels, ndim=ndim - 1)
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(
-            f"{labels_name} has shape {tuple(labels.shape)} but {hidden_name} has shape {tuple(hidden.shape)}: "
-            f"expected {labels_name}.shape == {hidden_name}.shape[:-1]"
-        )
-    if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"{hidden_name} has shape {tuple(hidden.shape)} but {weight_name} has shape {tuple(weight.shape)}: "
-            f"expected {hidden_name}.shape[-1] == {weight_name}.shape[1]"
-        )
-    check_same_dtype(hidden_name, hidden, weight_name, weight)
-    check_same_device(hidden_name, hidden, weight_name, weight)
-    check_same_device(labels_name, labels, hidden_name, hidden)
-    check_labels_in_range(labels_name, labels, weight.shape[0], ignore_index)
-
-
-def check_rows(name: str, t: torch.Tensor, allowed: Sequence[int], what: str) -> int:
-    """``t.shape[0]`` must be one of ``allowed``; returns it."""
-    if t.shape[0] not in allowed:
-        raise ValueError(f"{name} has {t.shape[0]} rows (shape {tuple(t.shape)}): expected {what}")
-    return t.shape[0]
 
 
 def reference_head(
@@ -90,12 +33,8 @@ def reference_head(
 ) -> Tuple[str, torch.Tensor, Optional[torch.Tensor]]:
     """The reference's LM head: ``(ref_weight, ref_bias)``, or the policy's ``(weight, bias)`` when ``ref_weight`` is
     None (a frozen head shared by both models, as with LoRA). Returns ``(name for messages, W_ref, b_ref)``."""
-    if ref_weight is None:
-        if ref_bias is not None:
-            raise ValueError(
-                "ref_bias is given but ref_weight is None: expected both (a separate reference head) "
-                "or neither (the reference shares the policy's weight and bias)"
-            )
+    ref_weight, ref_bias, shared = default_reference_head(weight, bias, ref_weight, ref_bias)
+    if shared:
         return "weight", weight, bias
     check_head("ref_weight", ref_weight, "ref_bias", ref_bias)
     if ref_weight.shape[0] != weight.shape[0]:
@@ -106,22 +45,6 @@ def reference_head(
     check_same_dtype("ref_weight", ref_weight, "weight", weight)
     check_same_device("ref_weight", ref_weight, "weight", weight)
     return "ref_weight", ref_weight, ref_bias
-
-
-def check_reference_passes(named: Sequence[Tuple[str, Optional[torch.Tensor]]], ref_weight, ref_bias) -> bool:
-    """All reference passes given, or none (reference-free, Δ = logp_θ). Returns whether they are given."""
-    given = [name for name, t in named if t is not None]
-    if given and len(given) != len(named):
-        missing = [name for name, t in named if t is None]
-        raise ValueError(
-            f"{', '.join(given)} given but {', '.join(missing)} is None: expected every reference pass "
-            f"({', '.join(n for n, _ in named)}) or none of them (reference-free)"
-        )
-    if not given and (ref_weight is not None or ref_bias is not None):
-        raise ValueError(
-            f"ref_weight/ref_bias given but {named[0][0]} is None: expected the reference's hidden states with its head"
-        )
-    return bool(given)
 
 
 def sequence_logps_from_hidden(

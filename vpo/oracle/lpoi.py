@@ -13,7 +13,8 @@ import torch
 
 from vpo import losses
 from vpo._validate import check_even_batch, check_float
-from vpo.oracle.dpo import Metrics, check_reference_passes, check_rows, heads, merge_metrics, pass_logps
+from vpo._heads import check_reference_passes, check_rows
+from vpo.oracle.dpo import Metrics, heads, merge_metrics, pass_logps
 
 
 def lpoi_loss(

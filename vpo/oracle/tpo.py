@@ -32,18 +32,8 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from vpo._validate import (
-    check_choice,
-    check_even_batch,
-    check_float,
-    check_labels,
-    check_labels_in_range,
-    check_like,
-    check_positive,
-    check_same_device,
-    check_same_dtype,
-    check_tensor,
-)
+from vpo._heads import check_pair_batch, check_reference_head, resolve_reference
+from vpo._validate import check_choice, check_float, check_like, check_positive, check_same_device, check_tensor
 from vpo.losses import dpo_loss
 from vpo.oracle.logprobs import sequence_logps, target_logits, token_logprobs
 
@@ -145,7 +135,7 @@ def tpo_sequence_logps(
         reward_grad: let the gradient flow through ``c`` (to ``hidden``, ``hidden_noised``, ``weight``); with False
             ``c`` is a constant and the noised pass runs under ``no_grad``.
     """
-    _check_head(weight, hidden, labels, bias, ignore_index=ignore_index)
+    check_pair_batch(weight, hidden, labels, bias, ignore_index=ignore_index)
     check_like("hidden_noised", hidden_noised, "hidden", hidden)
     return _tpo_terms(weight, bias, hidden, hidden_noised, labels, a, rewards, reward_grad, ignore_index)
 
@@ -201,31 +191,21 @@ def tpo_loss(
         >>> loss.shape, sorted(k for k in m if k.startswith("tpo/"))
         (torch.Size([]), ['tpo/c_mean_chosen', 'tpo/c_mean_rejected', 'tpo/s_mean'])
     """
-    n_pairs = _check_head(weight, hidden, labels, bias, ignore_index=ignore_index)
+    n_pairs = check_pair_batch(weight, hidden, labels, bias, ignore_index=ignore_index)
     check_like("hidden_noised", hidden_noised, "hidden", hidden)
     check_positive("beta", beta)
     check_positive("a", a, allow_zero=True)
     check_choice("rewards", rewards, REWARD_MODES)
     if not isinstance(reward_grad, bool):
         raise ValueError(f"reward_grad must be a bool, got {type(reward_grad).__name__}")
-    if (ref_hidden is None) == (ref_logps is None):
-        raise ValueError(
-            "give exactly one of ref_hidden (with ref_hidden_noised: the reference's passes) and ref_logps "
-            f"(precomputed [2B] sums), got ref_hidden={_given(ref_hidden)} and ref_logps={_given(ref_logps)}"
-        )
-    if (ref_hidden is None) != (ref_hidden_noised is None):
-        raise ValueError(
-            "ref_hidden and ref_hidden_noised go together (the reference's clean and noised passes), got "
-            f"ref_hidden={_given(ref_hidden)} and ref_hidden_noised={_given(ref_hidden_noised)}"
-        )
+    mode = resolve_reference(ref_hidden, ref_logps, hidden, extra_ref=ref_hidden_noised, extra_name="ref_hidden_noised")
 
     policy = _tpo_terms(weight, bias, hidden, hidden_noised, labels, a, rewards, reward_grad, ignore_index)
 
-    if ref_logps is not None:
-        ref = _check_ref_logps(ref_logps, hidden)
+    if mode == "logps":
+        ref = ref_logps.detach().to(hidden.dtype)
     else:
-        ref_weight, ref_bias = _ref_head(weight, bias, ref_weight, ref_bias, ref_hidden, hidden)
-        check_like("ref_hidden_noised", ref_hidden_noised, "ref_hidden", ref_hidden)
+        ref_weight, ref_bias = check_reference_head(weight, bias, ref_weight, ref_bias, ref_hidden, hidden)
         with torch.no_grad():
             ref = _tpo_terms(
                 ref_weight, ref_bias, ref_hidden, ref_hidden_noised, labels, a, rewards, False, ignore_index
@@ -265,86 +245,6 @@ def _tpo_terms(weight, bias, hidden, hidden_noised, labels, a, rewards, reward_g
     return TPOSequenceTerms(logps=logps, token_logps=logp, s=s, c=torch.exp(log_c))
 
 
-def _check_head(weight, hidden, labels, bias, *, ignore_index: int, hidden_name: str = "hidden") -> int:
-    """The policy's LM-head inputs on a ``[2B, T, D]`` preference batch; returns B. Syncs once (label range)."""
-    check_float("weight", weight, ndim=2)
-    check_float(hidden_name, hidden, ndim=3)
-    n_pairs = check_even_batch(hidden_name, hidden)
-    if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"{hidden_name} has shape {tuple(hidden.shape)} but weight has shape {tuple(weight.shape)}: expected "
-            f"{hidden_name}.shape[-1] == weight.shape[1] (D)"
-        )
-    check_same_device(hidden_name, hidden, "weight", weight)
-    check_same_dtype(hidden_name, hidden, "weight", weight)
-    check_labels("labels", labels, ndim=2)
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(
-            f"labels has shape {tuple(labels.shape)} but {hidden_name} has shape {tuple(hidden.shape)}: expected "
-            f"labels.shape == {hidden_name}.shape[:-1]"
-        )
-    check_same_device("labels", labels, hidden_name, hidden)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    check_labels_in_range("labels", labels, weight.shape[0], ignore_index)
-    if bias is not None:
-        _check_bias("bias", bias, "weight", weight)
-    return n_pairs
-
-
-def _check_bias(name, bias, weight_name, weight) -> None:
-    check_float(name, bias, ndim=1)
-    if bias.shape[0] != weight.shape[0]:
-        raise ValueError(
-            f"{name} has shape {tuple(bias.shape)} but {weight_name} has shape {tuple(weight.shape)}: expected "
-            f"{name}.shape == ({weight_name}.shape[0],) (V)"
-        )
-    check_same_device(name, bias, weight_name, weight)
-    check_same_dtype(name, bias, weight_name, weight)
-
-
-def _ref_head(weight, bias, ref_weight, ref_bias, ref_hidden, hidden, *, ndim=3):
-    """Check the reference's head and hidden states; ``ref_weight=None`` shares the policy's head, detached."""
-    check_float("ref_hidden", ref_hidden, ndim=ndim)
-    if ref_hidden.shape != hidden.shape:
-        raise ValueError(
-            f"ref_hidden has shape {tuple(ref_hidden.shape)} but hidden has shape {tuple(hidden.shape)}: expected "
-            "ref_hidden.shape == hidden.shape"
-        )
-    check_same_device("ref_hidden", ref_hidden, "hidden", hidden)
-    if ref_weight is None:
-        if ref_bias is not None:
-            raise ValueError(
-                "ref_bias is given but ref_weight is None: expected both (a separate reference head) "
-                "or neither (the reference shares the policy's weight and bias)"
-            )
-        ref_weight = weight.detach()
-        ref_bias = None if bias is None else bias.detach()
-    else:
-        check_float("ref_weight", ref_weight, ndim=2)
-        if ref_weight.shape != weight.shape:
-            raise ValueError(
-                f"ref_weight has shape {tuple(ref_weight.shape)} but weight has shape {tuple(weight.shape)}: expected "
-                "ref_weight.shape == weight.shape"
-            )
-        check_same_device("ref_weight", ref_weight, "weight", weight)
-    check_same_dtype("ref_hidden", ref_hidden, "ref_weight", ref_weight)
-    if ref_bias is not None:
-        _check_bias("ref_bias", ref_bias, "ref_weight", ref_weight)
-    return ref_weight, ref_bias
-
-
-def _check_ref_logps(ref_logps, hidden) -> torch.Tensor:
-    check_float("ref_logps", ref_logps, ndim=1)
-    if ref_logps.shape[0] != hidden.shape[0]:
-        raise ValueError(
-            f"ref_logps has shape {tuple(ref_logps.shape)} but hidden has shape {tuple(hidden.shape)}: expected "
-            "ref_logps.shape == (hidden.shape[0],) (2B: chosen rows first, then rejected)"
-        )
-    check_same_device("ref_logps", ref_logps, "hidden", hidden)
-    return ref_logps.detach().to(hidden.dtype)
-
-
 def _broadcast_rows(is_chosen_row, s) -> torch.Tensor:
     check_tensor("is_chosen_row", is_chosen_row, dtypes=(torch.bool,))
     check_same_device("is_chosen_row", is_chosen_row, "s", s)
@@ -362,7 +262,3 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over ``mask``; 0 when the mask is empty."""
     m = mask.to(x.dtype)
     return (x * m).sum() / m.sum().clamp_min(1)
-
-
-def _given(t) -> str:
-    return "None" if t is None else "given"
