@@ -1,4 +1,4 @@
-"""The data-construction subcommands: ``vpo csr``, ``vpo lpoi-lists``, ``vpo mdpo-crops``.
+"""The data-construction subcommands: ``vpo csr``, ``vpo lpoi-lists``, ``vpo mdpo-crops``, ``vpo ovip``.
 
 Wire them into the main parser with::
 
@@ -11,6 +11,12 @@ Each prints the writer's summary as JSON and returns 0. Examples on the shapes w
     vpo csr --data data/shapes --out data/csr --model tiny:llava --scorer shapes --limit 8
     vpo lpoi-lists --data data/shapes --out data/lpoi --verify detector --detector ground-truth
     vpo mdpo-crops --data data/shapes --out data/mdpo --save-images
+    vpo ovip --data data/shapes/train.jsonl --out data/ovip --model tiny:llava --k 8 --max-new-tokens 16
+    vpo csr --data data/shapes --out runs/csr --iterations 3 --train-config csr.yaml   # the iterative loop
+
+``vpo csr --iterations T`` (T > 1) runs CSR's loop: build ``iter{t}/`` with ``π_{t-1}``, train ``π_t`` on it with
+``π_{t-1}`` as the reference (:func:`vpo.trainer.make_csr_train_fn`, configured by ``--train-config``: a
+``vpo train`` YAML whose method / model / data / output_dir the loop sets), merge, repeat.
 """
 from __future__ import annotations
 
@@ -65,7 +71,14 @@ def csr_main(args: argparse.Namespace) -> int:
               "trainer's CSR step); build one iteration at a time with --iterations 1 and `vpo train` meanwhile",
               file=sys.stderr)
         return 2
-    train_fn = make_csr_train_fn(args.train_config, args.out)
+    trainer_fn = make_csr_train_fn(args.train_config, args.out)
+
+    def train_fn(dataset_dir, ref_model_path):
+        import contextlib
+
+        with contextlib.redirect_stdout(sys.stderr):  # the Trainer's log lines; stdout keeps the JSON summary
+            return trainer_fn(dataset_dir, ref_model_path)
+
     its = csr_iterate(args.data, args.out, model_path=args.model, train_fn=train_fn, scorer=scorer,
                       iterations=args.iterations, config=config, load_fn=load, limit=args.limit)
     print(json.dumps([{"iteration": i.iteration, "dataset_dir": i.dataset_dir, "ref_model_path": i.ref_model_path,
@@ -107,9 +120,25 @@ def mdpo_main(args: argparse.Namespace) -> int:
     return 0
 
 
+@_errors_to_exit_code
+def ovip_main(args: argparse.Namespace) -> int:
+    from vpo.construct.csr import load_policy
+    from vpo.online import make_judge, make_negative_generator, ovip_build_dataset
+
+    judge = make_judge(args.judge, url=args.judge_url, model=args.judge_model)
+    negatives = make_negative_generator(args.negatives, path=args.negatives_path)
+    model, processor = load_policy(args.model, device=args.device, seed=args.seed)
+    summary = ovip_build_dataset(args.out, model, processor, args.data, judge=judge, negatives=negatives,
+                                 seed=args.seed, prompts_per_step=args.prompts_per_step, limit=args.limit,
+                                 split=args.split, k=args.k, temperature=args.temperature,
+                                 max_new_tokens=args.max_new_tokens)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def register(sub) -> None:
-    """Add ``csr``, ``lpoi-lists`` and ``mdpo-crops`` to ``sub`` (an ``argparse`` subparsers object); each sets
-    ``func`` to its main function (``args.func(args) -> exit code``)."""
+    """Add ``csr``, ``lpoi-lists``, ``mdpo-crops`` and ``ovip`` to ``sub`` (an ``argparse`` subparsers object); each
+    sets ``func`` to its main function (``args.func(args) -> exit code``)."""
     c = sub.add_parser("csr", help="CSR: sentence-level beam search with a calibrated reward -> preference pairs")
     c.add_argument("--data", required=True, help="prompts: a .jsonl (image + prompt per line) or a folder with "
                                                  "train.jsonl")
@@ -129,8 +158,10 @@ def register(sub) -> None:
     c.add_argument("--max-response-tokens", type=int, default=512)
     c.add_argument("--sentence-end", nargs="+", default=["."], help="strings that end a sentence (one token each)")
     c.add_argument("--language-score", choices=["prob", "logprob", "mean_logprob"], default="prob")
-    c.add_argument("--iterations", type=int, default=1, help="T > 1 runs the iterative loop (needs the trainer)")
-    c.add_argument("--train-config", default=None, help="trainer YAML for the iterative loop")
+    c.add_argument("--iterations", type=int, default=1, help="T > 1 runs the iterative loop: build, train (method "
+                                                             "csr, reference = the previous iterate), merge, repeat")
+    c.add_argument("--train-config", default=None, help="the iterative loop's trainer YAML (VPOConfig fields, as "
+                                                        "for vpo train; default: the defaults)")
     c.add_argument("--limit", type=int, default=None, help="first N prompts only")
     c.add_argument("--device", default="cpu")
     c.add_argument("--seed", type=int, default=0, help="seed of a tiny:<family> model")
@@ -163,6 +194,29 @@ def register(sub) -> None:
     m.add_argument("--save-images", action="store_true", help="also save the cropped-and-resized images")
     m.add_argument("--limit", type=int, default=None)
     m.set_defaults(func=mdpo_main)
+
+    o = sub.add_parser("ovip", help="OViP: sample from a policy, judge, pair, render negative images -> an OViP "
+                                    "dataset (offline; `vpo train` with online: true runs the loop in the trainer)")
+    o.add_argument("--data", required=True, help="source rows: a .jsonl with image, prompt and a ground truth "
+                                                 "(answer, response or chosen), e.g. the shapes world's train.jsonl")
+    o.add_argument("--out", required=True, help="output folder ({split}.jsonl, images/, {split}_ovip_stats.json)")
+    o.add_argument("--model", default="tiny:llava", help="tiny:<family> or a local model folder (the policy)")
+    o.add_argument("--judge", choices=["shapes", "http"], default="shapes",
+                   help="G_r: the shapes world's exact judge, or an OpenAI-compatible chat endpoint")
+    o.add_argument("--judge-url", default=None, help="--judge http: the API root, e.g. http://127.0.0.1:8000/v1")
+    o.add_argument("--judge-model", default=None, help="--judge http: the served model's name")
+    o.add_argument("--negatives", choices=["shapes", "diffusers"], default="shapes",
+                   help="negative images: the shapes world's renderer, or a local diffusers pipeline")
+    o.add_argument("--negatives-path", default=None, help="--negatives diffusers: the local pipeline folder")
+    o.add_argument("--k", type=int, default=16, help="responses sampled per prompt")
+    o.add_argument("--temperature", type=float, default=1.2)
+    o.add_argument("--max-new-tokens", type=int, default=128)
+    o.add_argument("--prompts-per-step", type=int, default=8, help="prompts per sampling call")
+    o.add_argument("--split", default="train", help="the output file names' split")
+    o.add_argument("--limit", type=int, default=None, help="first N source rows only")
+    o.add_argument("--seed", type=int, default=0, help="sampling seed (and the weights of a tiny:<family> model)")
+    o.add_argument("--device", default="cpu")
+    o.set_defaults(func=ovip_main)
 
 
 def main(argv=None) -> int:

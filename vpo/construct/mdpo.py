@@ -1,6 +1,6 @@
 """mDPO's crops (SPEC.md, mDPO): a random crop removing 0-20% of the image, one crop shared by policy and reference.
 
-The crop itself is the collator's (:meth:`vpo.data.PreferenceCollator.crop_box`): a box keeping ``1 - f`` of the area,
+The crop itself is the collator's (:func:`vpo.data.collator.crop_box`): a box keeping ``1 - f`` of the area,
 ``f ~ U(0, max_frac)``, the aspect ratio kept, the sides rounded UP (so at most ``f`` is removed), at a uniform
 position, drawn from ``(seed, record id, draw)``. :func:`mdpo_crop_box` calls that very code, so a crop recorded here
 is the crop the collator draws for the same ``(seed, id, draw)``; the collator then resizes the crop back to the
@@ -10,9 +10,10 @@ for both; the mDPO code draws two).
 :func:`write_mdpo_dataset` records, per example, the crop of ``draw = 0`` (one fixed crop per example) in the row:
 ``mdpo = {"crop_box": [l, t, r, b], "removed": fraction of the area, "seed", "max_frac", "crop_image"?}``, and with
 ``save_images=True`` the cropped-and-resized image (``out_dir/images/{id}_crop.png``) that the collator's ``crop``
-pass encodes. The collator draws its own crop per call (``draw`` = its call counter); the recorded crop is the
-collator's crop for its first call with the same ``seed`` — a fixed crop for the whole run needs the collator to
-honour ``mdpo.crop_box`` when present.
+pass encodes. The collator (``method="mdpo"``) uses a row's recorded ``mdpo.crop_box`` on every call, so training
+on this dataset sees exactly the recorded crop every epoch (what ``ref_mode: precomputed`` needs); without a
+recorded box it draws its own crop per call (``draw`` = its call counter), or draw 0's every call with
+``fixed_noise`` — the crop recorded here for the same ``seed``.
 
 Example:
     >>> box = mdpo_crop_box("rec-0", 64, 64, seed=0)
@@ -23,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from vpo.construct._io import (
@@ -40,22 +40,14 @@ from vpo.construct._io import (
 )
 
 
-@dataclass
-class _CropParams:
-    """The attributes :meth:`PreferenceCollator.crop_box` reads (``seed``, ``crop_max_frac``, ``draw``)."""
-
-    seed: int
-    crop_max_frac: float
-    draw: int
-
-
 def mdpo_crop_box(record_id: str, width: int, height: int, *, seed: int = 0, max_frac: float = 0.2,
                   draw: int = 0) -> Tuple[int, int, int, int]:
     """mDPO's crop of ``record_id`` in a ``width x height`` image: ``(left, top, right, bottom)`` pixels, end-exclusive,
     removing a fraction of the area in ``[0, max_frac]``; deterministic in ``(seed, record_id, draw)`` and equal to
-    ``PreferenceCollator(..., seed=seed, crop_max_frac=max_frac).crop_box(record_id, width, height, draw)``."""
+    ``PreferenceCollator(..., seed=seed, crop_max_frac=max_frac).crop_box(record_id, width, height, draw)``
+    (:func:`vpo.data.collator.crop_box`, with the arguments checked)."""
     from vpo._validate import check_range
-    from vpo.data import PreferenceCollator
+    from vpo.data.collator import crop_box
 
     if not isinstance(record_id, str) or not record_id:
         raise ValueError(f"record_id must be a non-empty string, got {record_id!r}")
@@ -64,8 +56,7 @@ def mdpo_crop_box(record_id: str, width: int, height: int, *, seed: int = 0, max
     check_int("seed", seed)
     check_int("draw", draw, 0)
     check_range("max_frac", max_frac, 0.0, 1.0, hi_open=True)
-    params = _CropParams(seed=seed, crop_max_frac=float(max_frac), draw=draw)
-    return tuple(int(v) for v in PreferenceCollator.crop_box(params, record_id, width, height, draw))
+    return tuple(int(v) for v in crop_box(record_id, width, height, seed=seed, max_frac=float(max_frac), draw=draw))
 
 
 def removed_fraction(box: Tuple[int, int, int, int], width: int, height: int) -> float:

@@ -29,9 +29,10 @@ image the processor's resize needs; the PIL image processors round float images 
 resize and normalization.
 
 mDPO crop: a box keeping ``1 - f`` of the area (``f ~ U(0, crop_max_frac)``, aspect ratio kept, the box sides rounded
-up so at most ``f`` is removed) at a uniform position, drawn from ``(seed, record id, draw)``, then resized back to the
-image's size (so the image-token count does not change). One crop per example and call: the trainer runs policy and
-reference on the same sub-batch.
+up so at most ``f`` is removed) at a uniform position, drawn from ``(seed, record id, draw)`` (:func:`crop_box`; draw 0
+on every call when ``fixed_noise``), then resized back to the image's size (so the image-token count does not change).
+A record carrying ``extra["mdpo"]["crop_box"]`` (written by ``vpo mdpo-crops``) uses that box on every call instead.
+One crop per example and call: the trainer runs policy and reference on the same sub-batch.
 """
 from __future__ import annotations
 
@@ -94,6 +95,25 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
+def crop_box(record_id: str, width: int, height: int, *, seed: int = 0, max_frac: float = 0.2,
+             draw: int = 0) -> Tuple[int, int, int, int]:
+    """mDPO's random crop: ``(left, top, right, bottom)`` pixels (end-exclusive) of a ``width x height`` image.
+
+    ``f ~ U(0, max_frac)`` and two uniforms for the position come from a generator seeded with
+    ``(seed, record id, draw)``; the box keeps the aspect ratio with sides ``ceil(W·√(1−f))``, ``ceil(H·√(1−f))``
+    (so it removes between 0 and ``f`` of the area) at a uniform position. :meth:`PreferenceCollator.crop_box` and
+    :func:`vpo.construct.mdpo_crop_box` are this function.
+    """
+    g = torch.Generator().manual_seed(derive_seed("vpo-mdpo-crop", seed, str(record_id), draw))
+    u = torch.rand(3, generator=g, dtype=torch.float64).tolist()
+    keep = math.sqrt(1.0 - u[0] * max_frac)  # side scale; area kept >= 1 - f after rounding up
+    cw = min(width, max(1, math.ceil(width * keep - 1e-9)))
+    ch = min(height, max(1, math.ceil(height * keep - 1e-9)))
+    left = min(int(u[1] * (width - cw + 1)), width - cw)
+    top = min(int(u[2] * (height - ch + 1)), height - ch)
+    return left, top, left + cw, top + ch
+
+
 @dataclass
 class _Row:
     ids: List[int]
@@ -127,7 +147,8 @@ class PreferenceCollator:
             leaves no room for one response token is skipped as ``too_long``). ``None``: no limit.
         noise_step: TPO's diffusion step ``k`` in ``[0, 999]`` (500 = the paper's).
         seed: seeds the TPO noise and the mDPO crops, together with each record's id.
-        fixed_noise: TPO: one fixed ε per example for the whole run (else a fresh ε per call).
+        fixed_noise: TPO: one fixed ε per example for the whole run (else a fresh ε per call); mDPO: one fixed crop
+            per example (draw 0's) for the whole run (else a fresh crop per call).
         crop_max_frac: mDPO: the crop removes a fraction of the area drawn uniformly in ``[0, crop_max_frac]``.
         list_size: LPOI: the list length ``L``.
         ovip_rejected: OViP: give ``noimg`` and ``negimg`` ``2B`` rows (the chosen rows, then the rejected rows: the
@@ -234,17 +255,26 @@ class PreferenceCollator:
         self, record_id: str, width: int, height: int, draw: Optional[int] = None
     ) -> Tuple[int, int, int, int]:
         """mDPO's crop of ``record_id`` at call ``draw``: ``(left, top, right, bottom)`` in pixels of a
-        ``width x height`` image, removing a fraction of the area in ``[0, crop_max_frac]``."""
-        g = torch.Generator().manual_seed(
-            derive_seed("vpo-mdpo-crop", self.seed, str(record_id), self.draw if draw is None else draw)
-        )
-        u = torch.rand(3, generator=g, dtype=torch.float64).tolist()
-        keep = math.sqrt(1.0 - u[0] * self.crop_max_frac)  # side scale; area kept >= 1 - f after rounding up
-        cw = min(width, max(1, math.ceil(width * keep - 1e-9)))
-        ch = min(height, max(1, math.ceil(height * keep - 1e-9)))
-        left = min(int(u[1] * (width - cw + 1)), width - cw)
-        top = min(int(u[2] * (height - ch + 1)), height - ch)
-        return left, top, left + cw, top + ch
+        ``width x height`` image, removing a fraction of the area in ``[0, crop_max_frac]``
+        (:func:`crop_box`). With ``fixed_noise`` the draw is ignored: every call uses the crop of draw 0 (the one
+        ``vpo mdpo-crops`` records)."""
+        draw = 0 if self.fixed_noise else (self.draw if draw is None else draw)
+        return crop_box(record_id, width, height, seed=self.seed, max_frac=self.crop_max_frac, draw=draw)
+
+    def example_crop_box(self, rec: PreferenceRecord, width: int, height: int, draw: int) -> Tuple[int, int, int, int]:
+        """The crop the ``crop`` pass of ``rec`` uses: the record's ``extra["mdpo"]["crop_box"]`` when present (written
+        by ``vpo mdpo-crops``; a box that does not fit the image skips the record as ``bad_field``), else
+        :meth:`crop_box` at ``draw``."""
+        info = rec.extra.get("mdpo")
+        box = info.get("crop_box") if isinstance(info, Mapping) else None
+        if box is None:
+            return self.crop_box(rec.id, width, height, draw)
+        ok = isinstance(box, (list, tuple)) and len(box) == 4
+        ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in box)
+        if not ok or not (0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height):
+            raise SkipRecord(BAD_FIELD, f"mdpo.crop_box must be [left, top, right, bottom] integer pixels inside the "
+                                        f"{width}x{height} image, got {box!r}")
+        return tuple(box)
 
     # --------------------------------------------------------------------------------------------------- the call
     def __call__(self, records: Sequence[Any]) -> Dict[str, Any]:
@@ -343,7 +373,7 @@ class PreferenceCollator:
             # two rows per example; _assemble orders them chosen-first like the main rows
             ex.sub["noised"] = [_Row(row_c.ids, row_c.labels, vis), _Row(row_r.ids, row_r.labels, vis)]
         elif method == "mdpo":
-            box = self.crop_box(rec.id, image.width, image.height, draw)
+            box = self.example_crop_box(rec, image.width, image.height, draw)
             cropped = image.crop(box).resize(image.size, _bicubic())
             ids, vis = self._encode_prompt(p_img, cropped)
             ex.sub["crop"] = [self._row(ids, c_ids, vis)[0]]

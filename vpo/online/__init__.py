@@ -18,6 +18,7 @@ from vpo.online.judges import (
     JudgeRequest,
     OpenAIChatJudge,
     ShapesWorldJudge,
+    make_judge,
     parse_score,
 )
 from vpo.online.negatives import (
@@ -25,6 +26,7 @@ from vpo.online.negatives import (
     NegativeImageGenerator,
     NegativeRequest,
     ShapesNegativeGenerator,
+    make_negative_generator,
 )
 from vpo.online.ovip import (
     ExperienceBuffer,
@@ -58,6 +60,8 @@ __all__ = [
     "ShapesWorldJudge",
     "expand_inputs",
     "load_prompt_rows",
+    "make_judge",
+    "make_negative_generator",
     "ovip_build_dataset",
     "ovip_online_step",
     "pair_margin",

@@ -411,3 +411,18 @@ def _check_requests(requests: Sequence[JudgeRequest]) -> List[JudgeRequest]:
             if not isinstance(getattr(r, name), str):
                 raise ValueError(f"requests[{i}].{name} must be a str, got {type(getattr(r, name)).__name__}")
     return list(requests)
+
+
+JUDGES = ("shapes", "http")
+
+
+def make_judge(kind: str = "shapes", *, url: Optional[str] = None, model: Optional[str] = None, **kwargs) -> Judge:
+    """A judge by name: ``"shapes"`` (:class:`ShapesWorldJudge`) or ``"http"`` (:class:`OpenAIChatJudge` on ``url``
+    serving ``model``; ``kwargs`` go to it). Used by ``vpo ovip`` and the trainer's online OViP (``online_judge``)."""
+    check_choice("judge", kind, JUDGES)
+    if kind == "shapes":
+        return ShapesWorldJudge()
+    if not url or not model:
+        raise ValueError("the http judge needs a url (the endpoint's API root, e.g. http://127.0.0.1:8000/v1) and "
+                         "the served model's name")
+    return OpenAIChatJudge(url, model, **kwargs)

@@ -243,3 +243,18 @@ def _check_requests(requests: Sequence[NegativeRequest]) -> List[NegativeRequest
         if not isinstance(r, NegativeRequest):
             raise ValueError(f"requests[{i}] must be a NegativeRequest, got {type(r).__name__}")
     return list(requests)
+
+
+NEGATIVE_GENERATORS = ("shapes", "diffusers")
+
+
+def make_negative_generator(kind: str = "shapes", *, path: Optional[str] = None, **kwargs) -> NegativeImageGenerator:
+    """A negative-image generator by name: ``"shapes"`` (:class:`ShapesNegativeGenerator`) or ``"diffusers"``
+    (:class:`DiffusersNegativeGenerator` from the local folder ``path``; ``kwargs`` go to it). Used by ``vpo ovip``
+    and the trainer's online OViP (``online_negatives``)."""
+    check_choice("negatives", kind, NEGATIVE_GENERATORS)
+    if kind == "shapes":
+        return ShapesNegativeGenerator(**kwargs)
+    if not path:
+        raise ValueError("the diffusers negative generator needs path = a local diffusers pipeline folder")
+    return DiffusersNegativeGenerator(path, **kwargs)

@@ -8,6 +8,8 @@
 - the reference: :class:`Reference` (adapter / model / precomputed) and :func:`precompute_reference`;
 - model plumbing: :func:`load_model`, :func:`apply_lora`, :func:`lora_target_regex` (LoRA on the language model only),
   :func:`merge_and_save` (fold the adapter in: CSR's next iterate);
+- CSR's iterative loop: :func:`make_csr_train_fn` (the training step of :func:`vpo.construct.csr_iterate`);
+- OViP online (``method: ovip``, ``online: true``): :func:`build_online_dataset` (:mod:`vpo.trainer.online`);
 - the command line: :func:`vpo.trainer.cli.train_main` (``vpo train``), :func:`vpo.trainer.cli.precompute_ref_main`
   (``vpo precompute-ref``).
 """
@@ -29,6 +31,8 @@ _EXPORTS = {
     "forward_hidden": "passes",
     "Reference": "reference",
     "load_reference_table": "reference",
+    "make_csr_train_fn": "csr",
+    "build_online_dataset": "online",
     "precompute_reference": "reference",
     "reference_logps_path": "reference",
     "save_reference_table": "reference",

@@ -81,27 +81,39 @@ def build_data(config: "VPOConfig", family: str, processor, tiny):
                                            prefix="syn-eval")
         collator = TinyPreferenceCollator(tiny, config.method, list_size=config.list_size,
                                           noise_step=config.noise_step, crop_frac=config.crop_frac,
-                                          fixed_noise=config.fixed_noise)
+                                          fixed_noise=config.fixed_noise, ovip_rejected=_ovip_rejected(config))
         return train, evaluation, collator
     from vpo.data import PreferenceCollator, PreferenceDataset
 
     if processor is None:
         raise ValueError(f"data_path {config.data_path!r} needs the model's processor, and none was loaded")
     read = dict(layout=config.data_layout, image_root=config.image_root)
-    train = PreferenceDataset.from_jsonl(config.data_path, **read)
+    if config.online:  # OViP online: data_path holds the source rows; the pairs are sampled during training
+        from vpo.trainer.online import build_online_dataset
+
+        train = build_online_dataset(config, processor, rank=config.process_index, world_size=config.world_size)
+    else:
+        train = PreferenceDataset.from_jsonl(config.data_path, **read)
     evaluation = None
     if config.eval_data_path is not None:
         evaluation = PreferenceDataset.from_jsonl(config.eval_data_path, **read)
     for name, ds in (("train", train), ("eval", evaluation)):
-        if ds is not None and ds.stats.skipped:
-            print(f"vpo: {name} data: skipped {dict(ds.stats.skipped)} of {ds.stats.seen} records while reading",
+        stats = getattr(ds, "stats", None)
+        if stats is not None and stats.skipped:
+            print(f"vpo: {name} data: skipped {dict(stats.skipped)} of {stats.seen} records while reading",
                   file=sys.stderr)
-    if len(train) == 0:
+    if not config.online and len(train) == 0:
         raise ValueError(f"{config.data_path}: no usable record")
     collator = PreferenceCollator(processor, family, method=config.method, max_length=config.max_length,
                                   noise_step=config.noise_step, seed=config.seed, fixed_noise=config.fixed_noise,
-                                  crop_max_frac=config.crop_frac, list_size=config.list_size)
+                                  crop_max_frac=config.crop_frac, list_size=config.list_size,
+                                  ovip_rejected=_ovip_rejected(config))
     return train, evaluation, collator
+
+
+def _ovip_rejected(config: "VPOConfig") -> bool:
+    """Whether OViP's image-free and negative-image passes need the rejected rows too (symmetric loss, bi-anchor)."""
+    return config.method == "ovip" and (config.ovip_image_loss == "symmetric" or config.ovip_anchor == "bi-anchor")
 
 
 def _reference_table_paths(config: "VPOConfig") -> List[str]:
@@ -117,13 +129,19 @@ def _reference_table_paths(config: "VPOConfig") -> List[str]:
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     """``vpo train``: load the model and data of the configuration and train; returns the exit status."""
+    train(parse_config(argv))
+    return 0
+
+
+def train(config: "VPOConfig"):
+    """Load the model and data of ``config``, train, save the model and the state (and evaluate when there is
+    evaluation data); returns the :class:`vpo.trainer.VPOTrainer`."""
     from transformers.trainer_utils import get_last_checkpoint
 
     from vpo.trainer.modeling import load_model, model_family
     from vpo.trainer.reference import load_reference_table
     from vpo.trainer.trainer import VPOTrainer
 
-    config = parse_config(argv)
     model, processor, tiny = load_model(config.model_name_or_path, dtype=config.torch_dtype,
                                         attn_implementation=config.attn_implementation, seed=config.seed)
     family = config.model_family or model_family(model)
@@ -153,7 +171,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     trainer.save_state()
     if evaluation is not None:
         trainer.evaluate()
-    return 0
+    return trainer
 
 
 def precompute_ref_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -162,6 +180,9 @@ def precompute_ref_main(argv: Optional[Sequence[str]] = None) -> int:
     from vpo.trainer.reference import precompute_reference, reference_logps_path
 
     config = parse_config(argv)
+    if config.online:
+        raise ValueError("online=True: the OViP pairs are sampled during training, so there is no reference term to "
+                         "precompute")
     path = config.ref_model_path or config.model_name_or_path
     model, processor, tiny = load_model(path, dtype=config.torch_dtype,
                                         attn_implementation=config.attn_implementation, seed=config.seed)

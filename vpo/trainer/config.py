@@ -22,6 +22,8 @@ LORA_SCOPES = ("language_model", "all")
 CATPO_WEIGHT_SOURCES = ("reference", "batch")
 LOSS_IMPLS = ("auto", "torch", "triton")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ONLINE_JUDGES = ("shapes", "http")
+ONLINE_NEGATIVES = ("shapes", "diffusers")
 
 
 def _choice(name: str, value, choices) -> None:
@@ -83,6 +85,32 @@ class VPOConfig(TrainingArguments):
                                                             "iterate as the reference (ref_model_path, or "
                                                             "model_name_or_path = the merged previous iterate)"})
 
+    # OViP online (vpo.online): sample from the current policy, judge, pair, make negatives, buffer -> train
+    online: bool = field(default=False, metadata={
+        "help": "method=ovip only: train online; data_path is then the SOURCE of (image, prompt, ground truth) rows "
+                "(a JSONL with image, prompt and answer|response|chosen), and each batch is one experience-buffer "
+                "take sampled from the current policy right before its step"})
+    online_k: int = field(default=16, metadata={"help": "OViP online: responses sampled per prompt"})
+    online_temperature: float = field(default=1.2, metadata={"help": "OViP online: sampling temperature (0 = greedy)"})
+    online_max_new_tokens: int = field(default=128, metadata={"help": "OViP online: longest sampled response"})
+    online_buffer_size: Optional[int] = field(default=None, metadata={
+        "help": "OViP online: the experience buffer's N = the training batch (per_device_train_batch_size is set "
+                "to it); default: per_device_train_batch_size"})
+    online_prompts_per_step: int = field(default=8, metadata={
+        "help": "OViP online: source prompts sampled per online step (until the buffer holds N pairs)"})
+    online_judge: str = field(default="shapes", metadata={
+        "help": f"OViP online judge G_r(A, A*): one of {list(ONLINE_JUDGES)} (http: an OpenAI-compatible chat "
+                "endpoint, online_judge_url + online_judge_model)"})
+    online_judge_url: Optional[str] = field(default=None, metadata={
+        "help": "OViP online, judge=http: the endpoint's API root, e.g. http://127.0.0.1:8000/v1"})
+    online_judge_model: Optional[str] = field(default=None, metadata={
+        "help": "OViP online, judge=http: the served model's name"})
+    online_negatives: str = field(default="shapes", metadata={
+        "help": "OViP online negative images: shapes (the shapes world's renderer) or diffusers (a local "
+                "text-to-image pipeline folder, online_negatives_path)"})
+    online_negatives_path: Optional[str] = field(default=None, metadata={
+        "help": "OViP online, negatives=diffusers: the local diffusers pipeline folder"})
+
     # --- model --------------------------------------------------------------------------------------------------
     model_name_or_path: str = field(default="tiny:llava", metadata={
         "help": "a local model folder, or tiny:<family> for a tiny random model (vpo.models.tiny)"})
@@ -132,8 +160,15 @@ class VPOConfig(TrainingArguments):
         if on and unset:
             setattr(self, "activation_checkpointing_kwargs" if new else "gradient_checkpointing_kwargs",
                     {"use_reentrant": False})
+        if self.online and self.online_buffer_size is not None:
+            if isinstance(self.online_buffer_size, bool) or not isinstance(self.online_buffer_size, int) \
+                    or self.online_buffer_size < 1:
+                raise ValueError(f"online_buffer_size must be an int >= 1, got {self.online_buffer_size!r}")
+            self.per_device_train_batch_size = self.online_buffer_size  # one buffer take = one training batch
         super().__post_init__()
         _choice("method", self.method, METHODS)
+        if self.online:
+            self._check_online()
         _choice("ref_mode", self.ref_mode, REF_MODES)
         _choice("tpo_rewards", self.tpo_rewards, TPO_REWARDS)
         _choice("ovip_image_loss", self.ovip_image_loss, OVIP_IMAGE_LOSSES)
@@ -174,6 +209,39 @@ class VPOConfig(TrainingArguments):
                 raise ValueError(f"ref_mode='precomputed' with method='catpo' needs kl_coef=0 (the KL term needs the "
                                  f"reference's full distribution at every step), got kl_coef={self.kl_coef}")
         self.catpo_layer_list()  # validate early
+
+    def _check_online(self) -> None:
+        if self.method != "ovip":
+            raise ValueError(f"online=True is OViP's online loop: it needs method='ovip', got method={self.method!r}")
+        _choice("online_judge", self.online_judge, ONLINE_JUDGES)
+        _choice("online_negatives", self.online_negatives, ONLINE_NEGATIVES)
+        for name in ("online_k", "online_max_new_tokens", "online_prompts_per_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not self.online_temperature >= 0:
+            raise ValueError(f"online_temperature must be >= 0, got {self.online_temperature}")
+        if self.online_judge == "http" and not (self.online_judge_url and self.online_judge_model):
+            raise ValueError("online_judge='http' needs online_judge_url (e.g. http://127.0.0.1:8000/v1) and "
+                             "online_judge_model (the served model's name)")
+        if self.online_negatives == "diffusers" and not self.online_negatives_path:
+            raise ValueError("online_negatives='diffusers' needs online_negatives_path (a local diffusers pipeline "
+                             "folder)")
+        if self.max_steps is None or self.max_steps <= 0:
+            raise ValueError("online=True needs max_steps > 0: the online data stream is endless (one buffer take "
+                             "per step)")
+        if self.dataloader_num_workers != 0:
+            raise ValueError(f"online=True needs dataloader_num_workers=0 (sampling must run in the training "
+                             f"process, on the live weights), got {self.dataloader_num_workers}")
+        if self.ref_mode == "precomputed":
+            raise ValueError("online=True cannot use ref_mode='precomputed': the pairs are sampled during training, "
+                             "so there is nothing to precompute; use ref_mode='adapter' or 'model'")
+        if self.data_path is None or str(self.data_path).startswith("synthetic"):
+            raise ValueError("online=True needs data_path = a JSONL of (image, prompt, ground truth) source rows (e.g. "
+                             f"the shapes world's train.jsonl), got {self.data_path!r}")
+        # The online stream cannot be replayed on resume (the policy that sampled it is gone): skipping the batches a
+        # resumed run already trained on would only re-run the sampling for nothing.
+        self.ignore_data_skip = True
 
     def catpo_layer_list(self):
         """``catpo_layers`` as a list of ints, or None (all layers)."""

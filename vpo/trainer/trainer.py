@@ -10,10 +10,16 @@ Metrics: each step's metrics (TRL's names plus the method's, :mod:`vpo.trainer.m
 over the steps since the last log (and over processes) when the Trainer logs, as TRL's ``DPOTrainer`` does with
 ``store_metrics``. Evaluation metrics get the ``eval_`` prefix. Records the collator skipped (``batch["skipped"]``, a
 count or ``{reason: count}``) are summed over the logging window as ``data/skipped_<reason>``.
+
+OViP online (``method: ovip``, ``online: true``; :mod:`vpo.trainer.online`): with a
+:class:`vpo.online.OViPOnlineDataset` as ``train_dataset`` the trainer points it at the policy, trains from a plain
+loader (each batch sampled right before its step) and logs ``online/sampling_s``, ``online/scoring_s``,
+``online/negatives_s`` and ``online/training_s`` per optimizer step, with the loop's counts.
 """
 from __future__ import annotations
 
 import copy
+import time
 from collections import defaultdict
 from typing import Dict, Optional
 
@@ -23,6 +29,7 @@ from transformers import Trainer, TrainerCallback
 from vpo.trainer.config import VPOConfig
 from vpo.trainer.methods import compute
 from vpo.trainer.modeling import apply_lora, freeze_outside_language_model, unwrap_peft
+from vpo.trainer.online import is_online_dataset
 from vpo.trainer.passes import Passes
 from vpo.trainer.reference import Reference, load_reference_table
 
@@ -97,6 +104,54 @@ class VPOTrainer(Trainer):
         self.reference = Reference(args.ref_mode, model=ref_model, table=ref_table)
         self._stored_metrics = defaultdict(lambda: defaultdict(list))
         self._skipped = defaultdict(lambda: defaultdict(int))
+        self._online = self._setup_online(self.train_dataset)
+        self._online_training_s = 0.0
+
+    # -- OViP online ----------------------------------------------------------------------------------------------
+
+    def _setup_online(self, dataset):
+        """OViP's online data source (:mod:`vpo.trainer.online`): sample with the policy being trained."""
+        if not is_online_dataset(dataset):
+            if self.args.online:
+                raise ValueError("online=True needs train_dataset = a vpo.online.OViPOnlineDataset "
+                                 "(vpo.trainer.online.build_online_dataset(config, processor))")
+            return None
+        if dataset.buffer.batch_size != self._train_batch_size:
+            raise ValueError(f"online OViP: the experience buffer hands out {dataset.buffer.batch_size} records per "
+                             f"step but the training batch is {self._train_batch_size}: set "
+                             "per_device_train_batch_size (or online_buffer_size) to the buffer size")
+        if self.args.dataloader_num_workers != 0:
+            raise ValueError("online OViP needs dataloader_num_workers=0: sampling must run in the training process, "
+                             "on the live weights")
+        if dataset.sample_fn is None:
+            dataset.policy = self.model  # after LoRA: the peft-wrapped policy, not its DDP wrapper
+        return dataset
+
+    def get_train_dataloader(self):
+        if self._online is None:
+            return super().get_train_dataloader()
+        from torch.utils.data import DataLoader
+
+        # A plain loader, not accelerate's: that one fetches a batch ahead, so step t+1's pairs would be sampled before
+        # step t's update (and, for an IterableDataset under DDP, on rank 0 only). The Trainer moves batches to the
+        # device itself (_prepare_inputs).
+        return DataLoader(self._online, batch_size=self._train_batch_size, collate_fn=self.data_collator,
+                          num_workers=0)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._online is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        t0 = time.perf_counter()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.args.device.type == "cuda":
+            torch.cuda.synchronize(self.args.device)
+        self._online_training_s += time.perf_counter() - t0
+        if self.accelerator.sync_gradients:  # the step's last micro-batch: its batches were all sampled by now
+            metrics = self._online.pop_metrics()
+            metrics["online/training_s"] = self._online_training_s
+            self._online_training_s = 0.0
+            self.store_metrics(metrics, "train")
+        return loss
 
     def get_eval_dataloader(self, eval_dataset=None):
         train_collator, self.data_collator = self.data_collator, self._eval_collator
