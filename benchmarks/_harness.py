@@ -1,13 +1,17 @@
 """Shared benchmark machinery: shapes, the implementations under test, peak-memory measurement.
 
-Every benchmark is one :class:`Case` — a benchmark family (``linear_logprobs``, ``fused_losses``, ``memory``), an
-implementation name and a :class:`Shape`. :func:`prepare` turns a case into a ``step()`` closure that runs one forward
-and one backward (and synchronizes on CUDA, so a wall-clock timer around it measures the GPU work), plus the FLOP count
-the TFLOP/s figure is reported against.
+Every benchmark is one :class:`Case` — a benchmark family (``linear_logprobs``, ``fused_losses``, ``token_kl``,
+``catpo``, ``memory``: LM-head work on a :class:`Shape`; ``attention_stats``, ``attention_e2e``: image-attention
+statistics on an :class:`AttnShape`), an implementation name and a shape. :func:`prepare` turns a case into a
+``step()`` closure that runs one forward and one backward (the attention statistics have no backward) and
+synchronizes on CUDA, so a wall-clock timer around it measures the GPU work; :func:`flops` gives the FLOP count the
+TFLOP/s figure is reported against. ``BASELINES`` names, per family and implementation, what its time and memory are
+divided by in the results (same shape), and ``TARGETS`` the project's targets on those ratios.
 
 Inputs come from the tests' builder, :func:`vpo.testing.make_linear_head_inputs`, with every position scored
 (``ignore_frac=0``, no prompt), so ``N = rows × seq`` tokens all do the full vocabulary sweep and ``6·N·D·V`` is
-the work every implementation must do.
+the work every implementation must do. The attention steps make each layer's q and k inside the step
+(:func:`_layer_qk`), as a model's forward would.
 
 Peak memory (:func:`peak_memory_mib`), always of one ``step()`` after a warm-up call, over what the inputs already hold:
 
@@ -23,6 +27,11 @@ Peak memory (:func:`peak_memory_mib`), always of one ``step()`` after a warm-up 
   the step's peak it reads a constant (measured: 0.0 MiB rises for every case). ``VmHWM`` belongs to the process's own
   address space and has neither problem. Without ``/proc`` write access the worker falls back to the ``VmHWM`` rise
   without a reset and says so in ``method``.
+  The worker runs with ``MALLOC_MMAP_THRESHOLD_=131072`` (unless set already): every allocation of 128 KiB or more is
+  its own mmap, unmapped on free, so RSS follows the live tensors, as CUDA's ``max_memory_allocated`` does. With
+  glibc's default, dynamic threshold a freed block of up to 32 MiB raises the threshold and later blocks of that size
+  come from the heap, which keeps what is freed; the peak then depends on that history: measured on the eager
+  image-attention case (32 maps of 8 MiB), 266 MiB with the fixed threshold every time, 266-368 MiB without.
 """
 from __future__ import annotations
 
@@ -32,8 +41,8 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Optional, Tuple
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -73,8 +82,52 @@ class Shape:
 
     @property
     def label(self) -> str:
-        short = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}.get(self.dtype, self.dtype)
+        short = _short(self.dtype)
         return f"{self.model} N={self.n} (B={self.rows // 2}, T={self.seq}) D={self.dim} V={self.vocab} {short}"
+
+    def tiny(self) -> "Shape":
+        """The warm-up shape of the fresh-process memory worker (loads kernels and threads on tiny tensors)."""
+        return Shape("tiny", 2, 4, 8, 16, self.dtype)
+
+
+@dataclass(frozen=True)
+class AttnShape:
+    """Image-attention statistics of a stack of ``layers`` attention layers: ``batch`` sequences of ``seq`` tokens
+    holding ``n_image`` image tokens, ``heads`` query heads over ``kv_heads`` key/value heads of size ``head_dim``."""
+
+    model: str
+    batch: int
+    seq: int
+    n_image: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}-T{self.seq}"
+
+    @property
+    def label(self) -> str:
+        heads = f"{self.heads}" if self.kv_heads == self.heads else f"{self.heads}/{self.kv_heads}kv"
+        return (f"{self.model} B={self.batch} T={self.seq} N_p={self.n_image} L={self.layers} H={heads} "
+                f"d={self.head_dim} {_short(self.dtype)}")
+
+    def tiny(self) -> "AttnShape":
+        """The memory worker's warm-up: ONE layer of this shape, so that the kernels' and thread pools' scratch for
+        these sizes exists before the peak-RSS reset (with a tiny warm-up the first real layer's scratch, ~6 MiB,
+        landed in the measured peak of some runs and not others)."""
+        return replace(self, model="warm-up", layers=1)
+
+
+def _short(dtype: str) -> str:
+    return {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}.get(dtype, dtype)
 
 
 SEQ_GPU = 1024  # tokens per sequence on the GPU shapes: N = 2B · 1024
@@ -96,7 +149,33 @@ MEMORY_SHAPE = Shape("memory-target", 4, 1024, 256, 131072, "float32")
 MEMORY_TARGET_RATIO = 0.1
 
 SHAPES = GPU_SHAPES if DEVICE == "cuda" else CPU_SHAPES
-SHAPE_ORDER = {s: i for i, s in enumerate((*GPU_SHAPES, *CPU_SHAPES, MEMORY_SHAPE))}
+# On CUDA the chunked torch path runs fp32 GEMMs (~10x the Triton path's time: ~2-4 s per token-KL / Cat-PO step at
+# N=16384), so the Cat-PO families (token KL, Cat-PO loss) measure it at N <= this only; the GPU's subject is the Triton
+# path. On CPU those families run at cpu-small only (cpu-medium: 2-7 s per step). VPO_BENCH_ALL_SHAPES=1 lifts both.
+GPU_TORCH_MAX_TOKENS = 2048
+ALL_SHAPES = os.environ.get("VPO_BENCH_ALL_SHAPES", "") == "1"
+
+# Image-attention statistics (bench_attention_stats.py). GPU: LLaVA-1.5-7B's language model (32 layers x 32 heads,
+# head dim 128, no GQA) on a 2048-token sequence with 576 image tokens (336 px / 14 px patches), and Qwen2-VL-7B's
+# (28 layers, 28 query heads over 4 kv heads: GQA). CPU, fp32, [8, 512, 512] maps (8 MiB a layer): one layer's map fits
+# the torch q,k path's 2**24-element score tile, which it then holds with ~50% of temporaries, so eager/qk is ~L/1.5:
+# ~6x with 8 layers (`cpu-attn-small`), ~20x with LLaVA-7B's 32 (`cpu-llava-depth`: 256 MiB of eager maps).
+ATTN_GPU_SHAPES = (
+    AttnShape("llava-1.5-7b", 1, 2048, 576, 32, 32, 32, 128, "bfloat16"),
+    AttnShape("qwen2-vl-7b", 1, 2048, 576, 28, 28, 4, 128, "bfloat16"),
+)
+ATTN_CPU_SHAPES = (
+    AttnShape("cpu-attn-small", 1, 512, 64, 8, 8, 8, 32, "float32"),
+    AttnShape("cpu-llava-depth", 1, 512, 64, 32, 8, 8, 32, "float32"),
+)
+ATTN_SHAPES = ATTN_GPU_SHAPES if DEVICE == "cuda" else ATTN_CPU_SHAPES
+# The end-to-end variant: a tiny LLaVA (vpo.models.tiny_llava: CLIP tower + projector + Llama LM) with hidden
+# heads * head_dim, N_p = (image_size / 8)**2 image tokens, one preference pair (B = 2 rows). Cheap on both devices.
+E2E_SHAPES = (AttnShape("tiny-llava", 2, 512, 144, 8, 8, 4, 16, "float32"),)
+# Run order (conftest.py): the image-attention shapes first (seconds in all, and one of them carries a target), then
+# the LM-head shapes small to large.
+SHAPE_ORDER = {s: i for i, s in enumerate((*ATTN_GPU_SHAPES, *ATTN_CPU_SHAPES, *E2E_SHAPES, *GPU_SHAPES, *CPU_SHAPES,
+                                           MEMORY_SHAPE))}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -106,21 +185,23 @@ SHAPE_ORDER = {s: i for i, s in enumerate((*GPU_SHAPES, *CPU_SHAPES, MEMORY_SHAP
 
 @dataclass(frozen=True)
 class Case:
-    bench: str  # "linear_logprobs" | "fused_losses"
+    bench: str  # a key of BASELINES ("linear_logprobs", "fused_losses", "token_kl", "catpo", ...) or "memory"
     impl: str
-    shape: Shape
+    shape: Union[Shape, "AttnShape"]
 
     @property
     def id(self) -> str:
         return f"{self.shape.id}-{self.impl}"
 
     def to_json(self) -> str:
-        return json.dumps({"bench": self.bench, "impl": self.impl, "shape": asdict(self.shape)})
+        return json.dumps({"bench": self.bench, "impl": self.impl, "shape_kind": type(self.shape).__name__,
+                           "shape": asdict(self.shape)})
 
     @staticmethod
     def from_json(text: str) -> "Case":
         d = json.loads(text)
-        return Case(d["bench"], d["impl"], Shape(**d["shape"]))
+        kind = AttnShape if d.get("shape_kind") == "AttnShape" else Shape
+        return Case(d["bench"], d["impl"], kind(**d["shape"]))
 
 
 # What each implementation is compared with in the results table: (time baseline, memory baseline), same shape.
@@ -141,26 +222,114 @@ FUSED_IMPLS: Dict[str, Tuple[Optional[str], Optional[str]]] = {
     "tpo/naive": ("dpo/naive", None),  # vpo.oracle.tpo_loss: also materializes the noised pass's logits
     "dpo/liger": ("dpo/naive", "dpo/naive"),  # LigerFusedLinearDPOLoss(use_ref_model=True)
 }
-CUDA_ONLY = {"triton", "liger-flce", "cce", "dpo/triton", "tpo/triton", "dpo/liger"}
+# Per-token KL (bench_token_kl.py): vpo.linear_token_kl against the naive materializing KL, and linear_logprobs at the
+# same shape, the time the KL is held to (GPU target: kl/triton <= 1.6x logprobs/triton).
+TOKEN_KL_IMPLS: Dict[str, Tuple[Optional[str], Optional[str]]] = {
+    "logprobs/triton": (None, None),  # vpo.linear_logprobs(impl="triton"), fwd+bwd of logp.sum()
+    "kl/triton": ("logprobs/triton", "kl/naive"),  # vpo.linear_token_kl(impl="triton"), fwd+bwd of kl.sum()
+    "logprobs/torch": (None, None),
+    "kl/torch": ("logprobs/torch", "kl/naive"),
+    "kl/naive": ("kl/torch", None),  # full [N, V] logits of both models, fp32 log_softmax, Σ p·(log p − log q)
+}
+# Cat-PO's loss (bench_token_kl.py) against fused DPO on the same backend and the materializing oracle.
+CATPO_IMPLS: Dict[str, Tuple[Optional[str], Optional[str]]] = {
+    "dpo/triton": (None, None),  # vpo.fused_dpo_loss, with the reference's hidden states
+    "catpo/triton": ("dpo/triton", "catpo/naive"),  # vpo.fused_catpo_loss: weighted DPO + 0.03 · weighted KL
+    "dpo/torch": (None, None),
+    "catpo/torch": ("dpo/torch", "catpo/naive"),
+    "catpo/naive": ("catpo/torch", None),  # vpo.oracle.catpo_loss: full logits in the input dtype
+}
+# Image-attention statistics (bench_attention_stats.py): the q,k route first, so that the eager route's ratios (its
+# memory over the q,k route's: the target is >= 20x on the GPU shape) are known when it finishes.
+_QK_ROUTE = "qk/triton" if DEVICE == "cuda" else "qk/torch"  # what impl="auto" runs here
+ATTN_IMPLS: Dict[str, Tuple[Optional[str], Optional[str]]] = {
+    "qk/triton": (None, None),  # image_attention_from_qk(impl="triton") per layer + ImageAttentionAccumulator
+    "qk/torch": (None, None),  # image_attention_from_qk(impl="torch")
+    "eager": (_QK_ROUTE, _QK_ROUTE),  # L maps [B, H, T, T] held (output_attentions=True), image_attention_from_probs
+}
+# The same comparison through a real transformers forward of a tiny LLaVA.
+E2E_IMPLS: Dict[str, Tuple[Optional[str], Optional[str]]] = {
+    "capture": (None, None),  # sdpa forward inside vpo.integrations.capture_image_attention
+    "eager-output-attentions": ("capture", "capture"),  # eager forward, output_attentions=True, per-layer gather
+}
+CUDA_ONLY = {"triton", "liger-flce", "cce", "dpo/triton", "tpo/triton", "dpo/liger", "logprobs/triton", "kl/triton",
+             "catpo/triton", "qk/triton"}
 # Optional third-party baselines: the module that must import (pytest.importorskip).
-OPTIONAL_MODULE = {"liger-flce": "liger_kernel", "dpo/liger": "liger_kernel", "cce": "cut_cross_entropy"}
-BASELINES = {"linear_logprobs": LINEAR_IMPLS, "fused_losses": FUSED_IMPLS}
+OPTIONAL_MODULE = {"liger-flce": "liger_kernel", "dpo/liger": "liger_kernel", "cce": "cut_cross_entropy",
+                   "capture": "transformers", "eager-output-attentions": "transformers"}
+BASELINES = {"linear_logprobs": LINEAR_IMPLS, "fused_losses": FUSED_IMPLS, "token_kl": TOKEN_KL_IMPLS,
+             "catpo": CATPO_IMPLS, "attention_stats": ATTN_IMPLS, "attention_e2e": E2E_IMPLS}
+FAMILY_SHAPES = {"attention_stats": ATTN_SHAPES, "attention_e2e": E2E_SHAPES}
+# End-to-end training step (bench_train_step.py, which builds its model, batch and steps itself): the trainer's path
+# (hidden states + fused loss) against the same model producing full [2B, T, V] logits (materialized log_softmax).
+TRAIN_STEP_IMPLS: Dict[str, Tuple[Optional[str], Optional[str]]] = {
+    "dpo/materialized": (None, None),
+    "dpo/vpo": ("dpo/materialized", "dpo/materialized"),  # targets on GPU: >= 1.5x tokens/s, <= 0.6x step memory
+    "tpo/materialized": ("dpo/materialized", None),
+    "tpo/vpo": ("tpo/materialized", "tpo/materialized"),
+}
+BASELINES["train_step"] = TRAIN_STEP_IMPLS
+
+
+@dataclass(frozen=True)
+class Target:
+    """A project target on a ratio of the results table: ``extra_info[metric] op value``, on ``device`` only."""
+
+    metric: str  # "time_ratio" | "memory_ratio"
+    op: str  # "<=" | ">="
+    value: float
+    device: str = "cuda"
+    shapes: Optional[Tuple[str, ...]] = None  # Shape.id values it applies to; None: every shape
+
+    def applies(self, shape) -> bool:
+        return self.device == DEVICE and (self.shapes is None or shape.id in self.shapes)
+
+    def met(self, x: float) -> bool:
+        return x <= self.value if self.op == "<=" else x >= self.value
+
+    def __str__(self) -> str:
+        return f"{self.metric.replace('_', ' ')} {'≤' if self.op == '<=' else '≥'} {self.value:g}"
+
+
+TARGETS: Dict[Tuple[str, str], Target] = {
+    ("fused_losses", "tpo/triton"): Target("time_ratio", "<=", 1.15),  # TPO <= 1.15x DPO
+    ("token_kl", "kl/triton"): Target("time_ratio", "<=", 1.6),  # KL <= 1.6x log-probs
+    # eager maps >= 20x the q,k route's memory: LLaVA-1.5-7B's shape on GPU, the same ratio at a CPU scale
+    ("attention_stats", "eager"): Target("memory_ratio", ">=", 20.0, DEVICE,
+                                         (ATTN_GPU_SHAPES[0].id, ATTN_CPU_SHAPES[1].id)),
+}
+
+
+def _measured_at(bench: str, impl: str, shape) -> bool:
+    """Cases left out to keep a run short unless ``VPO_BENCH_ALL_SHAPES=1`` (benchmarks/README.md): the token-KL and
+    Cat-PO torch paths above ``GPU_TORCH_MAX_TOKENS`` on CUDA, and those families beyond ``cpu-small`` on CPU."""
+    if ALL_SHAPES or bench not in ("token_kl", "catpo"):
+        return True
+    if DEVICE == "cuda":
+        return not impl.endswith("/torch") or shape.n <= GPU_TORCH_MAX_TOKENS
+    return shape == CPU_SHAPES[0]
 
 
 def cases(bench: str):
     """Every (shape, impl) of ``bench`` that this machine can run, shape-major (small shapes first)."""
     impls = [i for i in BASELINES[bench] if DEVICE == "cuda" or i not in CUDA_ONLY]
-    return [Case(bench, impl, shape) for shape in SHAPES for impl in impls]
+    return [Case(bench, impl, shape) for shape in FAMILY_SHAPES.get(bench, SHAPES) for impl in impls
+            if _measured_at(bench, impl, shape)]
 
 
 def flops(case: Case) -> float:
     """Useful FLOPs of one fwd+bwd. Log-probs: 3 GEMMs of 2·N·D·V (z = h·Wᵀ, dh = dz·W, dW = dzᵀ·h).
-    Losses: the policy's fwd+bwd (6·N·D·V) plus the reference's forward (2·N·D·V); TPO's target-logit passes are
-    O(N·D) and not counted. Implementations that do more (the naive TPO materializes the noised logits too) are
-    still rated against this."""
+    Losses and the token KL: the policy's fwd+bwd (6·N·D·V) plus the reference's forward (2·N·D·V); TPO's
+    target-logit passes are O(N·D) and not counted. Implementations that do more (the naive TPO materializes the
+    noised logits too; Cat-PO sweeps the vocabulary for log-probs and again for the KL; recomputation in the
+    backward) are still rated against this. Image-attention statistics: the causal half of the scores ``q·kᵀ``,
+    ``2·B·Hq·d·T(T+1)/2`` per layer, whatever else a route computes (eager: the full square and the softmax)."""
     s = case.shape
+    if isinstance(s, AttnShape):
+        return float(s.batch * s.heads * s.head_dim * s.seq * (s.seq + 1) * s.layers)
     per_gemm = 2.0 * s.n * s.dim * s.vocab
-    return (3 if case.bench in ("linear_logprobs", "memory") else 4) * per_gemm
+    logprobs_only = case.bench in ("linear_logprobs", "memory") or case.impl.startswith("logprobs/")
+    return (3 if logprobs_only else 4) * per_gemm
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -291,10 +460,10 @@ def _fused_step(impl: str, x: LinearHeadInputs, device: str) -> Callable[[], Non
         leaves = (h, W)
 
     if backend == "triton":
-        try:
-            import vpo_kernels.linear_logprobs  # noqa: F401
-        except ImportError as e:
-            raise Unavailable(f"vpo_kernels.linear_logprobs does not import: {e}") from e
+        _require_kernels("vpo_kernels.linear_logprobs", *(["vpo_kernels.token_kl"] if loss_name == "catpo" else []))
+    if loss_name == "catpo":  # Cat-PO's token weights: constants in [0.5, 1.5] (the reference model's, in training)
+        g = torch.Generator(device=y.device).manual_seed(4)
+        token_w = torch.rand(y.shape, generator=g, device=y.device, dtype=torch.float32).add_(0.5)  # [2B, T]
 
     if impl in ("dpo/triton", "dpo/torch"):
 
@@ -317,6 +486,16 @@ def _fused_step(impl: str, x: LinearHeadInputs, device: str) -> Callable[[], Non
         def loss():
             return vpo.oracle.tpo_loss(W, h, h_n, y, ref_hidden=ref_h, ref_hidden_noised=ref_hn)[0]
 
+    elif impl in ("catpo/triton", "catpo/torch"):
+
+        def loss():
+            return vpo.fused.fused_catpo_loss(W, h, y, token_w, ref_hidden=ref_h, impl=backend)[0]
+
+    elif impl == "catpo/naive":
+
+        def loss():
+            return vpo.oracle.catpo_loss(W, h, y, token_w, ref_hidden=ref_h)[0]
+
     elif impl == "dpo/liger":
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
@@ -328,7 +507,8 @@ def _fused_step(impl: str, x: LinearHeadInputs, device: str) -> Callable[[], Non
             return out[0] if isinstance(out, tuple) else out
 
     else:
-        raise ValueError(f"unknown fused_losses impl {impl!r}: expected one of {sorted(FUSED_IMPLS)}")
+        raise ValueError(f"unknown fused_losses/catpo impl {impl!r}: expected one of "
+                         f"{sorted({*FUSED_IMPLS, *CATPO_IMPLS})}")
 
     def step():
         torch.autograd.grad(loss(), leaves)
@@ -337,13 +517,221 @@ def _fused_step(impl: str, x: LinearHeadInputs, device: str) -> Callable[[], Non
     return step
 
 
+def _require_kernels(*modules: str) -> None:
+    """Raise :class:`Unavailable` unless every ``vpo_kernels`` module imports (Triton present, sources built)."""
+    import importlib
+
+    for mod in modules:
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            raise Unavailable(f"{mod} does not import: {e}") from e
+
+
+def naive_token_kl(h: torch.Tensor, W: torch.Tensor, h_ref: torch.Tensor, W_ref: torch.Tensor) -> torch.Tensor:
+    """The materializing baseline as distillation / KL-regularized training code writes it: both models' logits
+    ``[N, V]`` in the compute dtype, upcast to fp32, ``log_softmax`` each, ``Σ_v p (log p − log q)``; the reference
+    side is a constant."""
+    log_p = torch.log_softmax((h @ W.T).float(), dim=-1)  # [N, D] @ [D, V] -> [N, V], fp32
+    with torch.no_grad():
+        log_q = torch.log_softmax((h_ref @ W_ref.T).float(), dim=-1)  # [N, V] fp32
+    return (log_p.exp() * (log_p - log_q)).sum(-1)  # [N]
+
+
+def _token_kl_step(impl: str, x: LinearHeadInputs, device: str) -> Callable[[], None]:
+    """``logprobs/*``: :func:`_linear_step`; ``kl/*``: fwd+bwd of ``kl.sum()`` against the reference's hidden states
+    (the policy's plus noise, as in the loss benchmarks), sharing the policy's head as Cat-PO does."""
+    family, backend = impl.split("/")
+    if family == "logprobs":
+        return _linear_step(backend, x, device)
+    if impl not in TOKEN_KL_IMPLS:
+        raise ValueError(f"unknown token_kl impl {impl!r}: expected one of {sorted(TOKEN_KL_IMPLS)}")
+    from vpo.ops.token_kl import linear_token_kl
+
+    sync = _sync(device)
+    D = x.hidden.shape[-1]
+    h, W, y = x.hidden.reshape(-1, D), x.weight, x.labels.reshape(-1)  # [N, D], [V, D], [N]
+    h_ref = h.detach() + _randn(h.shape, h, 1, 0.05)  # [N, D] the reference model's hidden states
+    leaves = (x.hidden, x.weight)
+    if backend == "triton":
+        _require_kernels("vpo_kernels.token_kl")
+
+    if backend == "naive":
+
+        def kl():
+            return naive_token_kl(h, W, h_ref, W.detach())
+
+    else:
+
+        def kl():
+            return linear_token_kl(h, W, h_ref, labels=y, impl=backend)  # labels: the mask, all valid here
+
+    def step():
+        torch.autograd.grad(kl().sum(), leaves)
+        sync()
+
+    return step
+
+
+def _layer_qk(shape: "AttnShape", layer: int, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``layer``'s post-RoPE ``q [B, Hq, T, d]`` and ``k [B, Hkv, T, d]``: seeded N(0, 1) in the shape's dtype,
+    generated on the device (what the model's q/k projections and RoPE would hand the attention)."""
+    g = torch.Generator(device=device).manual_seed(1000 + layer)
+    B, T, d = shape.batch, shape.seq, shape.head_dim
+    q = torch.randn((B, shape.heads, T, d), generator=g, device=device, dtype=shape.torch_dtype)
+    k = torch.randn((B, shape.kv_heads, T, d), generator=g, device=device, dtype=shape.torch_dtype)
+    return q, k
+
+
+def image_positions(shape: "AttnShape", device: str) -> torch.Tensor:
+    """``[B, N_p]`` key positions of the image block, LLaVA's layout: a short prompt prefix, the image, then text."""
+    start = min(8, shape.seq - shape.n_image)
+    return (start + torch.arange(shape.n_image, device=device)).expand(shape.batch, -1).contiguous()
+
+
+def _attention_step(impl: str, shape: "AttnShape", device: str) -> Callable[[], None]:
+    """One model-like sweep over ``shape.layers`` layers producing the head- and layer-averaged image attention
+    ``[B, T, N_p]`` (every query row) by ``impl``; q and k are generated per layer inside the step (both routes),
+    so the step's peak holds one layer's q, k plus what the route itself keeps.
+
+    - ``eager``: HF's ``eager_attention_forward`` up to the probabilities: ``repeat_kv``, ``q·kᵀ·scale`` in the
+      compute dtype, the additive causal mask (built once per forward, ``[T, T]``), ``softmax`` in fp32, cast back;
+      every layer's ``[B, H, T, T]`` map is kept, as ``output_attentions=True`` returns them all; then
+      ``image_attention_from_probs`` per layer into an ``ImageAttentionAccumulator``. (``probs @ v`` is left out: both
+      routes would compute the layer's output.)
+    - ``qk/<impl>``: ``image_attention_from_qk(q, k, ...)`` per layer into the accumulator; nothing ``[T, T]``.
+    """
+    from vpo.ops.attention_stats import ImageAttentionAccumulator, image_attention_from_probs, image_attention_from_qk
+
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"unknown attention_stats impl {impl!r}: expected one of {sorted(ATTN_IMPLS)}")
+    sync = _sync(device)
+    ipos = image_positions(shape, device)  # [B, N_p]
+    L, G, dtype = shape.layers, shape.heads // shape.kv_heads, shape.torch_dtype
+    scale = shape.head_dim ** -0.5
+
+    if impl == "eager":
+
+        def step():
+            with torch.no_grad():
+                T = shape.seq
+                mask = torch.full((T, T), float("-inf"), device=device, dtype=dtype).triu_(1)  # [T, T] additive
+                maps = []  # output_attentions=True: L x [B, H, T, T]
+                for layer in range(L):
+                    q, k = _layer_qk(shape, layer, device)
+                    k = k.repeat_interleave(G, dim=1) if G > 1 else k  # repeat_kv: [B, Hkv, T, d] -> [B, Hq, T, d]
+                    s = torch.matmul(q, k.transpose(2, 3)) * scale  # [B, Hq, T, d] @ [B, Hq, d, T] -> [B, Hq, T, T]
+                    s = s + mask
+                    maps.append(torch.softmax(s, dim=-1, dtype=torch.float32).to(dtype))
+                    del q, k, s
+                acc = ImageAttentionAccumulator(num_layers=L)
+                for layer, p in enumerate(maps):
+                    acc.add(layer, image_attention_from_probs(p, ipos))  # [B, T, N_p]
+                a = acc.mean()
+                del maps, a
+            sync()
+
+    else:
+        backend = impl.split("/")[1]
+        if backend == "triton":
+            _require_kernels("vpo_kernels.attention_stats")
+
+        def step():
+            acc = ImageAttentionAccumulator(num_layers=L)
+            for layer in range(L):
+                q, k = _layer_qk(shape, layer, device)
+                acc.add(layer, image_attention_from_qk(q, k, ipos, scale=scale, impl=backend))  # [B, T, N_p]
+                del q, k
+            a = acc.mean()
+            del a
+            sync()
+
+    return step
+
+
+def _e2e_step(impl: str, shape: "AttnShape", device: str) -> Callable[[], None]:
+    """A tiny LLaVA's forward (no grad, as ``catpo_weights_for_batch`` runs it) and the image attention of its
+    language model averaged over every layer: ``eager-output-attentions`` = the eager model with
+    ``output_attentions=True`` then ``image_attention_from_probs`` per returned map; ``capture`` = the sdpa model
+    inside ``capture_image_attention`` (``image_attention_from_qk``, ``impl="auto"``)."""
+    if impl not in E2E_IMPLS:
+        raise ValueError(f"unknown attention_e2e impl {impl!r}: expected one of {sorted(E2E_IMPLS)}")
+    try:
+        from vpo.integrations import capture_image_attention, image_token_positions
+        from vpo.models import make_inputs, tiny_llava
+    except ImportError as e:
+        raise Unavailable(f"the end-to-end variant needs transformers: {e}") from e
+    from vpo.ops.attention_stats import ImageAttentionAccumulator, image_attention_from_probs
+
+    side = int(round(shape.n_image ** 0.5))
+    if side * side != shape.n_image:
+        raise ValueError(f"{shape.label}: the tiny LLaVA needs a square N_p (image_size / patch_size squared)")
+    tiny = tiny_llava(vocab_size=128, hidden_size=shape.heads * shape.head_dim, num_layers=shape.layers,
+                      num_heads=shape.heads, num_kv_heads=shape.kv_heads, image_size=8 * side, patch_size=8)
+    model = tiny.model.to(device=device, dtype=shape.torch_dtype)
+    batch = {k: v.to(device) for k, v in make_inputs(tiny, batch_size=shape.batch, seq_len=shape.seq).items()}
+    batch["pixel_values"] = batch["pixel_values"].to(shape.torch_dtype)
+    ipos = image_token_positions(batch["input_ids"], tiny.image_token_id)  # [B, N_p]
+    sync = _sync(device)
+    kw = dict(use_cache=False, logits_to_keep=1)
+
+    if impl == "eager-output-attentions":
+        model.set_attn_implementation("eager")
+
+        def run():
+            with torch.no_grad():
+                maps = model(**batch, output_attentions=True, **kw).attentions  # L x [B, H, T, T]
+                acc = ImageAttentionAccumulator(num_layers=len(maps))
+                for layer, p in enumerate(maps):
+                    acc.add(layer, image_attention_from_probs(p, ipos))
+                a = acc.mean()
+                del maps, a
+            sync()
+
+    else:
+
+        def run():
+            with torch.no_grad(), capture_image_attention(model, ipos) as cap:
+                model(**batch, **kw)
+            a = cap.result()
+            del a
+            sync()
+
+    if device == "cuda":
+        return run
+
+    def step():  # one thread on CPU, as vpo.models.tiny advises: its ops are too small to share (measured 20x slower
+        threads = torch.get_num_threads()  # with 2 threads on 2 busy cores)
+        torch.set_num_threads(1)
+        try:
+            run()
+        finally:
+            torch.set_num_threads(threads)
+
+    return step
+
+
+def _attention_prepare(case: Case, device: str) -> Callable[[], None]:
+    clear_inputs()  # the linear-head inputs of the last shape are not needed any more
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    if case.bench == "attention_e2e":
+        return _e2e_step(case.impl, case.shape, device)
+    return _attention_step(case.impl, case.shape, device)
+
+
 def prepare(case: Case, device: str = DEVICE, *, cache: bool = True) -> Callable[[], None]:
     """``step()`` running one fwd+bwd of ``case`` on cached inputs (synchronized on CUDA)."""
+    if case.bench in ("attention_stats", "attention_e2e"):
+        return _attention_prepare(case, device)
     x = inputs(case.shape, device, cache=cache)
     if case.bench in ("linear_logprobs", "memory"):
         return _linear_step(case.impl, x, device)
-    if case.bench == "fused_losses":
+    if case.bench in ("fused_losses", "catpo"):
         return _fused_step(case.impl, x, device)
+    if case.bench == "token_kl":
+        return _token_kl_step(case.impl, x, device)
     raise ValueError(f"unknown bench {case.bench!r}")
 
 
@@ -387,7 +775,7 @@ def _reset_peak_rss() -> bool:
 
 def _peak_rss_worker(case: Case) -> dict:
     """Runs in a fresh process: one step of ``case`` on CPU; peak RSS rise over the post-input baseline."""
-    tiny = Shape("tiny", 2, 4, 8, 16, case.shape.dtype)
+    tiny = case.shape.tiny()
     prepare(Case(case.bench, case.impl, tiny), "cpu", cache=False)()  # load kernels/threads/lazy state, tiny tensors
     step = prepare(case, "cpu", cache=False)
     gc.collect()
@@ -401,15 +789,18 @@ def _peak_rss_worker(case: Case) -> dict:
         "peak_mib": (peak - base) / 1024.0,
         "baseline_rss_mib": base / 1024.0,
         "seconds": seconds,
-        "method": "VmHWM rise in a fresh process (clear_refs reset)" if reset
-        else "VmHWM rise in a fresh process (no reset possible: under-reports)",
+        "method": ("VmHWM rise in a fresh process (clear_refs reset)" if reset
+                   else "VmHWM rise in a fresh process (no reset possible: under-reports)")
+        + (f"; MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}"
+           if os.environ.get("MALLOC_MMAP_THRESHOLD_") else ""),
     }
 
 
 def cpu_peak_rss(case: Case, timeout: float = 900.0) -> dict:
     """Run :func:`_peak_rss_worker` for ``case`` in a fresh interpreter; returns its dict."""
+    env = {"MALLOC_MMAP_THRESHOLD_": "131072", **os.environ}  # live-tensor RSS (module docstring); an outer value wins
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), case.to_json()], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"peak-RSS worker for {case.id} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -460,7 +851,33 @@ def run_benchmark(benchmark, case: Case) -> None:
         torch.cuda.empty_cache()
         pytest.skip(f"CUDA out of memory: {str(e).splitlines()[0]}")
     if benchmark.stats:  # None under --benchmark-disable (one untimed call)
-        benchmark.extra_info["tflops"] = flops(case) / benchmark.stats.stats.median / 1e12
+        median = benchmark.stats.stats.median
+        benchmark.extra_info.update(tflops=flops(case) / median / 1e12, median_s=median)
+    _link_ratios(case, benchmark.extra_info)
+
+
+# (bench, shape) -> impl -> the live ``extra_info`` dict of every benchmark measured so far in this session.
+_MEASURED: Dict[tuple, Dict[str, dict]] = {}
+
+
+def _link_ratios(case: Case, info: dict) -> None:
+    """Fill ``time_ratio`` / ``memory_ratio`` (over the baselines named in ``BASELINES``, same shape) and, where a
+    :data:`TARGETS` entry applies, ``target`` / ``target_met``, in this benchmark's ``extra_info`` and in those of the
+    same shape measured before it whose baseline it is (the dicts are pytest-benchmark's own, written out later)."""
+    peers = _MEASURED.setdefault((case.bench, case.shape), {})
+    peers[case.impl] = info
+    for impl, e in peers.items():
+        time_base, mem_base = BASELINES[case.bench][impl]
+        t, m = peers.get(time_base), peers.get(mem_base)
+        if t is not None and e.get("median_s") and t.get("median_s"):
+            e["time_ratio"] = e["median_s"] / t["median_s"]
+        if m is not None and e.get("peak_mib") is not None and (m.get("peak_mib") or 0) > 0:
+            e["memory_ratio"] = e["peak_mib"] / m["peak_mib"]
+        target = TARGETS.get((case.bench, impl))
+        if target is not None and target.applies(case.shape):
+            e["target"] = str(target)
+            if e.get(target.metric) is not None:
+                e["target_met"] = target.met(e[target.metric])
 
 
 if __name__ == "__main__":  # the peak-RSS worker: python _harness.py '<Case json>'

@@ -136,8 +136,9 @@ def _markdown(data: dict) -> str:
         f"Command: `{data['command']}`.",
         "",
         "Forward + backward of one step, median over rounds (spread: interquartile range). TFLOP/s against the useful "
-        "FLOPs: 6·N·D·V for log-probs, 8·N·D·V for losses (policy fwd+bwd, reference fwd). Peak memory: the step's "
-        "peak above its inputs (CUDA: `max_memory_allocated`; CPU: peak-RSS rise in a fresh process). "
+        "FLOPs: 6·N·D·V for log-probs, 8·N·D·V for losses and the token KL (policy fwd+bwd, reference fwd); "
+        "image-attention statistics (no backward): the causal half of q·kᵀ, B·H·d·T(T+1) per layer. Peak memory: the "
+        "step's peak above its inputs (CUDA: `max_memory_allocated`; CPU: peak-RSS rise in a fresh process). "
         "Ratios: time and memory divided by those of the named implementation at the same shape.",
         "",
         "| benchmark | shape | impl | median ms | IQR ms | rounds | TFLOP/s | peak MiB | time ratio | memory ratio |",
@@ -169,6 +170,21 @@ def _markdown(data: dict) -> str:
             f"{ratio(b, e.get('memory_baseline'), 'memory')} |"
         )
 
+    targeted = [b for b in rows if b["extra_info"].get("target")]
+    if targeted:
+        lines += ["", "## Targets", "",
+                  "| benchmark | shape | impl | ratio | target | |", "|---|---|---|---:|---|---|"]
+        for b in targeted:
+            e = b["extra_info"]
+            metric = "time" if e["target"].startswith("time") else "memory"
+            base = e.get(f"{metric}_baseline")
+            value = e.get(f"{metric}_ratio")
+            met = e.get("target_met")
+            lines.append(
+                f"| {e['bench']} | {e['shape']} | {e['impl']} | {_fmt(value, '.3g')}× {base} | {e['target']} | "
+                f"{'—' if met is None else 'met' if met else 'NOT met'} |"
+            )
+
     mem = [b for b in data["benchmarks"] if b["extra_info"].get("bench") == "memory"]
     if mem:
         lines += ["", "## Memory target: chunked torch path vs naive, one fwd+bwd", "",
@@ -182,10 +198,36 @@ def _markdown(data: dict) -> str:
                 f"≤ {e['target_ratio']} ({'met' if ok else 'NOT met'}) | {b['stats']['median'] * 1e3:.4g} | "
                 f"{e['memory_method']} |"
             )
+    lines += _train_step_markdown([b for b in data["benchmarks"] if b["extra_info"].get("bench") == "train_step"])
     if data["skipped"]:
         lines += ["", "## Not measured", ""]
         lines += [f"- `{s['test']}`: {s['reason']}" for s in data["skipped"]]
     return "\n".join(lines) + "\n"
+
+
+def _train_step_markdown(steps: list) -> list:
+    """The "End-to-end training step" section (bench_train_step.py): tokens/s, peaks, ratios, targets."""
+    if not steps:
+        return []
+    lines = ["", "## End-to-end training step (bench_train_step.py)", "",
+             "One DPO / TPO step of a LLaVA model with LoRA: policy passes, reference passes (no grad), loss, "
+             "backward, AdamW. `vpo`: the trainer's path (hidden states, fused loss on `lm_head.weight`); "
+             "`materialized`: full `[2B, T, V]` logits, fp32 log_softmax. tokens/s: the batch's real tokens "
+             "(response tokens) per median step. Step peak: above the weights, optimizer state and batch; total: "
+             "absolute. Ratios: vpo over the materialized step of the same method.", "",
+             "| shape | impl | median s | tokens/s | response tokens/s | step peak MiB | total peak MiB | "
+             "tokens/s ratio | step memory ratio | total memory ratio | targets |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for b in steps:
+        e = b["extra_info"]
+        targets = "; ".join(f"{t['target']}: {'—' if t['met'] is None else 'met' if t['met'] else 'NOT met'}"
+                            for t in e.get("targets", ())) or "—"
+        cells = [e["shape"], e["impl"], _fmt(b["stats"]["median"], ".3g"), _fmt(e.get("tokens_per_s"), ".4g"),
+                 _fmt(e.get("response_tokens_per_s"), ".4g"), _fmt(e.get("peak_mib"), ".1f"),
+                 _fmt(e.get("total_peak_mib"), ".1f"), _fmt(e.get("throughput_ratio"), ".3g"),
+                 _fmt(e.get("memory_ratio"), ".3g"), _fmt(e.get("total_memory_ratio"), ".3g"), targets]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _write_results(config) -> None:

@@ -5,6 +5,12 @@
 #     OUT=/where/results/go bash benchmarks/run_gpu.sh                 # install, GPU tests, benchmarks
 #     OUT=... bash benchmarks/run_gpu.sh bench                         # only some stages: install | tests | bench
 #     OUT=... VPO_BENCH_ARGS='-k "llava"' bash benchmarks/run_gpu.sh bench    # extra pytest arguments
+#     VPO_BENCH_ARGS='-k "kl or catpo or attention"'     only the Cat-PO benchmarks (token KL, Cat-PO loss, image attention)
+#     VPO_BENCH_ARGS='-k "not N16384"'                   without the largest LM-head shapes
+#     VPO_BENCH_ALL_SHAPES=1                             also the token-KL / Cat-PO torch paths above N=2048 (minutes)
+#     OUT=... bash benchmarks/run_gpu.sh install train   the end-to-end DPO/TPO training step on a LLaVA-1.5-7B-shaped
+#                                                        model (bench_train_step.py, ~1-2 min; not a default stage: the
+#                                                        others use the whole budget), into $OUT/train-step.{json,md}
 #
 # Writes into $OUT: nvidia-smi.txt, install.log, gpu_tests.log, bench.log and the results files <device>.json and
 # <device>.md (benchmarks/conftest.py; rewritten after every benchmark, so a run cut short keeps what it measured).
@@ -17,6 +23,7 @@ OUT=${OUT:-benchmarks/results}
 PY=${PYTHON:-python}
 TOTAL=${VPO_TOTAL_BUDGET_S:-540}          # seconds for all stages together
 TESTS_BUDGET=${VPO_TESTS_BUDGET_S:-180}   # at most this much for `pytest -m gpu tests`
+TRAIN_BUDGET=${VPO_TRAIN_BUDGET_S:-240}   # at most this much for the `train` stage
 STAGES=${*:-install tests bench}
 mkdir -p "$OUT"
 start=$SECONDS
@@ -40,12 +47,21 @@ if has tests; then
     timeout -s INT -k 20 "$budget" "$PY" -m pytest -m gpu -q tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 25
 fi
 
+if has train; then
+    budget=$(( $(left) < TRAIN_BUDGET ? $(left) : TRAIN_BUDGET ))
+    echo "== train step (budget ${budget}s)"
+    timeout -s INT -k 30 "$budget" "$PY" -m pytest benchmarks/bench_train_step.py --benchmark-only -q \
+        -p no:cacheprovider --vpo-results "$OUT" --vpo-results-name train-step 2>&1 | tee "$OUT/train_step.log" \
+        | tail -n 15
+fi
+
 if has bench; then
     budget=$(( $(left) - 15 )); (( budget < 60 )) && budget=60
     echo "== benchmarks (budget ${budget}s)"
     # Bounded timing: at least 3 rounds, more only while the first 0.5 s last; each benchmark also runs one warm-up
     # step and one peak-memory step itself before pytest-benchmark's calibration call.
     eval "timeout -s INT -k 30 $budget $PY -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
+        --ignore=benchmarks/bench_train_step.py \
         --vpo-results '$OUT' --benchmark-min-rounds=3 --benchmark-max-time=0.5 --benchmark-warmup=off \
         --benchmark-columns=median,iqr,rounds --benchmark-sort=name ${VPO_BENCH_ARGS:-}" 2>&1 | tee "$OUT/bench.log" \
         | tail -n 15
