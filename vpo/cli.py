@@ -1,96 +1,53 @@
 """The ``vpo`` command line.
 
-    vpo demo [--quick] [--steps N] [--impl auto|torch|triton]   the main job (README quickstart)
+    vpo demo [--quick] [--out DIR] [--methods tpo,dpo] ...     the main job (README quickstart)
+    vpo eval --model PATH|tiny-cache --data DIR [--out F]      CHAIR / POPE / coverage on held-out images
+    vpo visualize rewards|curves ...                           per-token TPO rewards (HTML + PNG); training curves
     vpo info                                                   what is built and available
     vpo train --config FILE.yaml                               train a VLM with any method (vpo.trainer)
     vpo precompute-ref --config FILE.yaml                      reference terms stored with the dataset
-    vpo csr | lpoi-lists | mdpo-crops ...                      build CSR / LPOI / mDPO datasets (vpo.construct)
+    vpo csr | lpoi-lists | mdpo-crops | ovip ...               build CSR / LPOI / mDPO / OViP datasets (vpo.construct)
 
-Until the trainer lands, ``vpo demo`` shows the fused losses on random inputs: it checks them against the
-materializing oracle, then optimizes a small policy head with DPO and with TPO and prints the curves' end points.
+``vpo demo`` (:mod:`vpo.demo`) fine-tunes a tiny LLaVA on the synthetic shapes world, measures its hallucinations,
+trains it with TPO and DPO on preference pairs and measures again: a CPU run of a few minutes (``--quick``: about
+a minute and a half). ``demo``, ``eval`` and ``visualize`` need the ``train`` extra.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 
-def _progress(it, total: int, desc: str):
-    """A minimal progress bar on stderr (no extra dependency)."""
-    width = 30
-    tty = sys.stderr.isatty()
-    start = time.perf_counter()
-    for i, x in enumerate(it, 1):
-        yield x
-        if tty or i == total:  # redraw in a terminal; one closing line in logs
-            done = int(width * i / total)
-            rate = i / max(time.perf_counter() - start, 1e-9)
-            sys.stderr.write(f"{chr(13) if tty else ''}{desc} [{'#' * done}{'.' * (width - done)}] {i}/{total} "
-                             f"{rate:5.1f} it/s")
-            sys.stderr.flush()
-    sys.stderr.write("\n")
+def _needs_train_extra(args, err: ImportError) -> int:
+    print(f"vpo {args.command} needs the train extra ({err}): pip install -e '.[train]'", file=sys.stderr)
+    return 2
 
 
 def _demo(args) -> int:
-    import torch
+    try:
+        from vpo.demo import main
+    except ImportError as err:  # pragma: no cover - exercised only without the train extra
+        return _needs_train_extra(args, err)
+    return main(args)
 
-    import vpo
-    from vpo.testing import make_linear_head_inputs
 
-    torch.manual_seed(args.seed)
-    B, T, D, V = (2, 16, 32, 257) if args.quick else (4, 48, 64, 2053)
-    print(f"vpo {vpo.__version__} | available: {dict(vpo.AVAILABLE)}")
-    print(f"batch: {B} pairs x {T} tokens, hidden {D}, vocab {V}, impl={args.impl}\n")
+def _eval(args) -> int:
+    try:
+        import transformers  # noqa: F401
 
-    # 1. The fused losses equal the oracle that materializes [tokens x vocab] logits.
-    x = make_linear_head_inputs(2 * B, T, D, V, dtype=torch.float64, prompt_len=T // 4, bias=True, seed=args.seed)
-    noised = (x.hidden.detach() + 0.3 * torch.randn_like(x.hidden)).requires_grad_()
-    ref_h, ref_hn = x.hidden.detach() * 0.98, noised.detach() * 0.98
-    rows = []
-    for name, fused, oracle in [
-        ("dpo", lambda: vpo.fused_dpo_loss(x.weight, x.hidden, x.labels, x.bias, ref_h, impl=args.impl),
-         lambda: vpo.oracle.dpo_loss(x.weight, x.hidden, x.labels, x.bias, ref_h)),
-        ("tpo", lambda: vpo.fused_tpo_loss(x.weight, x.hidden, noised, x.labels, x.bias, ref_h, ref_hn, impl=args.impl),
-         lambda: vpo.oracle.tpo_loss(x.weight, x.hidden, noised, x.labels, x.bias, ref_h, ref_hn)),
-    ]:
-        lf, _ = fused()
-        gf = torch.autograd.grad(lf, (x.weight, x.hidden))
-        lo, _ = oracle()
-        go = torch.autograd.grad(lo, (x.weight, x.hidden))
-        err = max((a - b).abs().max().item() for a, b in zip(gf, go))
-        rows.append((name, lf.item(), lo.item(), err))
-    print(f"{'loss':<6}{'fused':>14}{'oracle':>14}{'max |grad diff|':>18}")
-    for name, lf, lo, err in rows:
-        print(f"{name:<6}{lf:>14.8f}{lo:>14.8f}{err:>18.2e}")
-    print()
+        from vpo.eval.cli import main
+    except ImportError as err:  # pragma: no cover
+        return _needs_train_extra(args, err)
+    return main(args)
 
-    # 2. Optimize a small policy (hidden states + head) from a frozen reference with each loss.
-    steps = args.steps or (20 if args.quick else 150)
-    base = make_linear_head_inputs(2 * B, T, D, V, dtype=torch.float32, prompt_len=T // 4, seed=args.seed + 1,
-                                   requires_grad=False)
-    noise = 0.5 * torch.randn_like(base.hidden)
-    print(f"{'method':<8}{'loss start':>12}{'loss end':>12}{'margin start':>14}{'margin end':>12}{'acc end':>9}")
-    for method in ("dpo", "tpo"):
-        h = base.hidden.clone().requires_grad_()
-        W = base.weight.clone().requires_grad_()
-        opt = torch.optim.Adam([h, W], lr=1e-2)
-        first = last = None
-        for _ in _progress(range(steps), steps, f"{method} "):
-            opt.zero_grad()
-            if method == "dpo":
-                loss, out = vpo.fused_dpo_loss(W, h, base.labels, ref_hidden=base.hidden, ref_weight=base.weight,
-                                               impl=args.impl)
-            else:
-                loss, out = vpo.fused_tpo_loss(W, h, h + noise, base.labels, ref_hidden=base.hidden,
-                                               ref_hidden_noised=base.hidden + noise, ref_weight=base.weight,
-                                               impl=args.impl)
-            loss.backward()
-            opt.step()
-            last = (loss.item(), out.margins.mean().item(), out.accuracy.item())
-            first = first or last
-        print(f"{method:<8}{first[0]:>12.4f}{last[0]:>12.4f}{first[1]:>14.4f}{last[1]:>12.4f}{last[2]:>9.2f}")
-    return 0
+
+def _visualize(args) -> int:
+    try:
+        import matplotlib  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as err:  # pragma: no cover
+        return _needs_train_extra(args, err)
+    return args.run(args)
 
 
 def _info(args) -> int:
@@ -109,12 +66,23 @@ def _info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vpo", description="Fused kernels and losses for visual preference optimization")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="the main job: fused losses vs the oracle, then a short DPO/TPO optimization")
-    d.add_argument("--quick", action="store_true", help="tiny sizes for CI")
-    d.add_argument("--steps", type=int, default=None, help="optimization steps per method")
-    d.add_argument("--impl", choices=["auto", "torch", "triton"], default="auto")
-    d.add_argument("--seed", type=int, default=0)
+    from vpo import demo, visualize_cli
+    from vpo.eval import cli as eval_cli
+
+    d = sub.add_parser("demo", help="the main job: SFT a tiny VLM, measure, TPO and DPO, measure again (CPU, minutes)",
+                       description="SFT a tiny LLaVA on the shapes world, measure hallucination, train TPO and DPO "
+                                   "on preference pairs, measure again; print the before/after table.")
+    demo.add_arguments(d)
+    d.add_argument("--impl", choices=["auto", "torch", "triton"], default="auto",
+                   help="kernel choice of the fused losses (SFT and preference stages)")
     d.set_defaults(func=_demo)
+    e = sub.add_parser("eval", help="CHAIR / POPE / coverage of a model on held-out shapes-world images",
+                       description="Hallucination metrics of a model on held-out images of the shapes world.")
+    eval_cli.add_arguments(e)
+    e.set_defaults(func=_eval)
+    v = sub.add_parser("visualize", help="per-token TPO rewards / Cat-PO weights (HTML + PNG); training curves (PNG)")
+    visualize_cli.add_subcommands(v)
+    v.set_defaults(func=_visualize)
     i = sub.add_parser("info", help="what is built and available")
     i.set_defaults(func=_info)
     _register_optional(sub)
@@ -134,7 +102,7 @@ def _register_optional(sub) -> None:
             print(f"vpo {args.command} needs the train extra ({missing}): pip install -e '.[train]'", file=sys.stderr)
             return 2
 
-        for name in ("train", "precompute-ref", "csr", "lpoi-lists", "mdpo-crops"):
+        for name in ("train", "precompute-ref", "csr", "lpoi-lists", "mdpo-crops", "ovip"):
             stub = sub.add_parser(name, help=f"(needs pip install '.[train]')", add_help=False)
             stub.add_argument("rest", nargs=argparse.REMAINDER)
             stub.set_defaults(func=_needs_train)

@@ -1,0 +1,456 @@
+"""``vpo demo``: the package end to end on a CPU, in minutes.
+
+    vpo demo [--quick] [--out DIR] [--seed S] [--methods tpo,dpo] [--sft-steps N] [--steps N] [--threads T]
+
+1. **World data** (:mod:`vpo.worlds.shapes`): supervised captions and yes/no answers for SFT, preference pairs
+   (chosen = the true caption, rejected = the caption with one hallucinated object, color or count) on other images,
+   and a held-out evaluation set (captions + POPE questions) on yet other images — three disjoint splits.
+2. **Tiny VLM** (:mod:`vpo.models.cache`): a ``LlavaForConditionalGeneration`` (CLIP vision tower + MLP projector +
+   Llama) with a word-level ``tokenizers`` tokenizer over the world's vocabulary and a real ``CLIPImageProcessor``,
+   built from configs once and loaded from the local cache (``$VPO_CACHE`` or ``~/.cache/vpo``) afterwards.
+3. **SFT** (:mod:`vpo.trainer.sft`): every parameter, on the captions and yes/no answers, until the model describes
+   images (it starts from random weights).
+4. **Measure**: CHAIR_i / CHAIR_s, POPE accuracy / F1 and coverage on the held-out images (:mod:`vpo.eval`), greedy
+   decoding.
+5. **Preference optimization**: each method (TPO, and DPO as the baseline) with :class:`vpo.trainer.VPOTrainer` on the
+   fused losses, from the SFT model, the frozen SFT model as the reference (full fine-tuning of the language model;
+   the vision tower stays frozen).
+6. **Measure again**, and draw: the training curves (loss, reward margin, accuracy) as PNG, and TPO's per-token
+   calibrated rewards ``c`` of one preference pair before and after TPO (HTML + PNG, like TPO's Figure 1).
+7. **Report**: a table of the metrics before and after for each method, the curves' end points, and where every
+   file is; ``summary.json`` holds the same numbers.
+
+``--quick`` (CI) runs the same stages with fewer images and steps (about a minute and a half on 2 busy cores); the
+full run takes a few minutes. Every random draw is seeded (``--seed``): the numbers are reproducible on the same
+machine and thread count. Progress bars go to stderr, the report to stdout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence
+
+METHODS = ("tpo", "dpo")
+METRICS = (("CHAIR_i", "chair", "chair_i", "lower"), ("CHAIR_s", "chair", "chair_s", "lower"),
+           ("POPE acc", "pope", "accuracy", "higher"), ("POPE F1", "pope", "f1", "higher"),
+           ("coverage", "chair", "coverage", "higher"))
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes and hyper-parameters of one demo run (:data:`PRESETS`)."""
+
+    sft_images: int  # images of the SFT split (each gives a caption, a yes and a no example)
+    sft_steps: int
+    pair_images: int  # preference pairs (one per image)
+    pref_steps: int  # steps per preference method
+    eval_images: int  # held-out images (one caption each, plus the POPE questions)
+    sft_batch: int = 32
+    sft_lr: float = 1e-3
+    sft_warmup: int = 30
+    pref_batch: int = 16
+    pref_lr: float = 6e-5
+    beta: float = 0.1
+    pope_per_scene: int = 1  # yes + no questions per scene and POPE setting
+    logging_steps: int = 10
+
+
+PRESETS: Dict[str, DemoSettings] = {
+    "full": DemoSettings(sft_images=1500, sft_steps=1000, pair_images=1000, pref_steps=100, eval_images=300),
+    "quick": DemoSettings(sft_images=400, sft_steps=250, pair_images=300, pref_steps=30, eval_images=100,
+                          logging_steps=5),
+}
+
+
+# ------------------------------------------------------------------------------------------------------ progress
+def _stage_bar_callback(desc: str, enabled: bool):
+    """A Trainer progress callback: one bar per stage, the latest loss / margin in its postfix (no log lines)."""
+    from transformers.trainer_callback import ProgressCallback
+    from tqdm.auto import tqdm
+
+    class _StageBar(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.training_bar = tqdm(total=state.max_steps, desc=desc, dynamic_ncols=True, disable=not enabled,
+                                     unit="step")
+            self.current_step = 0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.training_bar is None or not logs:
+                return
+            post = {}
+            for key, short in (("loss", "loss"), ("rewards/margins", "margin"), ("rewards/accuracies", "acc")):
+                if isinstance(logs.get(key), (int, float)):
+                    post[short] = f"{logs[key]:.3f}"
+            if post:
+                self.training_bar.set_postfix(post, refresh=False)
+
+    return _StageBar()
+
+
+def _quiet_trainer(trainer, desc: str, progress: bool):
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(_stage_bar_callback(desc, progress))
+    return trainer
+
+
+class _Log:
+    """Stage headers and lines on stdout, with the elapsed time."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+        self.start = time.perf_counter()
+
+    def __call__(self, text: str = "") -> None:
+        print(text, file=self.stream, flush=True)
+
+    def stage(self, i: int, n: int, text: str) -> None:
+        self(f"[{i}/{n}] {text}  (t = {time.perf_counter() - self.start:.0f}s)")
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+def make_world_data(root: str, settings: DemoSettings, seed: int) -> Dict[str, str]:
+    """Write the three splits (module docstring, stage 1) under ``root``; returns their paths."""
+    from vpo.worlds import shapes
+
+    sft = shapes.make_sft_dataset(root, settings.sft_images, seed=seed, split="sft", questions_per_image=1)
+    pairs = shapes.make_dataset(root, settings.pair_images, seed=seed, split="train")
+    ev = shapes.make_eval_dataset(root, settings.eval_images, seed=seed, split="test",
+                                  pope_per_scene=settings.pope_per_scene)
+    return {"sft": sft, "pairs": pairs, "eval_captions": ev["captions"], "eval_pope": ev["pope"], "root": root}
+
+
+def pick_picture_pair(pairs_path: str) -> int:
+    """The preference pair drawn in the reward pictures: the first whose rejected caption has a hallucinated color
+    (one word differs, and it is a visual one), else the first pair."""
+    from vpo.worlds.shapes import read_jsonl
+
+    rows = read_jsonl(pairs_path)
+    for i, r in enumerate(rows):
+        if (r.get("hallucination") or {}).get("kind") == "color":
+            return i
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- core
+def _metric(report: Dict[str, Any], section: str, key: str) -> float:
+    return float(report[section][key])
+
+
+def _row_metrics(report: Dict[str, Any]) -> Dict[str, float]:
+    return {name: _metric(report, sec, key) for name, sec, key, _ in METRICS}
+
+
+def _curve_ends(history: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    logs = [h for h in history if "loss" in h and "train_runtime" not in h]
+    out: Dict[str, Any] = {"logged_steps": [h.get("step") for h in logs]}
+    for key, name in (("loss", "loss"), ("rewards/margins", "margin"), ("rewards/accuracies", "accuracy")):
+        vals = [h[key] for h in logs if isinstance(h.get(key), (int, float))]
+        if vals:
+            out[name] = {"start": float(vals[0]), "end": float(vals[-1])}
+    return out
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) and math.isfinite(v) else "  -  "
+
+
+def format_table(summary: Dict[str, Any]) -> str:
+    """The before/after table and the curves' end points of a :func:`run_demo` summary."""
+    before = summary["before"]
+    lines = []
+    head = f"{'model':<12}" + "".join(f"{name:>20}" for name, *_ in METRICS)
+    lines.append(head)
+    lines.append(f"{'sft (before)':<12}" + "".join(f"{_fmt(before[name]):>20}" for name, *_ in METRICS))
+    for method, res in summary["methods"].items():
+        cells = []
+        for name, *_rest in METRICS:
+            cells.append(f"{_fmt(before[name])} -> {_fmt(res['after'][name])}")
+        lines.append(f"{method + ' (after)':<12}" + "".join(f"{c:>20}" for c in cells))
+    arrows = "".join(f"{('(' + d + ' is better)'):>20}" for *_a, d in METRICS)
+    lines.append(f"{'':<12}{arrows}")
+    lines.append("")
+    lines.append(f"{'curves':<8}{'steps':>7}{'loss start -> end':>22}{'margin start -> end':>24}"
+                 f"{'accuracy end':>15}{'time':>8}")
+    sft = summary.get("sft", {})
+    if sft.get("curve", {}).get("loss"):
+        c = sft["curve"]
+        lines.append(f"{'sft':<8}{sft['steps']:>7}{_fmt(c['loss']['start']) + ' -> ' + _fmt(c['loss']['end']):>22}"
+                     f"{'':>24}{'':>15}{sft['seconds']:>7.0f}s")
+    for method, res in summary["methods"].items():
+        c = res["curve"]
+        loss = c.get("loss", {})
+        margin = c.get("margin", {})
+        acc = c.get("accuracy", {})
+        lines.append(f"{method:<8}{res['steps']:>7}"
+                     f"{_fmt(loss.get('start', float('nan'))) + ' -> ' + _fmt(loss.get('end', float('nan'))):>22}"
+                     f"{_fmt(margin.get('start', float('nan'))) + ' -> ' + _fmt(margin.get('end', float('nan'))):>24}"
+                     f"{_fmt(acc.get('end', float('nan'))):>15}{res['seconds']:>7.0f}s")
+    return "\n".join(lines)
+
+
+def run_demo(
+    out: str = "vpo-demo",
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    methods: Sequence[str] = METHODS,
+    settings: Optional[DemoSettings] = None,
+    threads: Optional[int] = 1,
+    cache_dir: Optional[str] = None,
+    progress: bool = True,
+    impl: str = "auto",
+    log=None,
+) -> Dict[str, Any]:
+    """Run the demo (module docstring) writing everything under ``out``; returns the summary (also
+    ``out/summary.json``). ``settings`` overrides the preset (``PRESETS["quick" if quick else "full"]``);
+    ``impl``: the kernel choice of the fused losses; ``threads``: torch CPU threads during the run."""
+    import torch
+
+    methods = list(methods)
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"methods must be drawn from {list(METHODS)}, got {m!r}")
+    if not methods:
+        raise ValueError("methods is empty: pass at least one of " + ", ".join(METHODS))
+    settings = settings or PRESETS["quick" if quick else "full"]
+    log = log or _Log()
+    from vpo.eval.cli import quiet_transformers
+
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with quiet_transformers():  # no weight loading / saving bars: the stages have their own
+            return _run(out, quick, seed, methods, settings, cache_dir, progress, impl, log)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run(out, quick, seed, methods, settings, cache_dir, progress, impl, log) -> Dict[str, Any]:
+    import torch
+
+    from vpo.data import PreferenceCollator, PreferenceDataset
+    from vpo.eval.cli import display_text, evaluate
+    from vpo.eval.metrics import format_report
+    from vpo.models.cache import DEFAULT_SPEC, cache_path, is_fresh, load_or_build, load_pretrained, save_pretrained
+    from vpo.trainer import VPOConfig, VPOTrainer
+    from vpo.trainer.sft import make_sft_trainer, read_sft_jsonl
+    from vpo.visualize import training_curves_png
+    from vpo.visualize_cli import reward_pictures
+
+    os.makedirs(out, exist_ok=True)
+    out = os.path.abspath(out)
+    n_stages = 7
+    summary: Dict[str, Any] = {"mode": "quick" if quick else "full", "seed": seed, "methods": {},
+                               "settings": dataclasses.asdict(settings), "threads": torch.get_num_threads(),
+                               "out": out}
+
+    # 1. data --------------------------------------------------------------------------------------------------
+    log.stage(1, n_stages, "world data: SFT captions + yes/no, preference pairs, held-out eval set")
+    t = time.perf_counter()
+    data = make_world_data(os.path.join(out, "data"), settings, seed)
+    log(f"      {settings.sft_images} SFT images (x3 examples), {settings.pair_images} preference pairs, "
+        f"{settings.eval_images} held-out images; {data['root']} ({time.perf_counter() - t:.1f}s)")
+
+    # 2. model -------------------------------------------------------------------------------------------------
+    log.stage(2, n_stages, "tiny VLM (transformers LlavaForConditionalGeneration + LlavaProcessor)")
+    fresh = is_fresh(cache_path(cache_dir), DEFAULT_SPEC)
+    model, processor, path = load_or_build(DEFAULT_SPEC, cache_dir)
+    s = DEFAULT_SPEC
+    n_params = sum(p.numel() for p in model.parameters())
+    vocab = model.config.text_config.vocab_size
+    log(f"      CLIP {s.vision_layers}x{s.vision_hidden} on {s.image_size}px / {s.patch_size}px patches "
+        f"({s.num_image_tokens} image tokens) + Llama {s.num_layers}x{s.hidden_size}, word-level vocab {vocab}; "
+        f"{n_params / 1e6:.2f}M parameters")
+    log(f"      cache: {path} ({'loaded' if fresh else 'built and saved'})")
+    summary["model"] = {"cache": path, "params": n_params, "vocab_size": vocab, "spec": dataclasses.asdict(s)}
+
+    # 3. SFT ---------------------------------------------------------------------------------------------------
+    log.stage(3, n_stages, f"SFT: {settings.sft_steps} steps x {settings.sft_batch} examples, lr {settings.sft_lr:g}")
+    t = time.perf_counter()
+    sft_dir = os.path.join(out, "sft")
+    trainer = make_sft_trainer(model, processor, read_sft_jsonl(data["sft"]), output_dir=sft_dir,
+                               max_steps=settings.sft_steps, batch_size=settings.sft_batch,
+                               learning_rate=settings.sft_lr, warmup_steps=settings.sft_warmup, seed=seed,
+                               logging_steps=settings.logging_steps, loss_impl=impl)
+    _quiet_trainer(trainer, "sft", progress).train()
+    model.eval()
+    trainer.save_state()
+    sft_model_dir = save_pretrained(model, processor, os.path.join(sft_dir, "model"))
+    sft_secs = time.perf_counter() - t
+    curves = {"sft": training_curves_png(trainer.state.log_history, os.path.join(sft_dir, "curves.png"), ("loss",),
+                                         title="SFT")}
+    summary["sft"] = {"steps": settings.sft_steps, "seconds": sft_secs, "model": sft_model_dir,
+                      "curve": _curve_ends(trainer.state.log_history)}
+    log(f"      loss {summary['sft']['curve']['loss']['start']:.3f} -> {summary['sft']['curve']['loss']['end']:.3f} "
+        f"({sft_secs:.0f}s); model: {sft_model_dir}")
+    del trainer
+
+    # 4. measure -----------------------------------------------------------------------------------------------
+    log.stage(4, n_stages, f"measure the SFT model on {settings.eval_images} held-out images")
+    before = evaluate(model, processor, data["root"], "test", desc="eval sft", progress=progress)
+    _write_json(os.path.join(sft_dir, "eval.json"), before)
+    log("      " + format_report(before).replace("\n", "\n      "))
+    for sample in before["samples"][:2]:
+        log(f"      e.g. {display_text(sample['response'])!r}  (truth: {_truth(sample)!r})")
+    summary["before"] = _row_metrics(before)
+    del model
+
+    # 5 + 6. preference optimization and measure again ----------------------------------------------------------
+    dataset = PreferenceDataset.from_jsonl(data["pairs"])
+    for k, method in enumerate(methods):
+        log.stage(5, n_stages, f"{method.upper()} ({k + 1}/{len(methods)}): {settings.pref_steps} steps x "
+                               f"{settings.pref_batch} pairs, lr {settings.pref_lr:g}, beta {settings.beta:g}; "
+                               f"reference = the SFT model")
+        t = time.perf_counter()
+        mdir = os.path.join(out, method)
+        policy, _ = load_pretrained(sft_model_dir)
+        reference, _ = load_pretrained(sft_model_dir)
+        config = VPOConfig(
+            output_dir=mdir, method=method, max_steps=settings.pref_steps,
+            per_device_train_batch_size=settings.pref_batch, learning_rate=settings.pref_lr, beta=settings.beta,
+            warmup_steps=min(10, settings.pref_steps // 5), lr_scheduler_type="linear",
+            logging_steps=settings.logging_steps, save_strategy="no", report_to="none", use_cpu=True, seed=seed,
+            data_seed=seed, use_lora=False, ref_mode="model", freeze_vision=True, loss_impl=impl,
+        )
+        collator = PreferenceCollator(processor, "llava", method=method, seed=seed)
+        pt = VPOTrainer(policy, config, ref_model=reference, train_dataset=dataset, data_collator=collator)
+        _quiet_trainer(pt, method, progress).train()
+        pt.save_state()
+        policy.eval()
+        model_dir = save_pretrained(policy, processor, os.path.join(mdir, "model"))
+        secs = time.perf_counter() - t
+        curves[method] = training_curves_png(pt.state.log_history, os.path.join(mdir, "curves.png"),
+                                             ("loss", "rewards/margins", "rewards/accuracies"),
+                                             title=f"{method.upper()} on the shapes world")
+        res: Dict[str, Any] = {"steps": settings.pref_steps, "seconds": secs, "model": model_dir,
+                               "curve": _curve_ends(pt.state.log_history)}
+        del pt, reference
+        log.stage(6, n_stages, f"measure the {method.upper()} model")
+        after = evaluate(policy, processor, data["root"], "test", desc=f"eval {method}", progress=progress)
+        _write_json(os.path.join(mdir, "eval.json"), after)
+        log("      " + format_report(after).split("\npope/")[0].replace("\n", "\n      "))
+        res["after"] = _row_metrics(after)
+        summary["methods"][method] = res
+        if method == "tpo":
+            # TPO's Figure 1: per-token c of one pair, by the SFT model and by the TPO model.
+            sft_model, _ = load_pretrained(sft_model_dir)
+            index = pick_picture_pair(data["pairs"])
+            from vpo.visualize_cli import read_record
+
+            rec = read_record(data["root"], index, "train")
+            pics = reward_pictures([("sft", sft_model), ("tpo", policy)], processor, rec,
+                                   os.path.join(out, "pictures"), kind="tpo", index=index, seed=seed)
+            summary["pictures"] = {"record": index, **pics, **_picture_stats(pics["json"], rec)}
+            del sft_model
+        del policy
+
+    # 7. report ------------------------------------------------------------------------------------------------
+    summary["curves"] = curves
+    summary["seconds"] = time.perf_counter() - log.start
+    log.stage(7, n_stages, "report")
+    table = format_table(summary)
+    log()
+    log(table)
+    log()
+    log("training curves (PNG): " + ", ".join(curves[k] for k in curves))
+    if "pictures" in summary:
+        pics = summary["pictures"]
+        log(f"TPO token rewards c, pair {pics['record']} (SFT vs TPO model): {pics['html']} , {pics['png']}")
+        stats = pics.get("rejected_c", {})
+        if stats:
+            words = ", ".join(next(iter(stats.values()))["hallucinated_words"])
+            log(f"      rejected {pics['rejected']!r}: mean c of the hallucinated word(s) [{words}] / of the other "
+                f"tokens = " + ", ".join(f"{st['hallucinated']:.2f} / {st['others']:.2f} ({label})"
+                                          for label, st in stats.items())
+                + "  (c > 1 weighs up a rejected token's penalty)")
+    log(f"models: {summary['sft']['model']} " + " ".join(r["model"] for r in summary["methods"].values()))
+    log(f"summary: {os.path.join(out, 'summary.json')}   total {summary['seconds']:.0f}s")
+    log(f"next: vpo eval --model {os.path.join(out, methods[0], 'model')} --data {data['root']} ; "
+        f"vpo visualize rewards --model {summary['sft']['model']} --data {data['root']} --index 3 --out "
+        f"{os.path.join(out, 'pictures')}")
+    _write_json(os.path.join(out, "summary.json"), summary)
+    with open(os.path.join(out, "summary.txt"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    return summary
+
+
+def _picture_stats(json_path: str, rec: Dict[str, Any]) -> Dict[str, Any]:
+    """Mean TPO ``c`` of the rejected caption's hallucinated words and of its other tokens, per model."""
+    from vpo.visualize_cli import hallucinated_words
+
+    marks = hallucinated_words(rec)
+    with open(json_path, encoding="utf-8") as f:
+        rows = json.load(f)["rows"]
+    out: Dict[str, Any] = {"rejected": rec.get("rejected"), "rejected_c": {}}
+    if marks is None:
+        return out
+    for row in rows:
+        if row["response"] != "rejected":
+            continue
+        vals, toks = row["values"], row["tokens"]
+        bad = [v for i, v in enumerate(vals) if i < len(marks) and marks[i]]
+        rest = [v for i, v in enumerate(vals) if not (i < len(marks) and marks[i])]
+        if bad and rest:
+            out["rejected_c"][row["model"]] = {
+                "hallucinated": sum(bad) / len(bad), "others": sum(rest) / len(rest),
+                "hallucinated_words": [t for i, t in enumerate(toks) if i < len(marks) and marks[i]]}
+    return out
+
+
+def _truth(sample: Dict[str, Any]) -> str:
+    from vpo.worlds.shapes import Scene, describe
+
+    return describe(Scene.from_dict({"objects": sample["objects"]}))
+
+
+def _write_json(path: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+def add_arguments(p) -> None:
+    p.add_argument("--quick", action="store_true", help="fewer images and steps (CI; about 1.5 min on 2 cores)")
+    p.add_argument("--out", default="vpo-demo", help="output folder (data, models, curves, pictures, summary)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
+    p.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default: the preset's)")
+    p.add_argument("--steps", type=int, default=None, help="preference steps per method (default: the preset's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: at these sizes more threads only help on an idle machine)")
+    p.add_argument("--cache-dir", default=None, help="model cache root (default $VPO_CACHE or ~/.cache/vpo)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def main(args) -> int:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        print(f"vpo demo: --methods must be drawn from {', '.join(METHODS)}, got {args.methods!r}", file=sys.stderr)
+        return 2
+    settings = PRESETS["quick" if args.quick else "full"]
+    changes = {}
+    for name, field in (("sft_steps", "sft_steps"), ("steps", "pref_steps")):
+        v = getattr(args, name)
+        if v is not None:
+            if v < 1:
+                print(f"vpo demo: --{name.replace('_', '-')} must be >= 1, got {v}", file=sys.stderr)
+                return 2
+            changes[field] = v
+    if args.threads is not None and args.threads < 1:
+        print(f"vpo demo: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    settings = dataclasses.replace(settings, **changes)
+    run_demo(args.out, quick=args.quick, seed=args.seed, methods=methods, settings=settings, threads=args.threads,
+             cache_dir=args.cache_dir, progress=not args.no_progress, impl=getattr(args, "impl", "auto"))
+    return 0
