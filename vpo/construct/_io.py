@@ -18,7 +18,7 @@ import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 DATA_FILE = "train.jsonl"
 META_FILE = "construct.json"
@@ -195,3 +195,29 @@ def record_row(rec, out_dir: str, *, drop_extra: Tuple[str, ...] = ()) -> Dict[s
         if k not in RECORD_FIELDS and k not in drop_extra:
             row[k] = v
     return row
+
+
+def read_source(data_path: str, out_dir: str, limit: Optional[int]) -> Tuple[List[Any], ConstructionSummary]:
+    """The source records (first ``limit``) and a summary that already counts the reader's skips."""
+    from vpo.data import read_preference_jsonl
+
+    records, stats = read_preference_jsonl(data_file(data_path))
+    if limit is not None:
+        records = records[:limit]
+    summary = ConstructionSummary(path=os.path.join(out_dir, "train.jsonl"), seen=stats.seen)
+    summary.skipped.update(stats.skipped)
+    return records, summary
+
+
+def records_with_images(records, summary: ConstructionSummary) -> Iterator[Tuple[Any, Any]]:
+    """``(record, PIL image)`` for each record whose image opens; the others are skipped and counted."""
+    from vpo.data import load_image
+    from vpo.data.records import UnreadableImageError
+
+    for rec in records:
+        try:
+            image = load_image(rec.image)
+        except UnreadableImageError as e:
+            skip(summary, rec.id, "unreadable_image", str(e))
+            continue
+        yield rec, image

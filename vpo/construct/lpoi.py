@@ -54,6 +54,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Seque
 import numpy as np
 
 from vpo.construct._io import (
+    read_source,
+    records_with_images,
     ConstructionSummary,
     JsonlWriter,
     check_int,
@@ -465,8 +467,6 @@ def write_lpoi_dataset(
     Returns:
         A :class:`~vpo.construct.ConstructionSummary`.
     """
-    from vpo.data import load_image, read_preference_jsonl
-    from vpo.data.records import UnreadableImageError
 
     if not isinstance(config, LPOIConfig):
         raise ValueError(f"config must be an LPOIConfig, got {type(config).__name__}")
@@ -478,19 +478,10 @@ def write_lpoi_dataset(
         raise ValueError(f"verify must be callable, got {type(verify).__name__}")
     if limit is not None:
         check_int("limit", limit, 0)
-    records, stats = read_preference_jsonl(src)
-    if limit is not None:
-        records = records[:limit]
-    summary = ConstructionSummary(path=os.path.join(out_dir, "train.jsonl"), seen=stats.seen)
-    summary.skipped.update(stats.skipped)
+    records, summary = read_source(src, out_dir, limit)
     writer = JsonlWriter(out_dir)
     try:
-        for rec in records:
-            try:
-                image = load_image(rec.image)
-            except UnreadableImageError as e:
-                skip(summary, rec.id, "unreadable_image", str(e))
-                continue
+        for rec, image in records_with_images(records, summary):
             row = {"id": rec.id, "prompt": rec.prompt, "chosen": rec.chosen, "rejected": rec.rejected, **rec.extra}
             candidates: List[Tuple[Box, Optional[str]]] = []
             if use_record_bbox and rec.bbox is not None:

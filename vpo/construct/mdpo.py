@@ -27,6 +27,8 @@ import os
 from typing import Optional, Tuple
 
 from vpo.construct._io import (
+    read_source,
+    records_with_images,
     ConstructionSummary,
     JsonlWriter,
     check_int,
@@ -35,7 +37,6 @@ from vpo.construct._io import (
     record_row,
     safe_name,
     save_png,
-    skip,
     write_meta,
 )
 
@@ -99,8 +100,6 @@ def write_mdpo_dataset(
         A :class:`~vpo.construct.ConstructionSummary`; unreadable images are skipped as ``unreadable_image``.
     """
     from vpo._validate import check_range
-    from vpo.data import load_image, read_preference_jsonl
-    from vpo.data.records import UnreadableImageError
 
     src = data_file(check_path("data_path", data_path))
     out_dir = check_path("out_dir", out_dir)
@@ -110,19 +109,10 @@ def write_mdpo_dataset(
         raise ValueError(f"save_images must be a bool, got {type(save_images).__name__}")
     if limit is not None:
         check_int("limit", limit, 0)
-    records, stats = read_preference_jsonl(src)
-    if limit is not None:
-        records = records[:limit]
-    summary = ConstructionSummary(path=os.path.join(out_dir, "train.jsonl"), seen=stats.seen)
-    summary.skipped.update(stats.skipped)
+    records, summary = read_source(src, out_dir, limit)
     writer = JsonlWriter(out_dir)
     try:
-        for rec in records:
-            try:
-                image = load_image(rec.image)
-            except UnreadableImageError as e:
-                skip(summary, rec.id, "unreadable_image", str(e))
-                continue
+        for rec, image in records_with_images(records, summary):
             box = mdpo_crop_box(rec.id, image.width, image.height, seed=seed, max_frac=max_frac, draw=0)
             info = {"crop_box": list(box), "removed": removed_fraction(box, image.width, image.height),
                     "seed": seed, "max_frac": float(max_frac)}
