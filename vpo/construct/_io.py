@@ -221,3 +221,19 @@ def records_with_images(records, summary: ConstructionSummary) -> Iterator[Tuple
             skip(summary, rec.id, "unreadable_image", str(e))
             continue
         yield rec, image
+
+
+def load_local_pretrained(model_path: Optional[str], model_class: str, what: str, device: str):
+    """``(model.eval() on device, processor)`` from a LOCAL folder (nothing is downloaded).
+
+    ``model_class`` names a transformers auto/model class (e.g. ``"CLIPModel"``); ``what`` describes the expected
+    folder for the error message when ``model_path`` is None.
+    """
+    if model_path is None:
+        raise ValueError(f"model_path must be a local folder holding {what}, got None; nothing is downloaded")
+    model_path = check_path("model_path", model_path, must_exist=True, is_dir=True)
+    import transformers
+
+    model = getattr(transformers, model_class).from_pretrained(model_path, local_files_only=True)
+    processor = transformers.AutoProcessor.from_pretrained(model_path, local_files_only=True)
+    return model.to(device).eval(), processor

@@ -58,6 +58,7 @@ import torch
 
 from vpo._validate import check_choice, check_range
 from vpo.construct._io import (
+    load_local_pretrained,
     RECORD_FIELDS,
     ConstructionSummary,
     JsonlWriter,
@@ -529,14 +530,9 @@ class CLIPScorer:
 
     def __init__(self, model_path: Optional[str] = None, *, device: str = "cpu", model=None, processor=None):
         if model is None or processor is None:
-            if model_path is None:
-                raise ValueError("model_path must be a local folder holding a CLIP model and its processor, got None "
-                                 "(nothing is downloaded); or use ShapesWorldScorer on the shapes world")
-            model_path = check_path("model_path", model_path, must_exist=True, is_dir=True)
-            from transformers import AutoProcessor, CLIPModel
-
-            model = CLIPModel.from_pretrained(model_path, local_files_only=True)
-            processor = AutoProcessor.from_pretrained(model_path, local_files_only=True)
+            model, processor = load_local_pretrained(
+                model_path, "CLIPModel", "a CLIP model and its processor (or use ShapesWorldScorer on the shapes world)",
+                device)
         self.model = model.to(device).eval()
         self.processor = processor
         self.device = device

@@ -54,6 +54,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Seque
 import numpy as np
 
 from vpo.construct._io import (
+    load_local_pretrained,
     read_source,
     records_with_images,
     ConstructionSummary,
@@ -323,14 +324,9 @@ class ZeroShotDetector:
     def __init__(self, model_path: Optional[str] = None, *, threshold: float = 0.1, text_threshold: float = 0.25,
                  device: str = "cpu", model=None, processor=None):
         if model is None or processor is None:
-            if model_path is None:
-                raise ValueError("model_path must be a local folder holding a zero-shot detector (OWL-ViT, OWLv2 or "
-                                 "Grounding DINO) and its processor, got None; nothing is downloaded")
-            model_path = check_path("model_path", model_path, must_exist=True, is_dir=True)
-            from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
-
-            model = AutoModelForZeroShotObjectDetection.from_pretrained(model_path, local_files_only=True)
-            processor = AutoProcessor.from_pretrained(model_path, local_files_only=True)
+            model, processor = load_local_pretrained(
+                model_path, "AutoModelForZeroShotObjectDetection",
+                "a zero-shot detector (OWL-ViT, OWLv2 or Grounding DINO) and its processor", device)
         self.model = model.to(device).eval()
         self.processor = processor
         self.device = device
