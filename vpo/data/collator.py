@@ -66,6 +66,7 @@ from vpo.data.records import (
     record_from_row,
     warn_skip,
 )
+from vpo.data.conversation import prompt_messages, with_response
 from vpo.noise import NUM_DIFFUSION_STEPS, add_diffusion_noise
 
 METHODS = ("dpo", "csr", "tpo", "mdpo", "ovip", "lpoi", "catpo")
@@ -79,7 +80,13 @@ VISION_KEYS = {
     "idefics2": ("pixel_values", "pixel_attention_mask"),
 }
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids",
-                    "pixel_attention_mask")
+                    "pixel_attention_mask", "token_type_ids", "image_sizes")
+# family="generic": any processor (vision keys = whatever it returns). Token-type keys it returns are rebuilt per row
+# from the image placeholder (1 on image tokens, 2 on video tokens).
+GENERIC = "generic"
+COLLATOR_FAMILIES = FAMILIES + (GENERIC,)
+# Methods whose passes take one image per example (the others accept several: record.image a list).
+SINGLE_IMAGE_METHODS = ("ovip", "lpoi", "mdpo")
 # Keys of a processor output that are text-side (rebuilt by the collator), not vision tensors.
 _TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
@@ -140,7 +147,10 @@ class PreferenceCollator:
         processor: the model's processor (``LlavaProcessor``, ``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``,
             ``Idefics2Processor``; a real checkpoint's or :func:`vpo.data.build_tiny_processor`'s) with a chat
             template.
-        family: ``"llava"``, ``"qwen2_vl"``, ``"qwen2_5_vl"`` or ``"idefics2"`` (which vision keys to emit).
+        family: ``"llava"``, ``"qwen2_vl"``, ``"qwen2_5_vl"`` or ``"idefics2"`` (which vision keys to emit), or
+            ``"generic"``: any image-text-to-text processor — the vision keys are whatever the processor returns
+            (``pixel_values``, ``image_sizes``, ``pixel_attention_mask``, ...), and ``token_type_ids`` /
+            ``mm_token_type_ids`` are rebuilt per row when the processor returns them (:mod:`vpo.data.generic`).
         method: ``"dpo"``, ``"csr"``, ``"tpo"``, ``"mdpo"``, ``"ovip"``, ``"lpoi"`` or ``"catpo"`` (which extra
             passes to build).
         max_length: truncate each row's response so the row fits (prompts are never cut; an example whose prompt
@@ -198,7 +208,7 @@ class PreferenceCollator:
             )
         if not getattr(processor, "chat_template", None) and not getattr(tokenizer, "chat_template", None):
             raise ValueError("processor has no chat template: set processor.chat_template")
-        check_choice("family", family, FAMILIES)
+        check_choice("family", family, COLLATOR_FAMILIES)
         check_choice("method", method, METHODS)
         if max_length is not None:
             max_length = _check_int("max_length", max_length, 2, None)
@@ -236,6 +246,7 @@ class PreferenceCollator:
                 scrub.add(tok)
         self._scrub = sorted((t for t in scrub if t), key=len, reverse=True)
         self._warned_template = False
+        self._type_keys: set = set()  # family "generic": token-type keys the processor returns
 
     # ---------------------------------------------------------------------------------------------- public helpers
     def noise_seed(self, record_id: str, draw: Optional[int] = None) -> int:
@@ -308,16 +319,29 @@ class PreferenceCollator:
             return record_from_row(rec, layout="auto", default_id=f"#{i}")
         raise ValueError(f"records must hold PreferenceRecord objects or dicts, got {type(rec).__name__} at index {i}")
 
-    def _clean(self, text: Any, name: str) -> str:
+    def _clean(self, text: Any, name: str) -> Any:
+        if name == "prompt" and isinstance(text, (list, tuple)):  # a conversation (vpo.data.conversation)
+            msgs = [{"role": m["role"], "content": [dict(p) for p in m["content"]]} for m in text]
+            for m in msgs:
+                for p in m["content"]:
+                    if p["type"] == "text":
+                        p["text"] = self._scrub_text(p["text"])
+            if not any(p["type"] == "text" and p["text"].strip() for m in msgs for p in m["content"]):
+                raise SkipRecord(MISSING_FIELD, "missing field 'prompt' (no text)")
+            return msgs
         if text is None:
             raise SkipRecord(MISSING_FIELD, f"missing field {name!r}")
         if not isinstance(text, str):
             raise SkipRecord(BAD_FIELD, f"field {name!r} must be a string, got {type(text).__name__}")
-        for tok in self._scrub:
-            text = text.replace(tok, " ")
-        text = text.strip()
+        text = self._scrub_text(text).strip()
         if not text:
             raise SkipRecord(MISSING_FIELD, f"missing field {name!r} (empty)")
+        return text
+
+    def _scrub_text(self, text: str) -> str:
+        """``text`` without special-token strings (so it cannot inject an image placeholder)."""
+        for tok in self._scrub:
+            text = text.replace(tok, " ")
         return text
 
     def _load(self, spec: Any, name: str):
@@ -332,8 +356,14 @@ class PreferenceCollator:
         prompt = self._clean(rec.prompt, "prompt")
         chosen = self._clean(rec.chosen, "chosen")
         rejected = self._clean(rec.rejected, "rejected")
-        image = self._load(rec.image, "image")
+        specs = rec.image if isinstance(rec.image, (list, tuple)) else [rec.image]
+        if not specs:
+            raise SkipRecord(MISSING_FIELD, "missing field 'image'")
+        images = [self._load(x, "image" if len(specs) == 1 else f"image[{k}]") for k, x in enumerate(specs)]
+        image = images[0]
         method = self.method
+        if len(images) > 1 and method in SINGLE_IMAGE_METHODS:
+            raise SkipRecord(BAD_FIELD, f"method {method!r} takes one image per example, the record has {len(images)}")
         # Everything that can skip the record is checked before any tokenization work.
         neg = list_images = None
         if method == "ovip":
@@ -357,16 +387,18 @@ class PreferenceCollator:
         ref = self._ref_logps(rec)
         weights_spec = rec.extra.get("token_weights") if method == "catpo" else None
 
-        p_img = self._render_prompt(prompt, with_image=True)
-        prompt_ids, vision = self._encode_prompt(p_img, image)
-        c_ids = self._response_ids(prompt, chosen, with_image=True)
-        r_ids = self._response_ids(prompt, rejected, with_image=True)
+        n_img = len(images)
+        p_img = self._render_prompt(prompt, n_img)
+        prompt_ids, vision = self._encode_prompt(p_img, images)
+        c_ids = self._response_ids(prompt, chosen, n_img)
+        r_ids = self._response_ids(prompt, rejected, n_img)
         row_c, n_c = self._row(prompt_ids, c_ids, vision)
         row_r, n_r = self._row(prompt_ids, r_ids, vision)
         ex = _Example(id=rec.id, chosen=row_c, rejected=row_r, n_chosen=n_c, n_rejected=n_r, ref_logps=ref)
 
         if method == "tpo":
-            noised = _to_pil(self.noised_pixels(image, rec.id, draw))
+            noised = [_to_pil(self.noised_pixels(img, rec.id if k == 0 else f"{rec.id}#{k}", draw))
+                      for k, img in enumerate(images)]
             ids, vis = self._encode_prompt(p_img, noised)
             if ids != prompt_ids:  # same image size -> same image-token count; guard anyway
                 raise RuntimeError(f"the noised image of {rec.id!r} changed the prompt's tokens")
@@ -375,22 +407,22 @@ class PreferenceCollator:
         elif method == "mdpo":
             box = self.example_crop_box(rec, image.width, image.height, draw)
             cropped = image.crop(box).resize(image.size, _bicubic())
-            ids, vis = self._encode_prompt(p_img, cropped)
+            ids, vis = self._encode_prompt(p_img, [cropped])
             ex.sub["crop"] = [self._row(ids, c_ids, vis)[0]]
         elif method == "ovip":
-            p_txt = self._render_prompt(prompt, with_image=False)
+            p_txt = self._render_prompt(prompt, 0)
             ids, _ = self._encode_prompt(p_txt, None)
             if self.image_token_id in ids:
                 raise RuntimeError("the image-free prompt still holds image tokens: check the chat template")
             responses = [chosen, rejected] if self.ovip_rejected else [chosen]
-            ex.sub["noimg"] = [self._row(ids, self._response_ids(prompt, r, with_image=False), None)[0]
+            ex.sub["noimg"] = [self._row(ids, self._response_ids(prompt, r, 0), None)[0]
                                for r in responses]
-            ids, vis = self._encode_prompt(p_img, neg)
+            ids, vis = self._encode_prompt(p_img, [neg])
             ex.sub["negimg"] = [self._row(ids, r_ids_, vis)[0] for r_ids_ in [c_ids, r_ids][: len(responses)]]
         elif method == "lpoi":
             rows = []
             for img in list_images:
-                ids, vis = (prompt_ids, vision) if img is image else self._encode_prompt(p_img, img)
+                ids, vis = (prompt_ids, vision) if img is image else self._encode_prompt(p_img, [img])
                 rows.append(self._row(ids, c_ids, vis)[0])
             ex.sub["list"] = rows
         elif method == "catpo" and weights_spec is not None:
@@ -435,22 +467,19 @@ class PreferenceCollator:
         return out[0], out[1]
 
     # -------------------------------------------------------------------------------------------------- tokenizing
-    def _messages(self, prompt: str, with_image: bool, response: Optional[str] = None) -> list:
-        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
-        msgs = [{"role": "user", "content": content}]
-        if response is not None:
-            msgs.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
-        return msgs
+    def _messages(self, prompt: Any, num_images: int, response: Optional[str] = None) -> list:
+        """The conversation: ``prompt`` (text or messages) with ``num_images`` image parts, then the response."""
+        return with_response(prompt_messages(prompt, num_images), response)
 
     def _render(self, msgs: list, add_generation_prompt: bool) -> str:
         return self.processor.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=False)
 
-    def _render_prompt(self, prompt: str, with_image: bool) -> str:
-        return self._render(self._messages(prompt, with_image), True)
+    def _render_prompt(self, prompt: Any, num_images: int) -> str:
+        return self._render(self._messages(prompt, num_images), True)
 
-    def _response_ids(self, prompt: str, response: str, with_image: bool) -> List[int]:
-        head = self._render_prompt(prompt, with_image)
-        full = self._render(self._messages(prompt, with_image, response), False)
+    def _response_ids(self, prompt: Any, response: str, num_images: int) -> List[int]:
+        head = self._render_prompt(prompt, num_images)
+        full = self._render(self._messages(prompt, num_images, response), False)
         ids = None
         if full.startswith(head):
             text = full[len(head):].rstrip()
@@ -478,18 +507,22 @@ class PreferenceCollator:
             ids.append(eos)
         return ids
 
-    def _encode_prompt(self, text: str, image) -> Tuple[List[int], Optional[Dict[str, torch.Tensor]]]:
+    def _encode_prompt(self, text: str, images) -> Tuple[List[int], Optional[Dict[str, torch.Tensor]]]:
+        """``(prompt ids, vision tensors)`` of the rendered prompt ``text`` with ``images`` (a list, or None)."""
         bos = self.tokenizer.bos_token
         kwargs = {"add_special_tokens": not (bos is not None and text.startswith(bos))}
         try:
-            out = self.processor(text=[text], images=[image] if image is not None else None, return_tensors="pt",
+            out = self.processor(text=[text], images=[list(images)] if images else None, return_tensors="pt",
                                  **kwargs)
         except (ValueError, TypeError, OSError) as e:  # a degenerate image (too small, extreme aspect ratio, ...)
-            if image is None:
+            if not images:
                 raise
-            raise SkipRecord(BAD_IMAGE, f"the processor rejected a {image.width}x{image.height} image: {e}") from None
+            sizes = ", ".join(f"{im.width}x{im.height}" for im in images)
+            raise SkipRecord(BAD_IMAGE, f"the processor rejected the image(s) ({sizes}): {e}") from None
         ids = out["input_ids"][0].tolist()
-        if image is None:
+        if self.family == GENERIC:
+            self._type_keys.update(k for k in ("token_type_ids", "mm_token_type_ids") if k in out)
+        if not images:
             return ids, None
         vision = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
         return ids, vision
@@ -551,11 +584,14 @@ class PreferenceCollator:
         if any(v is None for v in visions):
             raise RuntimeError("a sub-batch mixes rows with and without an image")
         out.update(_cat_vision(visions))
-        if "mm_token_type_ids" in VISION_KEYS[self.family]:
+        type_keys = self._type_keys if self.family == GENERIC else \
+            {k for k in VISION_KEYS[self.family] if k == "mm_token_type_ids"}
+        if type_keys:
             mm = (input_ids == self.image_token_id).long()
             if self.video_token_id is not None:
                 mm = mm + 2 * (input_ids == self.video_token_id).long()
-            out["mm_token_type_ids"] = mm * attention_mask
+            for key in type_keys:
+                out[key] = mm * attention_mask
         return out
 
 

@@ -13,8 +13,10 @@ layout                  one JSONL line (or one row of a ``datasets`` table)
                         (``openbmb/RLHF-V-Dataset``; ``text`` is a JSON string)
 ``"rlaif-v"``           ``{"image" | "image_path", "question", "chosen", "rejected", "idx", ...}``
                         (``openbmb/RLAIF-V-Dataset``)
-``"auto"``              per row: ``rlhf-v`` if it has ``text`` and no ``prompt``/``question``; ``rlaif-v`` if it has
-                        ``question`` and no ``prompt``; ``vpo`` otherwise
+``"trl"``               ``{"images" | "image", "prompt", "chosen", "rejected"}``, strings or chat messages (TRL's vision
+                        preference layout; :mod:`vpo.data.conversation`), several images per example allowed
+``"auto"``              per row: ``trl`` if it has ``images`` or a conversational prompt/response; ``vpo`` if it has
+                        ``prompt``; ``rlaif-v`` if it has ``question``; ``rlhf-v`` if it has ``text``
 ======================  ===============================================================================================
 
 Bad data never stops a run: a line that is not JSON, a record missing a field (or with a field of the wrong type) is
@@ -38,7 +40,7 @@ from torch.utils.data import Dataset
 
 from vpo._validate import check_choice
 
-LAYOUTS = ("vpo", "rlhf-v", "rlaif-v", "auto")
+LAYOUTS = ("vpo", "rlhf-v", "rlaif-v", "trl", "auto")
 
 # Skip reasons (the keys of DataStats.skipped and of the collator's batch["skipped"]).
 BAD_JSON = "bad_json"  # a JSONL line that does not parse to an object
@@ -72,10 +74,11 @@ class PreferenceRecord:
 
     Attributes:
         id: a string id, unique within a dataset (seeds the TPO noise and the mDPO crop of this example).
-        image: the image, as a path (absolute, or relative to the working directory), a ``data:image/...;base64,``
+        image: the image (or, for several images per example, a list of them: methods dpo, csr, tpo, catpo), as a path (absolute, or relative to the working directory), a ``data:image/...;base64,``
             URI, raw encoded bytes, a ``{"bytes", "path"}`` dict (the ``datasets`` Image feature) or a PIL image.
             Opened lazily by :func:`load_image`.
-        prompt: the user's question, plain text (no image placeholder: the chat template inserts the image).
+        prompt: the user's question, plain text (no image placeholder: the chat template inserts the image), or a
+            conversation (normalized chat messages ending with a user turn; :mod:`vpo.data.conversation`).
         chosen / rejected: the preferred and the dispreferred response, plain text.
         neg_image: OViP's negative image (same forms as ``image``), or ``None``.
         image_list: LPOI's list ``[x_1, ..., x_L]`` in ranking order (``x_1`` = the original image), or ``None``.
@@ -197,6 +200,8 @@ def _describe(spec: Any) -> str:
 def detect_layout(row: Mapping) -> str:
     """The layout of one row for ``layout="auto"`` (see the module docstring)."""
     if "prompt" in row:
+        if "images" in row or any(isinstance(row.get(k), (list, tuple)) for k in ("prompt", "chosen", "rejected")):
+            return "trl"
         return "vpo"
     if "question" in row:
         return "rlaif-v"
@@ -309,7 +314,13 @@ def _hf_record(row, default_id, base_dir, image, prompt, chosen, rejected) -> Pr
     )
 
 
-_BUILDERS = {"vpo": _record_vpo, "rlhf-v": _record_rlhf_v, "rlaif-v": _record_rlaif_v}
+def _record_trl(row: Mapping, default_id: str, base_dir: Optional[str]) -> PreferenceRecord:
+    from vpo.data.conversation import record_trl
+
+    return record_trl(row, default_id, base_dir)
+
+
+_BUILDERS = {"vpo": _record_vpo, "rlhf-v": _record_rlhf_v, "rlaif-v": _record_rlaif_v, "trl": _record_trl}
 
 
 def record_from_row(
@@ -366,7 +377,8 @@ def _add_row(row, default_id, layout, base_dir, validate_images, stats, records)
     try:
         rec = record_from_row(row, layout=layout, default_id=default_id, base_dir=base_dir)
         if validate_images:
-            for img in [rec.image, rec.neg_image, *(rec.image_list or [])]:
+            main = rec.image if isinstance(rec.image, list) else [rec.image]
+            for img in [*main, rec.neg_image, *(rec.image_list or [])]:
                 if img is not None:
                     try:
                         load_image(img)
