@@ -108,7 +108,6 @@ def test_reference_head_defaults_and_separate_reference():
         (lambda a: a.update(ref_hidden=None), "give exactly one of ref_hidden"),
         (lambda a: a.update(ref_logps=torch.zeros(4)), "got both"),
         (lambda a: a.update(labels=a["labels"].float()), "labels must have dtype"),
-        (lambda a: a.update(labels=torch.full_like(a["labels"], 131)), r"labels contains 131: expected values in \[0, 131\)"),
         (lambda a: a.update(beta=0.0), "beta must be > 0"),
         (lambda a: a.update(ref_bias=torch.zeros(131)), "ref_bias is given but ref_weight is None"),
         (lambda a: a.update(impl="cuda"), "impl must be one of"),
@@ -122,3 +121,16 @@ def test_bad_input_raises_value_error(mutate, match):
     mutate(args)
     with pytest.raises(ValueError, match=match):
         vpo.fused_dpo_loss(**args)
+
+
+def test_label_range_device_assert_or_debug_value_error(monkeypatch):
+    """Out-of-range labels: a device-side assert by default (RuntimeError on CPU, no host sync), the ValueError naming
+    the value with VPO_DEBUG_CHECKS=1."""
+    x, ref_h = _pair("torch", torch.float32)
+    bad = torch.full_like(x.labels, 131)
+    monkeypatch.delenv("VPO_DEBUG_CHECKS", raising=False)
+    with pytest.raises(RuntimeError, match=r"labels contains a value outside \[0, 131\)"):
+        vpo.fused_dpo_loss(x.weight, x.hidden, bad, ref_hidden=ref_h)
+    monkeypatch.setenv("VPO_DEBUG_CHECKS", "1")
+    with pytest.raises(ValueError, match=r"labels contains 131: expected values in \[0, 131\)"):
+        vpo.fused_dpo_loss(x.weight, x.hidden, bad, ref_hidden=ref_h)

@@ -5,9 +5,12 @@ Every check raises ``ValueError`` naming the argument, what was expected and wha
     labels has shape (4, 17) but hidden has shape (4, 16, 4096): expected labels.shape == hidden.shape[:-1]
 
 Checks never synchronise with the device (no ``.item()``) unless their name says so (``check_labels_in_range``).
+:func:`assert_labels_in_range` is the hot-path label check: a device-side assert, or the synchronous ValueError when
+``VPO_DEBUG_CHECKS=1``.
 """
 from __future__ import annotations
 
+import os
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -122,3 +125,21 @@ def check_labels_in_range(name: str, labels: torch.Tensor, vocab_size: int, igno
         raise ValueError(
             f"{name} contains {first}: expected values in [0, {vocab_size}) or ignore_index={ignore_index}"
         )
+
+
+def debug_checks() -> bool:
+    """Whether ``VPO_DEBUG_CHECKS=1``: run the synchronous (host-syncing) checks that name the bad value."""
+    return os.environ.get("VPO_DEBUG_CHECKS", "") == "1"
+
+
+def assert_labels_in_range(name: str, labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Labels must lie in [0, V) or equal ignore_index, checked without a host sync: ``torch._assert_async`` (a
+    RuntimeError on CPU at once; on CUDA a device-side assert that surfaces at the next sync). With
+    ``VPO_DEBUG_CHECKS=1``: :func:`check_labels_in_range`, a ValueError naming the value (one sync)."""
+    if debug_checks():
+        check_labels_in_range(name, labels, vocab_size, ignore_index)
+        return
+    valid = labels != ignore_index
+    ok = ~(valid & ((labels < 0) | (labels >= vocab_size))).any()
+    torch._assert_async(ok, f"{name} contains a value outside [0, {vocab_size}) that is not "
+                            f"ignore_index={ignore_index} (VPO_DEBUG_CHECKS=1 names it in a ValueError)")

@@ -10,8 +10,11 @@ from typing import Dict, Optional
 
 import torch
 
+import vpo.distributed
 from vpo._heads import check_labels_like, check_linear_head, default_reference_head
-from vpo._validate import check_even_batch, check_float, check_labels
+from vpo._validate import assert_labels_in_range, check_choice, check_even_batch, check_float, check_labels
+
+IMPLS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -65,3 +68,43 @@ def make_output(chosen, rejected, ref_chosen, ref_rejected, beta: float, metrics
             chosen_logps=chosen.detach(), rejected_logps=rejected.detach(), chosen_rewards=cr, rejected_rewards=rr,
             margins=margins, accuracy=(margins > 0).float().mean(), metrics=dict(metrics),
         )
+
+
+def unshard(weight, bias, ref_weight, ref_bias):
+    """The sharded-head hook (:func:`vpo.distributed.unshard_head`) for the policy's head and, when given, the
+    reference's."""
+    weight, bias = vpo.distributed.unshard_head(weight, bias)
+    if ref_weight is not None:
+        ref_weight, ref_bias = vpo.distributed.unshard_head(ref_weight, ref_bias)
+    return weight, bias, ref_weight, ref_bias
+
+
+def resolve_path(impl, labels, vocab_size: int, ignore_index: int) -> str:
+    """``"engine"`` (``impl`` = ``"auto"`` or ``"torch"``: :mod:`vpo.fused._engine`, on CPU and CUDA) or ``"triton"``
+    (the composition through :func:`vpo.linear_logprobs` with ``impl="triton"``). Also checks the label range without a
+    host sync (:func:`vpo._validate.assert_labels_in_range`)."""
+    check_choice("impl", impl, IMPLS)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    assert_labels_in_range("labels", labels, vocab_size, ignore_index)
+    return "triton" if impl == "triton" else "engine"
+
+
+def wanted_grads(**tensors) -> tuple:
+    """Names of the given tensors that need a gradient in this call (none under ``torch.no_grad()``)."""
+    if not torch.is_grad_enabled():
+        return ()
+    return tuple(name for name, t in tensors.items() if t is not None and t.requires_grad)
+
+
+def token_metrics(tok, mask: torch.Tensor, B: int) -> Dict[str, torch.Tensor]:
+    """``entropy/chosen``, ``entropy/rejected``: the policy's mean per-token entropy (nats) over the chosen / rejected
+    response tokens; ``num_tokens/chosen``, ``num_tokens/rejected``: their counts in the batch (float)."""
+    with torch.no_grad():
+        m = mask.to(tok["entropy"].dtype)
+        out = {}
+        for name, sl in (("chosen", slice(0, B)), ("rejected", slice(B, 2 * B))):
+            n = m[sl].sum()
+            out[f"entropy/{name}"] = (tok["entropy"][sl] * m[sl]).sum() / n.clamp_min(1)
+            out[f"num_tokens/{name}"] = n
+        return out

@@ -6,8 +6,13 @@
     L      = L_wDPO + L_KL
 
 The weights ``w`` are constants (computed once from the reference model, e.g. with
-:func:`vpo.integrations.catpo_weights_for_batch`). The log-probs come from :func:`vpo.linear_logprobs` and the per-token
-KL from :func:`vpo.linear_token_kl`, one online sweep over the vocab each; nothing ``[tokens × vocab]`` is built.
+:func:`vpo.integrations.catpo_weights_for_batch`). The engine (:mod:`vpo.fused._engine`) sweeps the reference's logits
+tile by tile alongside the policy's: one sweep gives both log-probs and ``KL_t = E_p[z_θ − z_ref] − lse_θ + lse_ref``,
+and the policy's gradient (wDPO and KL) is formed in the forward.
+
+Loss types (``loss_type``) replace L_wDPO and act on the weighted per-row terms ``Σ_t w_t logp`` (chosen: the w⁺ sum,
+rejected: the w⁻ sum, so the ``sigmoid`` margin is π^(w)_θ − π^(w)_ref); ``ipo``/``sigmoid_norm`` divide those terms by
+the token counts; ``sft`` is the chosen response's plain (unweighted) NLL. L_KL is added unchanged.
 """
 from __future__ import annotations
 
@@ -16,11 +21,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from vpo.fused._common import PreferenceOutput, make_output, reference_head, validate_pair_batch
-from vpo.losses import dpo_loss
-from vpo.ops.linear_logprobs import linear_logprobs
-from vpo.ops.segment_sum import sequence_sum
-from vpo.ops.token_kl import linear_token_kl
+from vpo._validate import check_range
+from vpo.fused import _composed, _engine
+from vpo.fused._common import (PreferenceOutput, make_output, reference_head, resolve_path, token_metrics, unshard,
+                               validate_pair_batch, wanted_grads)
+from vpo.losses import preference_metrics, preference_pair_losses, resolve_loss_types
 from vpo.oracle.catpo import check_catpo_arguments  # Cat-PO's argument rules live once, with the oracle
 
 
@@ -48,6 +53,10 @@ def fused_catpo_loss(
     kl_coef: float = 0.03,
     ignore_index: int = -100,
     impl: str = "auto",
+    loss_type="sigmoid",
+    loss_weights=None,
+    label_smoothing: float = 0.0,
+    chunking: Optional[_engine.Chunking] = None,
 ) -> Tuple[torch.Tensor, CatPOOutput]:
     """Cat-PO loss from last hidden states: token-weighted DPO + ``kl_coef`` · token-weighted KL.
 
@@ -60,7 +69,9 @@ def fused_catpo_loss(
         ref_weight, ref_bias: the reference head (default: the policy's, detached).
         ref_logps: ``[2B]`` precomputed ``Σ_t w_t logp_ref``, instead of ``ref_hidden`` (only with ``kl_coef == 0``).
         beta: β > 0. kl_coef: λ ≥ 0 (SPEC: 0.03).
-        impl: kernel choice for the log-prob and KL sweeps (``"auto"`` | ``"triton"`` | ``"torch"``).
+        impl: ``"auto"``/``"torch"`` (the engine) or ``"triton"`` (composed from the Triton ops).
+        loss_type, loss_weights, label_smoothing: DPO loss types on the weighted terms (module docstring).
+        chunking: :class:`vpo.fused.Chunking`.
 
     Returns:
         ``(loss, out)``, ``out`` a :class:`CatPOOutput`; ``out.metrics["catpo/kl"]`` is the mean over pairs of
@@ -74,36 +85,69 @@ def fused_catpo_loss(
         >>> round(loss.item(), 4), round(out.metrics["catpo/kl"].item(), 6)   # policy == reference
         (0.6931, 0.0)
     """
+    weight, bias, ref_weight, ref_bias = unshard(weight, bias, ref_weight, ref_bias)
     B = validate_pair_batch(hidden, labels, weight, bias)
     check_catpo_arguments(hidden, labels, token_weights, ref_hidden, ref_logps, beta=beta, kl_coef=kl_coef)
+    check_range("label_smoothing", label_smoothing, 0.0, 0.5, hi_open=True)
+    resolve_loss_types(loss_type, loss_weights)
+    has_ref = ref_hidden is not None
+    rw, rb = reference_head(weight, bias, ref_weight, ref_bias, ref_hidden) if has_ref else (None, None)
+    path = resolve_path(impl, labels, weight.shape[0], ignore_index)
+    chunking = _engine.check_chunking(chunking)
 
     mask = labels != ignore_index
-    logp, _ = linear_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, impl=impl)  # [2B, T] fp32
-    w = torch.where(mask, token_weights.detach().to(logp.dtype), torch.zeros_like(logp))  # constants
-    policy = sequence_sum(logp, w)  # [2B] Σ_t w_t logp_t
+    ntok = mask.sum(1)
+    acc = _engine.acc_dtype(hidden.dtype)
+    w_all = torch.where(mask, token_weights.detach().to(acc), torch.zeros((), dtype=acc, device=hidden.device))
+    ref_given = None if has_ref else ref_logps.detach().to(acc)
+    kw = dict(beta=beta, label_smoothing=label_smoothing, loss_type=loss_type, loss_weights=loss_weights,
+              mean_chosen_tokens=ntok[:B].to(acc).mean())
 
-    kl_pair = None
-    if ref_hidden is not None:
-        rw, rb = reference_head(weight, bias, ref_weight, ref_bias, ref_hidden)
-        with torch.no_grad():
-            ref_logp, _ = linear_logprobs(ref_hidden.detach(), rw, labels, rb, ignore_index=ignore_index, impl=impl)
-            ref = sequence_sum(ref_logp, w)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and kl_coef > 0):  # kl_coef == 0: a metric only
-            kl = linear_token_kl(hidden, weight, ref_hidden.detach(), rw, labels, bias, rb,
-                                 ignore_index=ignore_index, impl=impl)  # [2B, T]
-            kl_rows = sequence_sum(kl, w)  # [2B]
-            kl_pair = kl_rows[:B] + kl_rows[B:]  # [B]
+    def pair_loss(tok, rows, P):
+        """The chunk's share of the mean loss (pairs ``rows[:P]`` / ``rows[P:]``): wDPO (+ λ · weighted KL)."""
+        w = w_all.index_select(0, rows)
+        seq = (w * tok["logp"]).sum(1)  # [2P] Σ_t w_t logp_t
+        r = (w * tok["ref_logp"]).sum(1) if has_ref else ref_given.index_select(0, rows)
+        n = ntok.index_select(0, rows)
+        per = preference_pair_losses(seq[:P], seq[P:], r[:P], r[P:], chosen_tokens=n[:P], rejected_tokens=n[P:],
+                                     chosen_nll=-tok["logp"][:P].sum(1), **kw)
+        if has_ref and kl_coef > 0:
+            kl_rows = (w * tok["kl"]).sum(1)
+            per = per + kl_coef * (kl_rows[:P] + kl_rows[P:])
+        return per.sum() / B
+
+    ref_arg = (ref_hidden.detach(), rw, rb) if has_ref else None
+    if path == "triton":
+        tok = _composed.token_terms(hidden, weight, bias, labels, ignore_index=ignore_index, ref=ref_arg,
+                                    kl_grad=kl_coef > 0)
+        loss = _composed.composed_loss(pair_loss, tok, B)
+        extra = {}
     else:
-        ref = ref_logps.detach().to(policy.dtype)
+        need = wanted_grads(hidden=hidden, weight=weight, bias=bias)
+        with torch.no_grad():
+            res = _engine.sweep(hidden=hidden.detach(), weight=weight.detach(),
+                                bias=None if bias is None else bias.detach(), labels=labels,
+                                ignore_index=ignore_index, chunking=chunking, ref=ref_arg, pair_loss=pair_loss,
+                                need=need)
+            tok = res.tok
+            loss = pair_loss(tok, torch.arange(2 * B, device=hidden.device), B)
+        loss = _engine.attach(loss, [(hidden, res.grads["hidden"]), (weight, res.grads["weight"]),
+                                     (bias, res.grads["bias"])])
+        extra = token_metrics(tok, mask, B)
 
-    loss, metrics = dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], beta=beta)
-    if kl_pair is not None and kl_coef > 0:
-        loss = loss + kl_coef * kl_pair.mean()
     with torch.no_grad():
-        plain = sequence_sum(logp.detach())
+        logp = tok["logp"].detach()
+        seq = (w_all * logp).sum(1)
+        ref = (w_all * tok["ref_logp"].detach()).sum(1) if has_ref else ref_given
+        plain = logp.sum(1)
+        metrics = preference_metrics(beta * (seq[:B] - ref[:B]), beta * (seq[B:] - ref[B:]), seq[:B], seq[B:])
         metrics["logps/chosen"], metrics["logps/rejected"] = plain[:B].mean(), plain[B:].mean()
-        if kl_pair is not None:
-            metrics["catpo/kl"] = kl_pair.detach().mean()
-        base = make_output(policy[:B], policy[B:], ref[:B], ref[B:], beta, metrics)
-    fields = {**base.__dict__, "chosen_logps": plain[:B], "rejected_logps": plain[B:]}
-    return loss, CatPOOutput(**fields, kl=None if kl_pair is None else kl_pair.detach())
+        kl_pair = None
+        if has_ref:
+            kl_rows = (w_all * tok["kl"].detach()).sum(1)
+            kl_pair = kl_rows[:B] + kl_rows[B:]
+            metrics["catpo/kl"] = kl_pair.mean()
+        metrics.update(extra)
+        base = make_output(seq[:B], seq[B:], ref[:B], ref[B:], beta, metrics)
+        fields = {**base.__dict__, "chosen_logps": plain[:B], "rejected_logps": plain[B:]}
+        return loss, CatPOOutput(**fields, kl=kl_pair)

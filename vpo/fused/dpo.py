@@ -1,17 +1,18 @@
-"""Fused DPO: per-sequence log-probs straight from last hidden states and the LM head, never building
-``[tokens × vocab]`` logits (``vpo.linear_logprobs``), then the DPO head (``vpo.losses.dpo_loss``)."""
+"""Fused DPO (and TRL's other DPO loss types): per-sequence log-probs straight from last hidden states and the LM head,
+the policy's gradient formed in the forward, chunk by chunk of pairs (:mod:`vpo.fused._engine`), never building
+``[tokens × vocab]`` logits. The loss head is :func:`vpo.losses.preference_pair_losses`."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch
 
-from vpo._validate import check_positive, check_range
 from vpo._heads import resolve_reference
-from vpo.fused._common import PreferenceOutput, make_output, reference_head, validate_pair_batch
-from vpo.losses import dpo_loss
-from vpo.ops.linear_logprobs import linear_logprobs
-from vpo.ops.segment_sum import sequence_sum
+from vpo._validate import check_positive, check_range
+from vpo.fused import _composed, _engine
+from vpo.fused._common import (PreferenceOutput, make_output, reference_head, resolve_path, token_metrics, unshard,
+                               validate_pair_batch, wanted_grads)
+from vpo.losses import preference_metrics, preference_pair_losses, resolve_loss_types
 
 
 def fused_dpo_loss(
@@ -28,6 +29,9 @@ def fused_dpo_loss(
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
     impl: str = "auto",
+    loss_type="sigmoid",
+    loss_weights=None,
+    chunking: Optional[_engine.Chunking] = None,
 ) -> Tuple[torch.Tensor, PreferenceOutput]:
     """DPO loss from last hidden states, without materializing vocab logits.
 
@@ -40,10 +44,17 @@ def fused_dpo_loss(
         ref_weight, ref_bias: the reference head; default: ``weight`` and ``bias`` (detached).
         ref_logps: ``[2B]`` precomputed reference per-sequence log-probs, instead of ``ref_hidden``.
         beta, label_smoothing: as in :func:`vpo.losses.dpo_loss`.
-        impl: ``"auto"`` | ``"triton"`` | ``"torch"`` for the log-prob kernel (see :func:`vpo.linear_logprobs`).
+        impl: ``"auto"``/``"torch"``: the engine (GEMMs through torch/cuBLAS, policy gradient in the forward; 3 policy
+            + 1 reference GEMM passes for fwd+bwd); ``"triton"``: composed from :func:`vpo.linear_logprobs`'s Triton
+            kernels (4 + 1 passes, least memory).
+        loss_type, loss_weights: TRL's loss types (``"sigmoid"`` default, ``"ipo"``, ``"hinge"``, ``"robust"``,
+            ``"apo_zero"``, ``"sigmoid_norm"``, ``"sft"``; a list is a weighted sum), see :mod:`vpo.losses`.
+        chunking: :class:`vpo.fused.Chunking` (memory budget, pairs per chunk, vocab tile); the extra memory is
+            stated in :mod:`vpo.fused._engine`.
 
     Returns:
-        ``(loss, out)``: scalar mean loss over the B pairs, and a :class:`PreferenceOutput`.
+        ``(loss, out)``: scalar mean loss over the B pairs, and a :class:`PreferenceOutput` (its ``metrics`` add
+        ``entropy/chosen``, ``entropy/rejected``, ``num_tokens/chosen``, ``num_tokens/rejected``).
 
     Example:
         >>> import torch, vpo
@@ -53,19 +64,55 @@ def fused_dpo_loss(
         >>> loss.backward(); tuple(out.margins.shape), h.grad.shape
         ((2,), torch.Size([4, 6, 16]))
     """
+    weight, bias, ref_weight, ref_bias = unshard(weight, bias, ref_weight, ref_bias)
     B = validate_pair_batch(hidden, labels, weight, bias)
     check_positive("beta", beta)
     check_range("label_smoothing", label_smoothing, 0.0, 0.5, hi_open=True)
+    resolve_loss_types(loss_type, loss_weights)
     mode = resolve_reference(ref_hidden, ref_logps, hidden)
+    rw, rb = reference_head(weight, bias, ref_weight, ref_bias, ref_hidden) if mode == "hidden" else (None, None)
+    path = resolve_path(impl, labels, weight.shape[0], ignore_index)
+    chunking = _engine.check_chunking(chunking)
 
-    logp, _ = linear_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, impl=impl)  # [2B, T] fp32
-    seq = sequence_sum(logp)  # [2B]
-    if mode == "logps":
-        ref = ref_logps.detach().to(seq.dtype)
+    mask = labels != ignore_index
+    ntok = mask.sum(1)  # [2B]
+    acc = _engine.acc_dtype(hidden.dtype)
+    with torch.no_grad():
+        if mode == "logps":
+            ref = ref_logps.detach().to(acc)
+        elif path == "triton":
+            ref = _composed.token_terms(ref_hidden.detach(), rw, rb, labels, ignore_index=ignore_index)["logp"].sum(1)
+        else:
+            ref = _engine.sweep(hidden=ref_hidden.detach(), weight=rw, bias=rb, labels=labels,
+                                ignore_index=ignore_index, chunking=chunking).tok["logp"].sum(1)  # [2B]
+    mean_n = ntok[:B].to(acc).mean()
+    kw = dict(beta=beta, label_smoothing=label_smoothing, loss_type=loss_type, loss_weights=loss_weights,
+              mean_chosen_tokens=mean_n)
+
+    def pair_loss(tok, rows, P):
+        """The chunk's share of the mean loss: pairs ``rows[:P]`` (chosen) / ``rows[P:]`` (rejected)."""
+        seq = tok["logp"].sum(1)  # [2P]
+        r, n = ref.index_select(0, rows), ntok.index_select(0, rows)
+        return preference_pair_losses(seq[:P], seq[P:], r[:P], r[P:], chosen_tokens=n[:P], rejected_tokens=n[P:],
+                                      **kw).sum() / B
+
+    if path == "triton":
+        tok = _composed.token_terms(hidden, weight, bias, labels, ignore_index=ignore_index)
+        loss = _composed.composed_loss(pair_loss, tok, B)
+        extra = {}
     else:
-        rw, rb = reference_head(weight, bias, ref_weight, ref_bias, ref_hidden)
+        need = wanted_grads(hidden=hidden, weight=weight, bias=bias)
         with torch.no_grad():
-            ref_logp, _ = linear_logprobs(ref_hidden.detach(), rw, labels, rb, ignore_index=ignore_index, impl=impl)
-            ref = sequence_sum(ref_logp)
-    loss, metrics = dpo_loss(seq[:B], seq[B:], ref[:B], ref[B:], beta=beta, label_smoothing=label_smoothing)
-    return loss, make_output(seq[:B], seq[B:], ref[:B], ref[B:], beta, metrics)
+            res = _engine.sweep(hidden=hidden.detach(), weight=weight.detach(),
+                                bias=None if bias is None else bias.detach(), labels=labels,
+                                ignore_index=ignore_index, chunking=chunking, pair_loss=pair_loss, need=need)
+            tok = res.tok
+            loss = pair_loss(tok, torch.arange(2 * B, device=hidden.device), B)
+        loss = _engine.attach(loss, [(hidden, res.grads["hidden"]), (weight, res.grads["weight"]),
+                                     (bias, res.grads["bias"])])
+        extra = token_metrics(tok, mask, B)
+    with torch.no_grad():
+        seq = tok["logp"].detach().sum(1)
+        metrics = preference_metrics(beta * (seq[:B] - ref[:B]), beta * (seq[B:] - ref[B:]), seq[:B], seq[B:])
+        metrics.update(extra)
+        return loss, make_output(seq[:B], seq[B:], ref[:B], ref[B:], beta, metrics)

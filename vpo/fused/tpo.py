@@ -6,9 +6,10 @@ Per response token ``i`` of a row, from the clean pass (image ``v``) and the noi
     c_i = a + σ(s_i)        on chosen rows,   a + 1 − σ(s_i) = a + σ(−s_i)   on rejected rows
     r'(y) = β Σ_i [logp_θ(y_i) + log c_θ,i − logp_ref(y_i) − log c_ref,i],   L = −log σ(r'(y_w) − r'(y_l))
 
-so TPO is DPO on the per-sequence terms ``Σ_i (logp + log c)``: that is how it is computed here, reusing the DPO head.
-The clean pass needs the full log-prob sweep (``vpo.linear_logprobs``, which also returns the raw target logit);
-the noised pass needs only the target logit, an O(N·D) gather-dot (``vpo.target_logits``) — no vocab sweep.
+so TPO is DPO on the per-sequence terms ``Σ_i (logp + log c)``: that is how it is computed here, and every DPO loss type
+applies to those terms (``ipo``/``sigmoid_norm`` divide them by the token counts; ``sft`` is the chosen response's
+plain NLL, without ``log c``). The clean pass is the engine's vocab sweep (:mod:`vpo.fused._engine`, policy gradient in
+the forward); the noised pass needs only the target logit, an O(N·D) gather-dot — no vocab sweep.
 """
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from vpo._validate import check_choice, check_positive, check_range, check_same_shape
 from vpo._heads import resolve_reference
-from vpo.fused._common import PreferenceOutput, make_output, reference_head, validate_pair_batch
-from vpo.losses import dpo_loss
-from vpo.ops.linear_logprobs import linear_logprobs, target_logits
-from vpo.ops.segment_sum import sequence_sum
+from vpo._validate import check_choice, check_positive, check_range, check_same_shape
+from vpo.fused import _composed, _engine
+from vpo.fused._common import (PreferenceOutput, make_output, reference_head, resolve_path, token_metrics, unshard,
+                               validate_pair_batch, wanted_grads)
+from vpo.losses import preference_metrics, preference_pair_losses, resolve_loss_types
 from vpo.oracle.tpo import REWARD_MODES, tpo_log_calibrated_reward  # elementwise on [2B, T]: the math lives once
 
 
@@ -39,23 +40,11 @@ class TPOOutput(PreferenceOutput):
     token_rewards: torch.Tensor = None
 
 
-def _tpo_terms(weight, bias, hidden, hidden_noised, labels, B, *, a, rewards, reward_grad, ignore_index, impl):
-    """One model's two passes -> (Σ_i (logp + log c) [2B], Σ_i logp [2B], s [2B, T], log c [2B, T])."""
-    mask = labels != ignore_index
-    logp, z = linear_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, impl=impl)
-    if reward_grad:
-        z_noised = target_logits(hidden_noised, weight, labels, bias, ignore_index=ignore_index, impl=impl)
-        s = z - z_noised
-    else:  # c_θ is a constant: the noised pass needs no graph
-        with torch.no_grad():
-            z_noised = target_logits(hidden_noised.detach(), weight.detach(), labels,
-                                     None if bias is None else bias.detach(), ignore_index=ignore_index, impl=impl)
-        s = z.detach() - z_noised
-    s = torch.where(mask, s, torch.zeros_like(s))
-    is_chosen_row = torch.arange(labels.shape[0], device=labels.device) < B
+def _log_c(s, mask, P, *, a, rewards):
+    """``log c`` ``[2P, T]`` of a chunk laid out chosen rows first (0 where ignored)."""
+    is_chosen_row = torch.arange(2 * P, device=s.device) < P
     log_c = tpo_log_calibrated_reward(s, is_chosen_row, a=a, rewards=rewards)
-    log_c = torch.where(mask, log_c, torch.zeros_like(log_c))  # c = 1 where there is no target
-    return sequence_sum(logp + log_c), sequence_sum(logp), s, log_c
+    return torch.where(mask, log_c, torch.zeros_like(log_c))
 
 
 def fused_tpo_loss(
@@ -76,6 +65,10 @@ def fused_tpo_loss(
     rewards: str = "both",
     ignore_index: int = -100,
     impl: str = "auto",
+    loss_type="sigmoid",
+    loss_weights=None,
+    label_smoothing: float = 0.0,
+    chunking: Optional[_engine.Chunking] = None,
 ) -> Tuple[torch.Tensor, TPOOutput]:
     """TPO loss from the last hidden states of the clean- and noised-image passes, without vocab logits.
 
@@ -93,7 +86,10 @@ def fused_tpo_loss(
             reaches ``hidden_noised``.
         rewards: ``"both"``; ablations ``"only_win"`` (c on chosen tokens only, c ≡ 1 on rejected),
             ``"only_loss"`` (the reverse) and ``"opposite"`` (rewards swapped; the paper's negative control).
-        impl: kernel choice, see :func:`vpo.linear_logprobs`.
+        impl: ``"auto"``/``"torch"`` (the engine) or ``"triton"`` (composed from the Triton ops), see
+            :func:`vpo.fused_dpo_loss`.
+        loss_type, loss_weights, label_smoothing: DPO loss types on the TPO terms (module docstring).
+        chunking: :class:`vpo.fused.Chunking`.
 
     Returns:
         ``(loss, out)`` with ``out`` a :class:`TPOOutput` (``scores`` s and ``token_rewards`` c of the policy).
@@ -107,35 +103,82 @@ def fused_tpo_loss(
         >>> loss.backward(); tuple(out.token_rewards.shape), bool(hn.grad.abs().sum() > 0)
         ((4, 6), True)
     """
+    weight, bias, ref_weight, ref_bias = unshard(weight, bias, ref_weight, ref_bias)
     B = validate_pair_batch(hidden, labels, weight, bias)
     check_same_shape("hidden_noised", hidden_noised, "hidden", hidden)
     validate_pair_batch(hidden_noised, labels, weight, bias, hidden_name="hidden_noised")
     check_positive("beta", beta)
     check_range("a", a, 0.0, float("inf"))
+    check_range("label_smoothing", label_smoothing, 0.0, 0.5, hi_open=True)
     check_choice("rewards", rewards, REWARD_MODES)
+    resolve_loss_types(loss_type, loss_weights)
     mode = resolve_reference(ref_hidden, ref_logps, hidden, extra_ref=ref_hidden_noised,
                              extra_name="ref_hidden_noised")
-    kw = dict(a=a, rewards=rewards, ignore_index=ignore_index, impl=impl)
+    rw, rb = reference_head(weight, bias, ref_weight, ref_bias, ref_hidden) if mode == "hidden" else (None, None)
+    path = resolve_path(impl, labels, weight.shape[0], ignore_index)
+    chunking = _engine.check_chunking(chunking)
 
-    seq, plain, s, log_c = _tpo_terms(weight, bias, hidden, hidden_noised, labels, B, reward_grad=reward_grad, **kw)
-    if mode == "logps":
-        ref = ref_logps.detach().to(seq.dtype)
+    mask = labels != ignore_index
+    ntok = mask.sum(1)
+    acc = _engine.acc_dtype(hidden.dtype)
+    with torch.no_grad():
+        if mode == "logps":
+            ref = ref_logps.detach().to(acc)
+        else:
+            if path == "triton":
+                rt = _composed.token_terms(ref_hidden.detach(), rw, rb, labels, ignore_index=ignore_index,
+                                           noised=ref_hidden_noised.detach(), reward_grad=False)
+            else:
+                rt = _engine.sweep(hidden=ref_hidden.detach(), weight=rw, bias=rb, labels=labels,
+                                   ignore_index=ignore_index, chunking=chunking,
+                                   noised=ref_hidden_noised.detach()).tok
+            ref = (rt["logp"] + _log_c(rt["s"], mask, B, a=a, rewards=rewards)).sum(1)  # [2B]
+    kw = dict(beta=beta, label_smoothing=label_smoothing, loss_type=loss_type, loss_weights=loss_weights,
+              mean_chosen_tokens=ntok[:B].to(acc).mean())
+
+    def pair_loss(tok, rows, P):
+        """The chunk's share of the mean loss (pairs ``rows[:P]`` / ``rows[P:]``)."""
+        s = tok["s"] if reward_grad else tok["s"].detach()
+        plain = tok["logp"].sum(1)  # [2P]
+        seq = plain + _log_c(s, mask.index_select(0, rows), P, a=a, rewards=rewards).sum(1)
+        r, n = ref.index_select(0, rows), ntok.index_select(0, rows)
+        return preference_pair_losses(seq[:P], seq[P:], r[:P], r[P:], chosen_tokens=n[:P], rejected_tokens=n[P:],
+                                      chosen_nll=-plain[:P], **kw).sum() / B
+
+    all_rows = torch.arange(2 * B, device=hidden.device)
+    if path == "triton":
+        tok = _composed.token_terms(hidden, weight, bias, labels, ignore_index=ignore_index, noised=hidden_noised,
+                                    reward_grad=reward_grad)
+        loss = _composed.composed_loss(pair_loss, tok, B)
+        extra = {}
     else:
-        rw, rb = reference_head(weight, bias, ref_weight, ref_bias, ref_hidden)
+        need = wanted_grads(hidden=hidden, weight=weight, bias=bias,
+                            noised=hidden_noised if reward_grad else None)
         with torch.no_grad():
-            ref, _, _, _ = _tpo_terms(rw, rb, ref_hidden.detach(), ref_hidden_noised.detach(), labels, B,
-                                   reward_grad=False, **kw)
-    loss, metrics = dpo_loss(seq[:B], seq[B:], ref[:B], ref[B:], beta=beta)
+            res = _engine.sweep(hidden=hidden.detach(), weight=weight.detach(),
+                                bias=None if bias is None else bias.detach(), labels=labels,
+                                ignore_index=ignore_index, chunking=chunking, noised=hidden_noised.detach(),
+                                noised_grad=reward_grad, pair_loss=pair_loss, need=need)
+            tok = res.tok
+            loss = pair_loss(tok, all_rows, B)
+        g = res.grads
+        loss = _engine.attach(loss, [(hidden, g["hidden"]), (hidden_noised, g["noised"]), (weight, g["weight"]),
+                                     (bias, g["bias"])])
+        extra = token_metrics(tok, mask, B)
 
     with torch.no_grad():
-        mask = labels != ignore_index
-        c = log_c.detach().exp()
-        m = mask.float()
+        s = tok["s"].detach()
+        log_c = _log_c(s, mask, B, a=a, rewards=rewards)
+        plain = tok["logp"].detach().sum(1)
+        seq = plain + log_c.sum(1)
+        c = log_c.exp()
+        m = mask.to(c.dtype)
+        # rewards/* include the log c terms; logps/* are the plain Σ_i logp_θ (as the oracle reports them)
+        metrics = preference_metrics(beta * (seq[:B] - ref[:B]), beta * (seq[B:] - ref[B:]), plain[:B], plain[B:])
         metrics["tpo/c_mean_chosen"] = (c[:B] * m[:B]).sum() / m[:B].sum().clamp_min(1)
         metrics["tpo/c_mean_rejected"] = (c[B:] * m[B:]).sum() / m[B:].sum().clamp_min(1)
-        metrics["tpo/s_mean"] = (s.detach() * m).sum() / m.sum().clamp_min(1)
-        # logps/* are the plain Σ_i logp_θ (as the oracle reports them); rewards/* include the log c terms.
-        metrics["logps/chosen"], metrics["logps/rejected"] = plain[:B].mean(), plain[B:].mean()
+        metrics["tpo/s_mean"] = (s * m).sum() / m.sum().clamp_min(1)
+        metrics.update(extra)
         base = make_output(seq[:B], seq[B:], ref[:B], ref[B:], beta, metrics)
-    fields = {**base.__dict__, "chosen_logps": plain[:B].detach(), "rejected_logps": plain[B:].detach()}
-    return loss, TPOOutput(**fields, scores=s.detach(), token_rewards=c)
+        fields = {**base.__dict__, "chosen_logps": plain[:B], "rejected_logps": plain[B:]}
+        return loss, TPOOutput(**fields, scores=s, token_rewards=c)
