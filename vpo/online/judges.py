@@ -29,6 +29,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import os
 import re
 import socket
 import time
@@ -218,7 +219,10 @@ class OpenAIChatJudge:
         base_url: the server's API root (``http://127.0.0.1:8000/v1``) or the full endpoint
             (``.../v1/chat/completions``).
         model: the served model's name (the request's ``"model"``).
-        api_key: sent as ``Authorization: Bearer <api_key>`` when given.
+        api_key: sent as ``Authorization: Bearer <api_key>``. Default: the environment's ``VPO_JUDGE_API_KEY``, else
+            ``OPENAI_API_KEY`` (:data:`API_KEY_ENV`); none: no header. The key never appears in ``repr``, in error
+            messages (a server echoing it back is redacted) or in anything vpo writes: keep it in the environment,
+            not in a configuration file (``VPOConfig`` has no field for it).
         timeout: seconds allowed for connecting and for each read of the reply (urllib's socket timeout).
         max_retries: extra attempts after a timeout, a connection error or HTTP 408/429/5xx (not after other 4xx, an
             invalid body or an unparsable reply: those are not transient).
@@ -276,7 +280,11 @@ class OpenAIChatJudge:
         url = base_url.rstrip("/")
         self.endpoint = url if url.endswith("/chat/completions") else url + "/chat/completions"
         self.model = model
-        self.api_key = api_key
+        if api_key is None:
+            api_key = next((os.environ[k] for k in API_KEY_ENV if os.environ.get(k)), None)
+        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+            raise ValueError("api_key must be a non-empty string (or None: read from the environment)")
+        self._api_key = api_key
         self.timeout = float(timeout)
         self.max_retries = max_retries
         self.retry_backoff = float(retry_backoff)
@@ -290,7 +298,21 @@ class OpenAIChatJudge:
         self.extra_body = dict(extra_body or {})
 
     def __repr__(self) -> str:
-        return f"OpenAIChatJudge(endpoint={self.endpoint!r}, model={self.model!r})"
+        auth = ", api_key=<set>" if self._api_key else ""
+        return f"OpenAIChatJudge(endpoint={self.endpoint!r}, model={self.model!r}{auth})"
+
+    @property
+    def has_api_key(self) -> bool:
+        """Whether requests carry an ``Authorization`` header (the key itself is not exposed)."""
+        return bool(self._api_key)
+
+    def __getstate__(self):  # pickling (DataLoader workers, copies) must not carry the key to disk
+        state = dict(self.__dict__)
+        state["_api_key"] = None
+        return state
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._api_key, "<redacted>") if self._api_key else text
 
     # -- scoring --------------------------------------------------------------------------------------------------
     def messages(self, request: JudgeRequest) -> List[Dict[str, str]]:
@@ -340,8 +362,8 @@ class OpenAIChatJudge:
             body["seed"] = self.seed
         data = json.dumps(body).encode("utf-8")
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
         attempts = self.max_retries + 1
         last = ""
         for attempt in range(attempts):
@@ -374,23 +396,24 @@ class OpenAIChatJudge:
         raise self._error(last, attempts)
 
     def _error(self, reason: str, attempts: int) -> JudgeError:
-        return JudgeError(f"judge endpoint {self.endpoint}: {reason} after {attempts} attempt"
-                          f"{'s' if attempts != 1 else ''}")
+        return JudgeError(self._redact(f"judge endpoint {self.endpoint}: {reason} after {attempts} attempt"
+                                       f"{'s' if attempts != 1 else ''}"))
 
     def _content(self, status: int, raw: bytes) -> str:
         try:
             obj = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise JudgeError(f"judge endpoint {self.endpoint} returned invalid JSON (HTTP {status}, {e}): "
-                             f"{_snippet(raw.decode('utf-8', 'replace'))}") from None
+            raise JudgeError(self._redact(f"judge endpoint {self.endpoint} returned invalid JSON (HTTP {status}, "
+                                          f"{e}): {_snippet(raw.decode('utf-8', 'replace'))}")) from None
         try:
             content = obj["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
-            raise JudgeError(f"judge endpoint {self.endpoint} returned an unexpected response: expected "
-                             f"choices[0].message.content, got {_snippet(json.dumps(obj))}") from None
+            raise JudgeError(self._redact(f"judge endpoint {self.endpoint} returned an unexpected response: "
+                                          f"expected choices[0].message.content, got {_snippet(json.dumps(obj))}")) \
+                from None
         if not isinstance(content, str):
-            raise JudgeError(f"judge endpoint {self.endpoint} returned a non-text message content: "
-                             f"{_snippet(content)}")
+            raise JudgeError(self._redact(f"judge endpoint {self.endpoint} returned a non-text message content: "
+                                          f"{_snippet(content)}"))
         return content
 
 
@@ -414,6 +437,8 @@ def _check_requests(requests: Sequence[JudgeRequest]) -> List[JudgeRequest]:
 
 
 JUDGES = ("shapes", "http")
+# Environment variables the HTTP judge reads its API key from, in order.
+API_KEY_ENV = ("VPO_JUDGE_API_KEY", "OPENAI_API_KEY")
 
 
 def make_judge(kind: str = "shapes", *, url: Optional[str] = None, model: Optional[str] = None, **kwargs) -> Judge:

@@ -1,13 +1,21 @@
 """``vpo train`` and ``vpo precompute-ref``: the trainer from a YAML configuration.
 
     vpo train --config FILE.yaml [--flag value ...]           train (flags override the file)
+    vpo train --model_name_or_path DIR --data PATH [...]      train without a file
+    vpo train --help | --help-all                             the main options | every TrainingArguments field
     vpo precompute-ref --config FILE.yaml [--flag value ...]  write the reference terms for ref_mode: precomputed
+
+Behaviour (:mod:`vpo.trainer.cli_help` holds the help text and the error handling): no ``--config`` and no data is a
+usage error (exit 2) — the synthetic data runs only when named (``--data synthetic[:N]``); a bad configuration, a
+missing model folder, unreadable data or a dataset whose records are all skipped prints one ``vpo train: error: ...``
+line (exit 1; the traceback with ``--debug``). ``--data`` is ``--data_path``. The saved model or adapter gets a filled
+model card (``README.md``, :mod:`vpo.trainer.model_card`).
 
 The configuration is a :class:`vpo.trainer.VPOConfig` read by ``transformers.HfArgumentParser``
 (``parse_yaml_file``; with extra flags the file's values become the parser's defaults): every
 ``TrainingArguments`` field (``output_dir``, ``max_steps``, ``learning_rate``, ``bf16``, ``gradient_checkpointing``,
 ``report_to``, ``save_steps``, ``resume_from_checkpoint``, ...) plus vpo's. ``resume_from_checkpoint: last`` resumes
-from the newest checkpoint in ``output_dir``. Examples: ``examples/configs/*.yaml``.
+from the newest COMPLETE checkpoint in ``output_dir`` (none: an error naming the folder). Examples: ``examples/configs/*.yaml``.
 
 Entry points for ``vpo/cli.py``: :func:`add_subcommands` (adds both subcommands to an argparse subparsers object),
 or :func:`train_main` / :func:`precompute_ref_main` called with the remaining argv.
@@ -29,7 +37,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> "VPOConfig":
 
     from vpo.trainer.config import VPOConfig
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [("--data_path" if a == "--data" else a) for a in (sys.argv[1:] if argv is None else argv)]
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
@@ -56,7 +64,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> "VPOConfig":
 
 
 def _synthetic_size(path: Optional[str], default: int = 64) -> int:
-    if path is None or path == "synthetic":
+    if path == "synthetic":
         return default
     try:
         return int(path.split(":", 1)[1])
@@ -66,10 +74,13 @@ def _synthetic_size(path: Optional[str], default: int = 64) -> int:
 
 def build_data(config: "VPOConfig", family: str, processor, tiny):
     """``(train_dataset, eval_dataset or None, collator)`` for the configuration."""
-    synthetic = config.data_path is None or config.data_path.startswith("synthetic")
+    if config.data_path is None:
+        raise ValueError("no training data: set data_path (a JSONL file, a parquet file or folder, a save_to_disk "
+                         "folder; docs/data_format.md), or data_path: synthetic[:N] for random data on a tiny model")
+    synthetic = config.data_path.startswith("synthetic")
     if synthetic:
         if tiny is None:
-            raise ValueError("synthetic data (data_path: synthetic[:N], or no data_path) only works with the tiny "
+            raise ValueError("synthetic data (data_path: synthetic[:N]) only works with the tiny "
                              f"models (model_name_or_path: tiny:<family>), got {config.model_name_or_path!r}")
         from vpo.trainer.synthetic import TinyPreferenceCollator, synthetic_records
 
@@ -83,7 +94,8 @@ def build_data(config: "VPOConfig", family: str, processor, tiny):
                                           noise_step=config.noise_step, crop_frac=config.crop_frac,
                                           fixed_noise=config.fixed_noise, ovip_rejected=_ovip_rejected(config))
         return train, evaluation, collator
-    from vpo.data import PreferenceCollator, PreferenceDataset
+    from vpo.data import PreferenceCollator
+    from vpo.data.sources import open_preference_data
 
     if processor is None:
         raise ValueError(f"data_path {config.data_path!r} needs the model's processor, and none was loaded")
@@ -93,10 +105,10 @@ def build_data(config: "VPOConfig", family: str, processor, tiny):
 
         train = build_online_dataset(config, processor, rank=config.process_index, world_size=config.world_size)
     else:
-        train = PreferenceDataset.from_jsonl(config.data_path, **read)
+        train = open_preference_data(config.data_path, **read)  # all records skipped: an error naming the reason
     evaluation = None
     if config.eval_data_path is not None:
-        evaluation = PreferenceDataset.from_jsonl(config.eval_data_path, **read)
+        evaluation = open_preference_data(config.eval_data_path, **read)
     for name, ds in (("train", train), ("eval", evaluation)):
         stats = getattr(ds, "stats", None)
         if stats is not None and stats.skipped:
@@ -128,23 +140,35 @@ def _reference_table_paths(config: "VPOConfig") -> List[str]:
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``vpo train``: load the model and data of the configuration and train; returns the exit status."""
-    train(parse_config(argv))
-    return 0
+    """``vpo train``: load the model and data of the configuration and train; returns the exit status (module
+    docstring: 2 for a usage error, 1 for any other error, printed as one line unless ``--debug``)."""
+    from vpo.trainer import cli_help
+
+    def _train(rest) -> int:
+        train(parse_config(rest))
+        return 0
+
+    return cli_help.run("train", argv, _train)
 
 
 def train(config: "VPOConfig"):
     """Load the model and data of ``config``, train, save the model and the state (and evaluate when there is
     evaluation data); returns the :class:`vpo.trainer.VPOTrainer`."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from vpo.trainer.modeling import load_model, model_family
+    from vpo.trainer.cli_help import check_model_path
+    from vpo.trainer.modeling import load_model
     from vpo.trainer.reference import load_reference_table
     from vpo.trainer.trainer import VPOTrainer
+    from vpo.trainer.trl_compat import family_for
 
+    from vpo.trainer.preflight import preflight_config
+
+    preflight_config(config)  # output folder writable, data/model paths, judge endpoint: before any loading
+    check_model_path(config.model_name_or_path, "model_name_or_path")
+    if config.ref_mode == "model" and config.ref_model_path:
+        check_model_path(config.ref_model_path, "ref_model_path")
     model, processor, tiny = load_model(config.model_name_or_path, dtype=config.torch_dtype,
                                         attn_implementation=config.attn_implementation, seed=config.seed)
-    family = config.model_family or model_family(model)
+    family = config.model_family or family_for(model)
     train, evaluation, collator = build_data(config, family, processor, tiny)
 
     ref_model = None
@@ -161,29 +185,40 @@ def train(config: "VPOConfig"):
                                         "--config ...` with the same configuration first")
             ref_table.update(load_reference_table(path))
 
+    # true / last: the newest COMPLETE checkpoint, an error if there is none (vpo.trainer.resume)
     resume = config.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("last", "true"):
-        resume = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
     trainer = VPOTrainer(model, config, ref_model=ref_model, ref_table=ref_table, train_dataset=train,
                          eval_dataset=evaluation, data_collator=collator, processing_class=processor)
     trainer.train(resume_from_checkpoint=resume)
+    eval_metrics = trainer.evaluate() if evaluation is not None else None
     trainer.save_model()
     trainer.save_state()
-    if evaluation is not None:
-        trainer.evaluate()
+    if trainer.args.should_save:
+        from vpo.trainer.model_card import write_model_card
+
+        write_model_card(trainer, config.output_dir, eval_metrics=eval_metrics)
     return trainer
 
 
 def precompute_ref_main(argv: Optional[Sequence[str]] = None) -> int:
     """``vpo precompute-ref``: write the reference terms of every training (and evaluation) record next to the data."""
-    from vpo.trainer.modeling import load_model, model_family
+    from vpo.trainer import cli_help
+
+    return cli_help.run("precompute-ref", argv, _precompute_ref)
+
+
+def _precompute_ref(argv) -> int:
+    from vpo.trainer import cli_help
+    from vpo.trainer.modeling import load_model
     from vpo.trainer.reference import precompute_reference, reference_logps_path
+    from vpo.trainer.trl_compat import family_for
 
     config = parse_config(argv)
     if config.online:
         raise ValueError("online=True: the OViP pairs are sampled during training, so there is no reference term to "
                          "precompute")
     path = config.ref_model_path or config.model_name_or_path
+    cli_help.check_model_path(path, "ref_model_path" if config.ref_model_path else "model_name_or_path")
     model, processor, tiny = load_model(path, dtype=config.torch_dtype,
                                         attn_implementation=config.attn_implementation, seed=config.seed)
     model.eval().requires_grad_(False)
@@ -192,7 +227,7 @@ def precompute_ref_main(argv: Optional[Sequence[str]] = None) -> int:
 
         if torch.cuda.is_available():
             model.cuda()
-    family = config.model_family or model_family(model)
+    family = config.model_family or family_for(model)
     train, evaluation, collator = build_data(config, family, processor, tiny)
     if config.ref_logps_path:
         table = precompute_reference(model, train, collator, config)

@@ -3,7 +3,7 @@
 Every field is a plain dataclass field, so ``transformers.HfArgumentParser`` reads the whole configuration from a YAML
 file (``vpo train --config FILE.yaml``) or from ``--flag value`` pairs, and the Trainer's own arguments (``output_dir``,
 ``learning_rate``, ``max_steps``, ``bf16``, ``gradient_checkpointing``, ``report_to``, ``save_steps``, ``seed``,
-``data_seed`` ...) sit beside vpo's. The defaults are the papers' (SPEC.md).
+``data_seed`` ...) sit beside vpo's. The defaults are the papers' (``docs/methods.md``).
 """
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from typing import Optional
 from transformers import TrainingArguments
 
 METHODS = ("dpo", "tpo", "catpo", "ovip", "lpoi", "mdpo", "csr")
-REF_MODES = ("adapter", "model", "precomputed")
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics2")
+REF_MODES = ("auto", "adapter", "model", "precomputed")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics2", "generic")
+# TRL's DPO loss variants (on per-sequence log-probs; vpo.losses / the fused losses' loss_type).
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "sigmoid_norm", "sft")
 TPO_REWARDS = ("both", "only_win", "only_loss", "opposite")
 OVIP_IMAGE_LOSSES = ("ovip", "base", "symmetric")
 OVIP_ANCHORS = ("none", "anchor", "bi-anchor")
@@ -51,6 +53,11 @@ class VPOConfig(TrainingArguments):
     beta: float = field(default=0.1, metadata={"help": "β of the DPO-style terms (every method)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "conservative-DPO ε of the DPO term, in [0, 0.5)"})
     loss_impl: str = field(default="auto", metadata={"help": "kernel choice of the fused losses: auto|torch|triton"})
+    loss_type: str = field(default="sigmoid", metadata={
+        "help": f"DPO-family loss variant(s) of the preference term, one of {list(LOSS_TYPES)} or several "
+                "comma-separated (e.g. sigmoid,sft), summed with loss_weights (docs/methods.md)"})
+    loss_weights: Optional[str] = field(default=None, metadata={
+        "help": "comma-separated weights of the loss_type terms (default: 1 each)"})
     # TPO
     tpo_a: float = field(default=0.5, metadata={"help": "TPO calibration offset a (c = a + σ(±s))"})
     reward_grad: bool = field(default=True, metadata={"help": "TPO: let gradients flow through c_θ (paper default); "
@@ -115,16 +122,18 @@ class VPOConfig(TrainingArguments):
     model_name_or_path: str = field(default="tiny:llava", metadata={
         "help": "a local model folder, or tiny:<family> for a tiny random model (vpo.models.tiny)"})
     model_family: Optional[str] = field(default=None, metadata={
-        "help": f"one of {list(FAMILIES)}; default: from the model config's model_type"})
+        "help": f"collator family, one of {list(FAMILIES)}; default: from the model config's model_type (the four "
+                "tuned families), else generic (any processor with a chat template)"})
     torch_dtype: str = field(default="auto", metadata={"help": f"dtype to load the model in, one of {list(DTYPES)}"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "attention implementation to load with"})
     freeze_vision: bool = field(default=True, metadata={
         "help": "without LoRA: freeze everything outside the language model (vision tower, projector)"})
 
     # --- reference ----------------------------------------------------------------------------------------------
-    ref_mode: str = field(default="adapter", metadata={
-        "help": "adapter: the LoRA policy with its adapter disabled; model: a separate frozen model "
-                "(ref_model_path); precomputed: reference terms read from ref_logps_path"})
+    ref_mode: str = field(default="auto", metadata={
+        "help": "auto: adapter with LoRA, model without; adapter: the LoRA policy with its adapter disabled; "
+                "model: a separate frozen model (ref_model_path, default a frozen copy of the initial policy); "
+                "precomputed: reference terms read from ref_logps_path"})
     ref_model_path: Optional[str] = field(default=None, metadata={"help": "reference model for ref_mode=model"})
     ref_logps_path: Optional[str] = field(default=None, metadata={
         "help": "precomputed reference terms (JSON lines); default: next to data_path"})
@@ -170,6 +179,9 @@ class VPOConfig(TrainingArguments):
         if self.online:
             self._check_online()
         _choice("ref_mode", self.ref_mode, REF_MODES)
+        if self.ref_mode == "auto":  # TRL's habit: LoRA -> the adapter-disabled policy; full fine-tuning -> a copy
+            self.ref_mode = "adapter" if self.use_lora else "model"
+        self.loss_type_list()  # validate early
         _choice("tpo_rewards", self.tpo_rewards, TPO_REWARDS)
         _choice("ovip_image_loss", self.ovip_image_loss, OVIP_IMAGE_LOSSES)
         _choice("ovip_anchor", self.ovip_anchor, OVIP_ANCHORS)
@@ -242,6 +254,28 @@ class VPOConfig(TrainingArguments):
         # The online stream cannot be replayed on resume (the policy that sampled it is gone): skipping the batches a
         # resumed run already trained on would only re-run the sampling for nothing.
         self.ignore_data_skip = True
+
+    def loss_type_list(self):
+        """``(loss types, weights)``: ``loss_type`` split on commas (a list is accepted too) and ``loss_weights``
+        (default 1.0 each)."""
+        value = self.loss_type
+        types = [str(x).strip() for x in (value if isinstance(value, (list, tuple)) else str(value).split(","))]
+        types = [t for t in types if t]
+        if not types:
+            raise ValueError(f"loss_type must name at least one of {list(LOSS_TYPES)}, got {value!r}")
+        for t in types:
+            _choice("loss_type", t, LOSS_TYPES)
+        weights = self.loss_weights
+        if weights is None or (isinstance(weights, str) and not weights.strip()):
+            return types, [1.0] * len(types)
+        try:
+            ws = [float(w) for w in (weights if isinstance(weights, (list, tuple)) else str(weights).split(","))]
+        except ValueError:
+            raise ValueError(f"loss_weights must be comma-separated numbers, got {weights!r}") from None
+        if len(ws) != len(types):
+            raise ValueError(f"loss_weights has {len(ws)} weights but loss_type names {len(types)} losses "
+                             f"({types}): give one weight per loss type")
+        return types, ws
 
     def catpo_layer_list(self):
         """``catpo_layers`` as a list of ints, or None (all layers)."""

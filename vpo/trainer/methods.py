@@ -29,6 +29,8 @@ Metrics are TRL's names (``rewards/chosen``, ``rewards/margins``, ``logps/chosen
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Callable, Dict, Tuple
 
 import torch
@@ -53,6 +55,27 @@ def _ref_kwargs(p: Passes, *names: str) -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_loss_type(fn) -> bool:
+    try:
+        return "loss_type" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _loss_type_kwargs(fn, cfg) -> dict:
+    """``loss_type`` / ``loss_weights`` for a loss head (TRL's DPO variants, ``cfg.loss_type_list()``); nothing for
+    the default plain sigmoid loss. A head without the keywords and a non-default choice raise ValueError."""
+    types, weights = cfg.loss_type_list() if hasattr(cfg, "loss_type_list") else (["sigmoid"], [1.0])
+    if types == ["sigmoid"] and weights == [1.0]:
+        return {}
+    name = getattr(fn, "__name__", repr(fn))
+    if not _takes_loss_type(fn):
+        raise ValueError(f"loss_type={types} is not available for method {cfg.method!r} in this build ({name} takes "
+                         f"no loss_type)")
+    return {"loss_type": types if len(types) > 1 else types[0], "loss_weights": weights}
+
+
 def _check_same_labels(p: Passes, name: str) -> None:
     main, other = p.labels(MAIN), p.labels(name)
     if main.shape != other.shape or not torch.equal(main, other):
@@ -63,7 +86,8 @@ def _check_same_labels(p: Passes, name: str) -> None:
 def dpo(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
     """DPO on the main pass."""
     loss, out = fused_dpo_loss(p.weight, p.hidden(), p.labels(), p.bias, **_ref_kwargs(p), beta=cfg.beta,
-                               label_smoothing=cfg.label_smoothing, impl=cfg.loss_impl)
+                               label_smoothing=cfg.label_smoothing, impl=cfg.loss_impl,
+                               **_loss_type_kwargs(fused_dpo_loss, cfg))
     return loss, dict(out.metrics)
 
 
@@ -80,6 +104,7 @@ def tpo(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
     loss, out = fused_tpo_loss(
         p.weight, p.hidden(), hidden_noised, p.labels(), p.bias, **_ref_kwargs(p, ("noised", "ref_hidden_noised")),
         beta=cfg.beta, a=cfg.tpo_a, reward_grad=cfg.reward_grad, rewards=cfg.tpo_rewards, impl=cfg.loss_impl,
+        **_loss_type_kwargs(fused_tpo_loss, cfg),
     )
     return loss, dict(out.metrics)
 
@@ -110,7 +135,7 @@ def catpo(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
     ref = _ref_kwargs(p)
     loss, out = fn(p.weight, p.hidden(), p.labels(), w, p.bias, ref.get("ref_hidden"), ref.get("ref_weight"),
                    ref.get("ref_bias"), ref_logps=ref.get("ref_logps"), beta=cfg.beta, kl_coef=cfg.kl_coef,
-                   impl=cfg.loss_impl)
+                   impl=cfg.loss_impl, **_loss_type_kwargs(fn, cfg))
     metrics = dict(out.metrics)
     with torch.no_grad():
         mask = (p.labels() != IGNORE_INDEX).float()
@@ -124,8 +149,18 @@ def _text_dpo(p: Passes, cfg):
     """The DPO term of the composite methods on per-sequence log-probs: ``(loss, metrics, logps [2B], ref [2B])``."""
     logps, ref = p.logps(MAIN), p.ref_logps(MAIN)
     B = p.B
-    loss, metrics = losses.dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta=cfg.beta,
-                                    label_smoothing=cfg.label_smoothing)
+    extra = _loss_type_kwargs(losses.preference_pair_losses, cfg)
+    if not extra:
+        loss, metrics = losses.dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta=cfg.beta,
+                                        label_smoothing=cfg.label_smoothing)
+    else:  # TRL's loss types on the per-sequence log-probs (vpo.losses.preference_pair_losses)
+        n = (p.labels(MAIN) != IGNORE_INDEX).sum(-1).to(logps.dtype)
+        ref = ref.to(logps.dtype)
+        loss = losses.preference_pair_losses(logps[:B], logps[B:], ref[:B], ref[B:], beta=cfg.beta,
+                                             label_smoothing=cfg.label_smoothing, chosen_tokens=n[:B],
+                                             rejected_tokens=n[B:], **extra).mean()
+        metrics = losses.preference_metrics(cfg.beta * (logps[:B] - ref[:B]), cfg.beta * (logps[B:] - ref[B:]),
+                                            logps[:B], logps[B:])
     metrics["dpo/loss"] = loss.detach()
     return loss, metrics, logps, ref
 
@@ -206,10 +241,23 @@ SUB_PASSES = {"dpo": (), "csr": (), "tpo": ("noised",), "catpo": (), "ovip": ("n
 
 
 def compute(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
-    """The loss and metrics of ``cfg.method`` on the batch behind ``p``."""
+    """The loss and metrics of ``cfg.method`` on the batch behind ``p`` (plus TRL's token counts,
+    :func:`token_count_metrics`, where the loss did not report them)."""
     if cfg.method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {cfg.method!r}")
-    return METHODS[cfg.method](p, cfg)
+    loss, metrics = METHODS[cfg.method](p, cfg)
+    for k, v in token_count_metrics(p).items():
+        metrics.setdefault(k, v)
+    return loss, metrics
+
+
+@torch.no_grad()
+def token_count_metrics(p: Passes) -> Metrics:
+    """``num_tokens/chosen`` / ``num_tokens/rejected``: mean response tokens per row of the main pass."""
+    mask = p.labels(MAIN) != IGNORE_INDEX
+    B = p.B
+    n = mask.sum(-1).float()
+    return {"num_tokens/chosen": n[:B].mean(), "num_tokens/rejected": n[B:].mean()}
 
 
 @torch.no_grad()

@@ -26,15 +26,17 @@ from typing import Dict, Optional
 import torch
 from transformers import Trainer, TrainerCallback
 
+from vpo.trainer import trl_compat
 from vpo.trainer.config import VPOConfig
 from vpo.trainer.methods import compute
 from vpo.trainer.modeling import apply_lora, freeze_outside_language_model, unwrap_peft
 from vpo.trainer.online import is_online_dataset
 from vpo.trainer.passes import Passes
 from vpo.trainer.reference import Reference, load_reference_table
+from vpo.trainer.resume import ResumeMixin
 
 
-class VPOTrainer(Trainer):
+class VPOTrainer(ResumeMixin, Trainer):
     """Preference-optimization trainer for vision-language models (module docstring).
 
     Args:
@@ -46,8 +48,13 @@ class VPOTrainer(Trainer):
         ref_model: the frozen reference model for ``ref_mode="model"`` (ignored otherwise).
         ref_table: precomputed reference terms for ``ref_mode="precomputed"``
             (:func:`vpo.trainer.precompute_reference`); default: read from ``args.ref_logps_path`` if set.
-        data_collator: required; it produces the preference batch contract (``docs/data_format.md``).
-        Other arguments go to ``transformers.Trainer``.
+        data_collator: produces the preference batch contract (``docs/data_format.md``); default: built from
+            ``processing_class`` (:func:`vpo.trainer.trl_compat.default_collator`).
+        peft_config: a peft config to wrap the model with (TRL's habit), instead of ``args.use_lora``'s adapter.
+        train_dataset / eval_dataset: a torch dataset of records, or anything :func:`vpo.data.open_preference_data`
+            reads (a ``datasets.Dataset`` in TRL's layout, a path, rows).
+        Other arguments go to ``transformers.Trainer``. Full fine-tuning with ``ref_mode`` auto/model and no
+        ``ref_model`` gets a frozen copy of the initial model (or ``args.ref_model_path``) as the reference.
 
     Example:
         >>> from vpo.models import tiny_llava
@@ -66,12 +73,20 @@ class VPOTrainer(Trainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, model, args: VPOConfig, ref_model: Optional[torch.nn.Module] = None,
-                 ref_table: Optional[Dict[str, Dict]] = None, data_collator=None, **kwargs):
+                 ref_table: Optional[Dict[str, Dict]] = None, data_collator=None, peft_config=None, **kwargs):
         if not isinstance(args, VPOConfig):
             raise ValueError(f"args must be a VPOConfig, got {type(args).__name__}")
+        # TRL's habits (vpo.trainer.trl_compat): datasets in any source/layout, the collator from processing_class,
+        # peft_config, a frozen reference copy for full fine-tuning.
+        for key in ("train_dataset", "eval_dataset"):
+            kwargs[key] = trl_compat.open_dataset(kwargs.get(key), args, key, data_collator)
         if data_collator is None:
-            raise ValueError("data_collator is required: it must produce the preference batch contract "
-                             "(vpo.data.PreferenceCollator, or vpo.trainer.synthetic.TinyPreferenceCollator)")
+            data_collator = trl_compat.default_collator(kwargs.get("processing_class"), model, args)
+        trl_compat.check_plain_head(model)
+        if args.ref_mode == "model" and ref_model is None:
+            ref_model = trl_compat.load_reference(args) or trl_compat.reference_copy(model)
+        if peft_config is not None and unwrap_peft(model) is None:
+            model = trl_compat.apply_peft_config(model, peft_config)
         if unwrap_peft(model) is None:
             if args.use_lora:
                 from transformers import set_seed
@@ -81,10 +96,7 @@ class VPOTrainer(Trainer):
                                    targets=args.lora_target_list(), scope=args.lora_scope)
             elif args.freeze_vision:
                 freeze_outside_language_model(model)
-        if args.ref_mode == "model":
-            if ref_model is None:
-                raise ValueError("ref_mode='model' needs ref_model (the frozen reference, e.g. CSR's previous iterate)")
-        else:
+        if args.ref_mode != "model":
             ref_model = None
         if args.ref_mode == "precomputed" and ref_table is None and args.ref_logps_path:
             ref_table = load_reference_table(args.ref_logps_path)
@@ -187,6 +199,14 @@ class VPOTrainer(Trainer):
             loss, metrics = self._loss_and_metrics(model, inputs, "eval")
         self.store_metrics(metrics, "eval")
         return loss.detach(), None, None
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
+        """``Trainer.save_model`` plus a filled model card (``README.md``, :mod:`vpo.trainer.model_card`)."""
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and self.args.should_save:
+            from vpo.trainer.model_card import write_model_card
+
+            write_model_card(self, output_dir or self.args.output_dir)
 
     # -- metrics --------------------------------------------------------------------------------------------------
 
