@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from vpo.noise import add_diffusion_noise, diffusion_alpha_bar, diffusion_betas
+from vpo.noise import add_diffusion_noise, diffusion_alpha_bar, diffusion_betas, wrap_uint8
 
 
 def _beta_py(t: int, n: int = 1000) -> float:
@@ -98,6 +98,31 @@ def test_clamp():
     torch.testing.assert_close(out, raw.clamp(0, 1))
 
 
+def test_clip_modes_clamp_wrap_none():
+    """clip="clamp" is min/max; "wrap" is TPO's official mul(255).byte() (trunc, mod 256) / 255; "none" is raw."""
+    v = torch.full((2, 3, 16, 16), 0.9, dtype=torch.float64)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    raw = add_diffusion_noise(v, generator=g(), clip="none")
+    assert bool((raw > 1).any()) and bool((raw < 1).any())
+    torch.testing.assert_close(add_diffusion_noise(v, generator=g(), clip="clamp"), raw.clamp(0, 1))
+    torch.testing.assert_close(add_diffusion_noise(v, generator=g()), raw.clamp(0, 1))  # the default
+    torch.testing.assert_close(add_diffusion_noise(v, generator=g(), clamp=False), raw)  # the older bool
+    wrapped = add_diffusion_noise(v, generator=g(), clip="wrap")
+    # the uint8 cast by hand, value by value: truncate toward zero, keep the low 8 bits
+    want = torch.tensor([(int(x * 255) % 256) / 255 for x in raw.flatten().tolist()], dtype=torch.float64)
+    torch.testing.assert_close(wrapped.flatten(), want)
+    assert float(wrapped.min()) >= 0 and float(wrapped.max()) <= 1
+    over = (raw > 256 / 255) & (raw < 1.4)  # a bit brighter than white wraps to dark, unlike the clamp
+    assert bool(over.any()) and float(wrapped[over].max()) < 0.5
+
+
+def test_wrap_uint8_matches_the_byte_cast_and_hand_values():
+    x = torch.tensor([0.0, 0.5, 1.0, 1.1, 1.5, -0.1, -0.004, 2.0], dtype=torch.float64)
+    assert (wrap_uint8(x) * 255).round().tolist() == [0, 127, 255, 24, 126, 231, 255, 254]
+    inside = torch.rand(100, dtype=torch.float64)  # in range the cast is plain truncation to 8 bits
+    torch.testing.assert_close(wrap_uint8(inside), inside.mul(255).byte().double() / 255)
+
+
 def test_dtype_and_shape_preserved():
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         v = torch.rand(1, 2, 3, 4, 4).to(dtype)  # [..., C, H, W] with two leading dims
@@ -139,6 +164,9 @@ def test_gradcheck_linear_in_images():
          "generator is on cpu but images is on meta"),
         (dict(generator=1234), "generator must be a torch.Generator"),
         (dict(clamp=1), "clamp must be a bool"),
+        (dict(clip="modulo"), "clip must be one of"),
+        (dict(clip="wrap", clamp=True), "clip .* or clamp"),
+        (dict(images=torch.zeros(4, 4), clip="wrap"), r"images must have shape \[..., C, H, W\]"),
     ],
 )
 def test_bad_input(kwargs, match):

@@ -39,6 +39,7 @@ Example:
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -105,6 +106,7 @@ class ChairResult:
     instance_coverage: float
     num_responses: int
     num_mentions: int
+    chair_i_se: float = 0.0  # binomial standard error of chair_i: sqrt(chair_i (1 - chair_i) / num_mentions)
     per_response: Tuple[ResponseScore, ...] = field(repr=False, default=())
 
     def to_dict(self) -> Dict[str, float]:
@@ -166,8 +168,69 @@ def chair(responses: Sequence[str], scenes: Sequence[SceneLike]) -> ChairResult:
         instance_coverage=_ratio(sum(p.covered_objects for p in per), sum(p.true_objects for p in per)),
         num_responses=n,
         num_mentions=mentions,
+        chair_i_se=binomial_se(_ratio(n_h, mentions), mentions),
         per_response=per,
     )
+
+
+def binomial_se(p: float, n: int) -> float:
+    """``sqrt(p (1 - p) / n)``, the standard error of a proportion ``p`` over ``n`` trials (0 when ``n`` is 0)."""
+    return math.sqrt(max(p * (1.0 - p), 0.0) / n) if n else 0.0
+
+
+@dataclass(frozen=True)
+class PriorResult:
+    """The language prior's hallucinations (:mod:`vpo.worlds.shapes.prior`) over a set of responses.
+
+    A *prior-triggered mention* is a mention of a partner shape in a response whose scene has that partner's trigger
+    shape (where the prior pushes the model to mention it). ``chair_prior`` = the prior-triggered mentions whose
+    shape is absent / all prior-triggered mentions (CHAIR_i restricted to them; a model that says the partner
+    whenever it sees the trigger scores the split's P(partner absent | trigger)); ``chair_prior_se`` its binomial
+    standard error. A *case* is a (scene, pair) with the trigger present and the partner absent; ``prior_rate`` =
+    cases whose response mentions the partner / cases (0/0 is 0).
+    """
+
+    chair_prior: float
+    chair_prior_se: float
+    prior_rate: float
+    prior_rate_se: float
+    num_prior_mentions: int
+    num_prior_hallucinated: int
+    num_cases: int
+    num_cases_mentioned: int
+
+    def to_dict(self) -> Dict[str, float]:
+        return asdict(self)
+
+
+def prior_chair(responses: Sequence[str], scenes: Sequence[SceneLike],
+                pairs: Sequence[Tuple[str, str]]) -> PriorResult:
+    """:class:`PriorResult` of ``responses`` (one per scene) for the ``(trigger, partner)`` shape ``pairs``."""
+    if isinstance(responses, str):
+        raise ValueError("responses must be a sequence of strings, got a single str")
+    if len(responses) != len(scenes):
+        raise ValueError(f"responses has {len(responses)} items but scenes has {len(scenes)}: expected one scene "
+                         f"per response")
+    pairs = [tuple(p) for p in pairs]
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"pairs must be a non-empty list of (trigger, partner) shapes, got {pairs!r}")
+    mentions = halluc = cases = mentioned = 0
+    for response, scene in zip(responses, scenes):
+        shapes = {s for _, s in _kinds(scene)}
+        said = [m.shape for m in parse_description(response)]
+        for trigger, partner in pairs:
+            if trigger not in shapes:
+                continue
+            k = said.count(partner)
+            mentions += k
+            if partner not in shapes:
+                halluc += k
+                cases += 1
+                mentioned += k > 0
+    cp, rate = _ratio(halluc, mentions), _ratio(mentioned, cases)
+    return PriorResult(chair_prior=cp, chair_prior_se=binomial_se(cp, mentions), prior_rate=rate,
+                       prior_rate_se=binomial_se(rate, cases), num_prior_mentions=mentions,
+                       num_prior_hallucinated=halluc, num_cases=cases, num_cases_mentioned=mentioned)
 
 
 def coverage(responses: Sequence[str], scenes: Sequence[SceneLike]) -> float:
@@ -263,6 +326,7 @@ def evaluate_model(
     prompt: Optional[str] = None,
     batch_size: int = 16,
     clutter: bool = False,
+    prior_pairs: Optional[Sequence[Tuple[str, str]]] = None,
 ) -> Dict[str, Any]:
     """Evaluate a model given as ``generate_fn(prompts, images) -> texts`` (a list of prompt strings and a list of
     PIL images of the same length; returns one text per prompt, greedy decoding recommended).
@@ -272,10 +336,11 @@ def evaluate_model(
     ``"scene_index"`` and optionally ``"mode"``), asks them and scores :func:`pope` overall and per ``mode`` (the
     question's ``mode``).
 
-    ``images``: the images of ``scenes`` (default: rendered with ``clutter``).
+    ``images``: the images of ``scenes`` (default: rendered with ``clutter``). ``prior_pairs``: the language prior's
+    ``(trigger, partner)`` shape pairs; when given the report has ``"prior"`` (:func:`prior_chair`).
 
-    Returns ``{"chair": {...}, "pope": {...}, "pope/<mode>": {...}, "samples": [...]}`` (JSON-serializable; the
-    first 8 responses under ``"samples"``).
+    Returns ``{"chair": {...}, "prior": {...}?, "pope": {...}, "pope/<mode>": {...}, "samples": [...]}``
+    (JSON-serializable; the first 8 responses under ``"samples"``).
     """
     from vpo.worlds.shapes import DESCRIBE_PROMPTS, render
 
@@ -290,6 +355,8 @@ def evaluate_model(
     prompt = DESCRIBE_PROMPTS[0] if prompt is None else prompt
     captions = _batched(generate_fn, [prompt] * len(scenes), images, batch_size)
     report: Dict[str, Any] = {"chair": chair(captions, scenes).to_dict()}
+    if prior_pairs:
+        report["prior"] = prior_chair(captions, scenes, prior_pairs).to_dict()
     report["samples"] = [{"response": c, "objects": [o.to_dict() for o in s.objects]}
                          for c, s in list(zip(captions, scenes))[:8]]
     if questions:
@@ -317,7 +384,8 @@ def evaluate_dir(
 ) -> Dict[str, Any]:
     """:func:`evaluate_model` on the files :func:`vpo.worlds.shapes.make_eval_dataset` wrote to ``data_dir``
     (``{split}_captions.jsonl`` and, if present, ``{split}_pope.jsonl``; images read from disk). ``limit``: the
-    first N images only (and their questions)."""
+    first N images only (and their questions). Records written with a language prior (``scene.prior.pairs``) get
+    the prior-triggered metrics too (:func:`prior_chair`)."""
     import os
 
     from vpo.worlds.shapes import read_jsonl
@@ -339,8 +407,9 @@ def evaluate_dir(
     questions = None
     if os.path.exists(pope_path):
         questions = [q for q in read_jsonl(pope_path) if q["scene_index"] < len(scenes)]
+    prior = (rows[0].get("scene") or {}).get("prior") if rows else None
     return evaluate_model(generate_fn, scenes, questions=questions, images=images, prompt=prompt,
-                          batch_size=batch_size)
+                          batch_size=batch_size, prior_pairs=prior["pairs"] if prior else None)
 
 
 def format_report(report: Mapping[str, Any]) -> str:
@@ -351,6 +420,10 @@ def format_report(report: Mapping[str, Any]) -> str:
         lines.append(f"captions ({c['num_responses']}, {c['num_mentions']} mentions): "
                      f"CHAIR_i {c['chair_i']:.3f}  CHAIR_s {c['chair_s']:.3f}  attr_i {c['attr_i']:.3f}  "
                      f"count_err {c['count_error']:.3f}  coverage {c['coverage']:.3f}")
+    pr = report.get("prior")
+    if pr:
+        lines.append(f"prior ({pr['num_prior_mentions']} prior-triggered mentions, {pr['num_cases']} cases): "
+                     f"CHAIR_prior {pr['chair_prior']:.3f}  prior_rate {pr['prior_rate']:.3f}")
     for key in sorted(k for k in report if k == "pope" or k.startswith("pope/")):
         p = report[key]
         lines.append(f"{key:<17} ({p['num_questions']}): acc {p['accuracy']:.3f}  P {p['precision']:.3f}  "
