@@ -134,3 +134,152 @@ def test_label_range_device_assert_or_debug_value_error(monkeypatch):
     monkeypatch.setenv("VPO_DEBUG_CHECKS", "1")
     with pytest.raises(ValueError, match=r"labels contains 131: expected values in \[0, 131\)"):
         vpo.fused_dpo_loss(x.weight, x.hidden, bad, ref_hidden=ref_h)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The engine (policy gradient in the forward): loss types, chunking, odd shapes, which inputs get a gradient
+# ----------------------------------------------------------------------------------------------------------------------
+
+from vpo.fused import Chunking  # noqa: E402
+from vpo.losses import preference_pair_losses  # noqa: E402
+
+LOSS_TYPES = ["sigmoid", "robust", "hinge", "ipo", "apo_zero", "sigmoid_norm", "sft"]
+CHUNKINGS = {
+    "default": None,
+    "pair_tiles": Chunking(pairs=1, vocab=17),  # V = 131 is not a multiple of 17
+    "recompute": Chunking(pairs=1, vocab=50, store=False),
+    "tiny_budget": Chunking(memory_budget=1),  # budget below one pair: 1 pair per chunk, tiles recomputed
+}
+
+
+def _oracle_dpo(weight, hidden, labels, bias, ref_h, ref_w=None, ref_b=None, **kw):
+    """The materializing composition: oracle per-token log-probs -> per-sequence sums -> the per-pair loss head."""
+    B = hidden.shape[0] // 2
+    lp = vpo.oracle.token_logprobs(hidden, weight, labels, bias)[0].sum(-1)
+    rw = weight.detach() if ref_w is None else ref_w
+    rb = (None if bias is None else bias.detach()) if ref_w is None else ref_b
+    with torch.no_grad():
+        rl = vpo.oracle.token_logprobs(ref_h, rw, labels, rb)[0].sum(-1)
+    n = (labels != -100).sum(1)
+    return preference_pair_losses(lp[:B], lp[B:], rl[:B], rl[B:], chosen_tokens=n[:B], rejected_tokens=n[B:],
+                                  **kw).mean()
+
+
+def _leaves64(*ts):
+    return [None if t is None else t.detach().double().requires_grad_() for t in ts]
+
+
+def _check_against_oracle(x, ref_h, labels, *, chunking=None, rtol=1e-10, atol=1e-12, **kw):
+    w, h, b = _leaves64(x.weight, x.hidden, x.bias)
+    loss, out = vpo.fused_dpo_loss(w, h, labels, b, ref_h.double(), impl="torch", chunking=chunking, **kw)
+    leaves = [t for t in (w, h, b) if t is not None]
+    g = torch.autograd.grad(loss, leaves)
+    w2, h2, b2 = _leaves64(x.weight, x.hidden, x.bias)
+    lo = _oracle_dpo(w2, h2, labels, b2, ref_h.double(), **kw)
+    go = torch.autograd.grad(lo, [t for t in (w2, h2, b2) if t is not None])
+    torch.testing.assert_close(loss, lo, rtol=rtol, atol=atol)
+    for name, a, o in zip(("weight", "hidden", "bias"), g, go):
+        torch.testing.assert_close(a, o, rtol=rtol, atol=atol, msg=lambda m: f"grad {name}: {m}")
+    return loss, out
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("chunking", list(CHUNKINGS), ids=list(CHUNKINGS))
+def test_engine_loss_types_float64_vs_oracle(loss_type, chunking):
+    x, ref_h = _pair("torch", torch.float64, bias=True, seed=21, rows=6)
+    ls = 0.2 if loss_type in ("sigmoid", "robust") else 0.0
+    _check_against_oracle(x, ref_h, x.labels, chunking=CHUNKINGS[chunking], loss_type=loss_type, beta=0.7,
+                          label_smoothing=ls)
+
+
+def test_engine_weighted_loss_types_and_errors():
+    x, ref_h = _pair("torch", torch.float64, bias=False, seed=22)
+    _check_against_oracle(x, ref_h, x.labels, loss_type=["sigmoid", "sft", "ipo"], loss_weights=[1.0, 0.3, 0.05])
+    with pytest.raises(ValueError, match=r"loss_type must be one of \['sigmoid', 'robust', 'hinge', 'ipo'"):
+        vpo.fused_dpo_loss(x.weight, x.hidden, x.labels, ref_hidden=ref_h, loss_type="kto")
+    with pytest.raises(ValueError, match="loss_weights must be a list of 2 floats"):
+        vpo.fused_dpo_loss(x.weight, x.hidden, x.labels, ref_hidden=ref_h, loss_type=["sigmoid", "sft"],
+                           loss_weights=[1.0])
+    with pytest.raises(ValueError, match="chunking must be a vpo.fused.Chunking"):
+        vpo.fused_dpo_loss(x.weight, x.hidden, x.labels, ref_hidden=ref_h, chunking=3)
+    with pytest.raises(ValueError, match="Chunking.vocab must be a positive int"):
+        Chunking(vocab=0)
+
+
+@pytest.mark.parametrize("chunking", list(CHUNKINGS), ids=list(CHUNKINGS))
+def test_engine_odd_rows_ignored_pair_one_token(chunking):
+    x, ref_h = _pair("torch", torch.float64, bias=True, seed=23, rows=6, seq=5)
+    labels = x.labels.clone()
+    labels[1] = -100
+    labels[4] = -100  # pair 1: both rows without a scored token
+    labels[0] = -100
+    labels[0, 3] = 7  # one valid token in a chosen row
+    loss, out = _check_against_oracle(x, ref_h, labels, chunking=CHUNKINGS[chunking])
+    assert out.chosen_logps[1] == 0 and out.rejected_logps[1] == 0
+    h = x.hidden.detach().double().requires_grad_()
+    loss, _ = vpo.fused_dpo_loss(x.weight.detach().double(), h, labels, ref_hidden=ref_h.double(),
+                                 chunking=CHUNKINGS[chunking])
+    gh, = torch.autograd.grad(loss, h)
+    assert gh[1].abs().max() == 0 and gh[4].abs().max() == 0
+    assert gh[0, :3].abs().max() == 0 and gh[0, 3].abs().max() > 0
+
+
+def test_engine_single_pair_and_single_position():
+    for rows, seq in ((2, 9), (2, 1)):
+        x = make_linear_head_inputs(rows, seq, 24, 131, dtype=torch.float64, bias=True, seed=24, ignore_frac=0.0)
+        ref_h = x.hidden.detach() + 0.05
+        _check_against_oracle(x, ref_h, x.labels, chunking=Chunking(pairs=1, vocab=64))
+
+
+def test_engine_entropy_and_token_count_metrics():
+    x, ref_h = _pair("torch", torch.float64, seed=25)
+    _, out = vpo.fused_dpo_loss(x.weight, x.hidden, x.labels, ref_hidden=ref_h, chunking=Chunking(vocab=40))
+    logits = x.hidden.detach() @ x.weight.detach().T  # [2B, T, V] materialized for the test only
+    logp = logits.log_softmax(-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    mask = x.labels != -100
+    for name, sl in (("chosen", slice(0, 2)), ("rejected", slice(2, 4))):
+        torch.testing.assert_close(out.metrics[f"entropy/{name}"], ent[sl][mask[sl]].mean())
+        assert out.metrics[f"num_tokens/{name}"] == mask[sl].sum()
+
+
+def test_engine_gradients_only_where_asked():
+    x, ref_h = _pair("torch", torch.float64, bias=True, seed=26)
+    # a separate reference head that requires grad must not receive any
+    ref_w = (x.weight.detach() + 0.1).requires_grad_()
+    ref_hidden = ref_h.clone().requires_grad_()
+    loss, _ = vpo.fused_dpo_loss(x.weight, x.hidden, x.labels, x.bias, ref_hidden, ref_w, impl="torch")
+    loss.backward()
+    assert ref_w.grad is None and ref_hidden.grad is None
+    assert x.weight.grad is not None and x.bias.grad is not None and x.hidden.grad is not None
+    # shared head (ref_weight None): the weight's gradient is the policy's alone, as in the oracle
+    w, h, b = _leaves64(x.weight, x.hidden, x.bias)
+    loss, _ = vpo.fused_dpo_loss(w, h, x.labels, b, ref_h, impl="torch")
+    w2, h2, b2 = _leaves64(x.weight, x.hidden, x.bias)
+    lo, _ = vpo.oracle.dpo_loss(w2, h2, x.labels, b2, ref_h, w2.detach(), b2.detach())
+    for a, o in zip(torch.autograd.grad(loss, (w, b)), torch.autograd.grad(lo, (w2, b2))):
+        torch.testing.assert_close(a, o)
+    # frozen head (LoRA): no weight gradient, the hidden one unchanged
+    wf, hf = x.weight.detach().double(), x.hidden.detach().double().requires_grad_()
+    loss_f, _ = vpo.fused_dpo_loss(wf, hf, x.labels, ref_hidden=ref_h)
+    h3 = x.hidden.detach().double().requires_grad_()
+    lo3, _ = vpo.oracle.dpo_loss(wf, h3, x.labels, ref_hidden=ref_h)
+    torch.testing.assert_close(torch.autograd.grad(loss_f, hf)[0], torch.autograd.grad(lo3, h3)[0])
+
+
+def test_engine_grad_output_scaling_and_backward_twice():
+    x, ref_h = _pair("torch", torch.float64, seed=27)
+    h = x.hidden.detach().double().requires_grad_()
+    W = x.weight.detach().double()
+    loss, _ = vpo.fused_dpo_loss(W, h, x.labels, ref_hidden=ref_h)
+    g1, = torch.autograd.grad(loss, h, retain_graph=True)
+    g3, = torch.autograd.grad(3.0 * loss, h, retain_graph=True)  # grad_output = 3 scales the stored grads
+    torch.testing.assert_close(g3, 3 * g1)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+    # under no_grad: a plain value, no graph, same number
+    with torch.no_grad():
+        l2, _ = vpo.fused_dpo_loss(W, h, x.labels, ref_hidden=ref_h)
+    assert not l2.requires_grad
+    torch.testing.assert_close(l2, loss.detach())
