@@ -650,7 +650,26 @@ class OViPOnlineDataset(torch.utils.data.IterableDataset):
         self.sample_fn = sample_fn
         self.config = OnlineConfig.make(config, **overrides)
         self.steps = 0
+        # The stream's position (state_dict): pass, next chunk of the pass, pairs produced in the pass. Kept on the
+        # dataset, not in the generator, so a new iterator (a resumed run, the next epoch) continues the stream.
+        self.passes = 0
+        self.next_chunk = 0
+        self.produced = 0
         self._metrics: Dict[str, float] = {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The stream's position and the buffer's records (``vpo.trainer.online.save_online_state`` writes it with the
+        checkpoint), so a resumed run samples exactly what the uninterrupted one would have."""
+        return {"steps": self.steps, "passes": self.passes, "next_chunk": self.next_chunk, "produced": self.produced,
+                "buffer": list(self.buffer._items), "dropped": self.buffer.dropped}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s position, with its buffered records."""
+        for key in ("steps", "passes", "next_chunk", "produced"):
+            setattr(self, key, int(state[key]))
+        self.buffer.clear()
+        self.buffer.add(state["buffer"])
+        self.buffer.dropped = int(state.get("dropped", 0))
 
     def pop_metrics(self) -> Dict[str, float]:
         """The online stats summed since the last call (``online/<name>``), and the buffer's size now."""
@@ -669,12 +688,13 @@ class OViPOnlineDataset(torch.utils.data.IterableDataset):
         if self.policy is None and self.sample_fn is None:
             raise RuntimeError("OViPOnlineDataset.policy is not set: set dataset.policy = trainer.model before "
                                "training (or pass sample_fn)")
-        passes = 0
-        while self.max_passes is None or passes < self.max_passes:
+        while self.buffer.ready:  # a restored buffer: hand out what the interrupted run would have handed out next
+            yield from self.buffer.take()
+        while self.max_passes is None or self.passes < self.max_passes:
             order = list(range(len(self.rows)))
-            random.Random(stream_seed("vpo.online.order", self.seed, passes)).shuffle(order)
-            produced = 0
-            for lo in range(0, len(order), self.prompts_per_step):
+            random.Random(stream_seed("vpo.online.order", self.seed, self.passes)).shuffle(order)
+            while self.next_chunk * self.prompts_per_step < len(order):
+                lo = self.next_chunk * self.prompts_per_step
                 chunk_idx = order[lo:lo + self.prompts_per_step]
                 chunk = [self.rows[i] for i in chunk_idx]
                 records, stats = ovip_online_step(
@@ -686,16 +706,19 @@ class OViPOnlineDataset(torch.utils.data.IterableDataset):
                     sample_fn=self.sample_fn, config=self.config,
                 )
                 self.steps += 1
-                produced += int(stats["pairs"])
+                self.next_chunk += 1
+                self.produced += int(stats["pairs"])
                 for key, v in stats.items():
                     if key not in ("mean_score", "buffer_size"):
                         self._metrics[key] = self._metrics.get(key, 0.0) + v
                 yield from records
                 while self.buffer.ready:
                     yield from self.buffer.take()
-            if produced == 0:
+            if self.produced == 0:
                 raise RuntimeError(f"a whole pass over the {len(self.rows)} examples produced no OViP pair: check the "
                                    f"judge's scores and the filter (delta={self.config.delta}, "
                                    f"tau_pos={self.config.tau_pos}, tau_neg={self.config.tau_neg})")
-            passes += 1
+            self.passes += 1
+            self.next_chunk = 0
+            self.produced = 0
 

@@ -25,11 +25,17 @@ gradients are all-reduced as for any batch. Every process must find pairs: a pro
 none raises (and the others wait for it at the next all-reduce until the timeout), so give every rank enough rows.
 
 Resuming: the online stream cannot be replayed (the policy that sampled it is gone), so ``ignore_data_skip`` is
-forced on; the experience buffer's leftovers and the stream's step counter are not checkpointed.
+forced on. Instead every checkpoint holds the stream itself (:func:`save_online_state`, called by
+:class:`vpo.trainer.resume.ResumeMixin`): its position (sampling round, pass, next chunk of the shuffled rows) and
+the experience buffer's leftover records (``ovip_state.json`` + their images as lossless PNG under
+``ovip_buffer/``; ``_<rank>`` suffixes under several processes). Sampling is seeded by the round and the row, so a
+resumed run samples, pairs and trains exactly as the uninterrupted one.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+import os
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vpo.trainer.config import VPOConfig
@@ -67,3 +73,68 @@ def build_online_dataset(config: "VPOConfig", processor, *, rank: int = 0, world
     return OViPOnlineDataset(rows, processor, judge=judge, negatives=negatives, buffer_size=buffer_size,
                              prompts_per_step=config.online_prompts_per_step, seed=seed, k=config.online_k,
                              temperature=config.online_temperature, max_new_tokens=config.online_max_new_tokens)
+
+
+def _state_names(world_size: int, rank: int):
+    suffix = "" if world_size <= 1 else f"_{rank}"
+    return f"ovip_state{suffix}.json", f"ovip_buffer{suffix}"
+
+
+def _encode(value: Any, folder: str, stem: str):
+    """JSON for a record field; PIL images become lossless PNG files under ``folder``."""
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        name = f"{stem}.png"
+        value.save(os.path.join(folder, name), format="PNG")
+        return {"__png__": name, "mode": value.mode}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v, folder, f"{stem}_{i}") for i, v in enumerate(value)]
+    return value
+
+
+def _decode(value: Any, folder: str):
+    from PIL import Image
+
+    if isinstance(value, dict) and "__png__" in value:
+        with Image.open(os.path.join(folder, value["__png__"])) as im:
+            image = im.convert(value["mode"]) if im.mode != value["mode"] else im.copy()
+        return image
+    if isinstance(value, list):
+        return [_decode(v, folder) for v in value]
+    return value
+
+
+def save_online_state(dataset, checkpoint: str, *, world_size: int = 1, rank: int = 0) -> None:
+    """Write ``dataset``'s (:class:`vpo.online.OViPOnlineDataset`) stream position and buffered records into the
+    checkpoint folder ``checkpoint`` (module docstring)."""
+    import dataclasses
+
+    state_name, buffer_name = _state_names(world_size, rank)
+    state = dataset.state_dict()
+    folder = os.path.join(checkpoint, buffer_name)
+    os.makedirs(folder, exist_ok=True)
+    records = []
+    for i, rec in enumerate(state.pop("buffer")):
+        fields = {f.name: _encode(getattr(rec, f.name), folder, f"{i}_{f.name}") for f in dataclasses.fields(rec)}
+        records.append(fields)
+    state["buffer"] = records
+    with open(os.path.join(checkpoint, state_name), "w", encoding="utf-8") as f:
+        json.dump(state, f)
+
+
+def load_online_state(dataset, checkpoint: str, *, world_size: int = 1, rank: int = 0) -> bool:
+    """Restore what :func:`save_online_state` wrote; ``False`` (and the stream starts over) if the checkpoint has
+    none (an older checkpoint)."""
+    from vpo.data import PreferenceRecord
+
+    state_name, buffer_name = _state_names(world_size, rank)
+    path = os.path.join(checkpoint, state_name)
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        state = json.load(f)
+    folder = os.path.join(checkpoint, buffer_name)
+    state["buffer"] = [PreferenceRecord(**{k: _decode(v, folder) for k, v in rec.items()}) for rec in state["buffer"]]
+    dataset.load_state_dict(state)
+    return True

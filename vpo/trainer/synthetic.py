@@ -57,8 +57,10 @@ class TinyPreferenceCollator:
         method: which sub-batches to build (``dpo``/``csr``/``catpo``: none; ``tpo``: noised; ``mdpo``: crop; ``ovip``:
             noimg + negimg; ``lpoi``: list).
         list_size: LPOI's L. noise_step: TPO's k. crop_frac: mDPO's largest removed fraction.
-        fixed_noise: one fixed noise ε (and crop) per example, from its ``image_seed``; otherwise drawn from the global
-            torch RNG at every call.
+        fixed_noise: one fixed noise ε (and crop) per example, from its ``image_seed``; otherwise a fresh one per
+            call, from ``(image_seed, draw)`` where ``draw`` counts the collator's calls (like
+            :class:`vpo.data.PreferenceCollator`: the trainer restarts the counter where a resumed run left it, so
+            the global RNG plays no part and resuming is exact).
         token_weights: add random Cat-PO ``token_weights`` (otherwise the trainer computes them from the reference).
         ovip_rejected: give the OViP sub-batches 2B rows (chosen, then rejected: the symmetric variant) instead of B.
     """
@@ -75,6 +77,8 @@ class TinyPreferenceCollator:
         self.token_weights = token_weights
         self.ovip_rejected = ovip_rejected
         self.is_qwen = tiny.arch in ("qwen2_vl", "qwen2_5_vl")
+        self.draw = 0
+        self._draw = 0
 
     # -- images ---------------------------------------------------------------------------------------------------
 
@@ -85,17 +89,17 @@ class TinyPreferenceCollator:
             return torch.rand(t * h * w, self.tiny.extra["patch_dim"], generator=g)
         return torch.rand(*self.tiny.extra["pixel_shape"], generator=g)
 
-    def _generator(self, seed: int, salt: int) -> Optional[torch.Generator]:
-        return torch.Generator().manual_seed(seed * 7 + salt) if self.fixed_noise else None
+    def _generator(self, seed: int, salt: int) -> torch.Generator:
+        if self.fixed_noise:
+            return torch.Generator().manual_seed(seed * 7 + salt)
+        return torch.Generator().manual_seed(((seed * 7 + salt) * 1_000_003 + self._draw) % 2 ** 63)
 
     def noised(self, image: torch.Tensor, seed: int) -> torch.Tensor:
-        g = self._generator(seed, 1)
-        eps = torch.randn(image.shape, generator=g) if g is not None else torch.randn(image.shape)
+        eps = torch.randn(image.shape, generator=self._generator(seed, 1))
         return add_diffusion_noise(image, self.noise_step, noise=eps, clamp=False)
 
     def cropped(self, image: torch.Tensor, seed: int) -> torch.Tensor:
-        g = self._generator(seed, 2)
-        frac = float(torch.rand((), generator=g) if g is not None else torch.rand(())) * self.crop_frac
+        frac = float(torch.rand((), generator=self._generator(seed, 2))) * self.crop_frac
         if self.is_qwen:  # flattened patches: drop (zero) a leading fraction of them
             out = image.clone()
             out[: int(frac * image.shape[0])] = 0
@@ -169,6 +173,8 @@ class TinyPreferenceCollator:
         return None
 
     def __call__(self, records: List[Dict]) -> Dict:
+        self._draw = self.draw
+        self.draw += 1
         good, skipped = [], Counter()
         for record in records:
             reason = self.problem(record)
