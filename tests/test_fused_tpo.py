@@ -152,3 +152,83 @@ def test_bad_input_raises_value_error(mutate, match):
     mutate(args)
     with pytest.raises(ValueError, match=match):
         vpo.fused_tpo_loss(**args)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The engine: loss types on the TPO terms, chunking, odd shapes, gradients to hidden_noised / weight / bias
+# ----------------------------------------------------------------------------------------------------------------------
+
+from vpo.fused import Chunking  # noqa: E402
+from vpo.losses import preference_pair_losses  # noqa: E402
+
+CHUNKINGS = {"default": None, "pair_tiles": Chunking(pairs=1, vocab=17),
+             "recompute": Chunking(pairs=2, vocab=50, store=False)}
+
+
+def _oracle_tpo(w, h, n, labels, b, ref_h, ref_hn, *, a=0.5, rewards="both", reward_grad=True, **kw):
+    """Oracle TPO terms -> the per-pair loss head (sft on the plain chosen log-probs)."""
+    B = h.shape[0] // 2
+    pol = vpo.oracle.tpo_sequence_logps(w, h, n, labels, b, a=a, rewards=rewards, reward_grad=reward_grad)
+    with torch.no_grad():
+        ref = vpo.oracle.tpo_sequence_logps(w.detach(), ref_h, ref_hn, labels, None if b is None else b.detach(),
+                                            a=a, rewards=rewards).logps
+    cnt = (labels != -100).sum(1)
+    seq = pol.logps
+    return preference_pair_losses(seq[:B], seq[B:], ref[:B], ref[B:], chosen_tokens=cnt[:B], rejected_tokens=cnt[B:],
+                                  chosen_nll=-pol.token_logps[:B].sum(1), **kw).mean()
+
+
+ENGINE_CASES = [(lt, "pair_tiles", True) for lt in ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "sigmoid_norm",
+                                                      "sft", ("sigmoid", "sft"))] \
+    + [("sigmoid", ch, rg) for ch in ("default", "recompute") for rg in (True, False)] + [("ipo", "default", False)]
+
+
+@pytest.mark.parametrize("loss_type, chunking, reward_grad", ENGINE_CASES)
+def test_engine_loss_types_float64_vs_oracle(loss_type, chunking, reward_grad):
+    x, hn, ref_h, ref_hn = _inputs(torch.float64, bias=True, seed=31)
+    labels = x.labels.clone()
+    labels[1] = -100
+    labels[3] = -100  # pair 1: both rows without a scored token
+    lt = list(loss_type) if isinstance(loss_type, tuple) else loss_type
+    kw = dict(beta=0.5, loss_type=lt, a=0.5, rewards="both", reward_grad=reward_grad,
+              label_smoothing=0.1 if lt in ("sigmoid", "robust") else 0.0)
+    leaves = _as64((x.weight, x.hidden, hn, x.bias))
+    loss, out = vpo.fused_tpo_loss(leaves[0], leaves[1], leaves[2], labels, leaves[3], ref_h, ref_hn, impl="torch",
+                                   chunking=CHUNKINGS[chunking], **kw)
+    g = torch.autograd.grad(loss, leaves, allow_unused=True)
+    o_leaves = _as64((x.weight, x.hidden, hn, x.bias))
+    lo = _oracle_tpo(*o_leaves[:3], labels, o_leaves[3], ref_h, ref_hn, **kw)
+    go = torch.autograd.grad(lo, o_leaves, allow_unused=True)
+    torch.testing.assert_close(loss, lo, rtol=1e-10, atol=1e-12)
+    for name, p, q in zip(("weight", "hidden", "hidden_noised", "bias"), g, go):
+        if q is None:  # reward_grad=False: nothing reaches hidden_noised
+            assert p is None or p.abs().max() == 0, name
+        else:
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=lambda m: f"grad {name}: {m}")
+    assert (out.token_rewards[1] == 1).all() and out.chosen_logps[1] == 0
+
+
+def test_engine_single_pair_frozen_head_and_reference_grads():
+    x, hn, ref_h, ref_hn = _inputs(torch.float64, seed=32, rows=2, seq=3)
+    ref_w = (x.weight.detach() * 1.1).requires_grad_()
+    rh = ref_h.clone().requires_grad_()
+    w = x.weight.detach()  # frozen head
+    loss, _ = vpo.fused_tpo_loss(w, x.hidden, hn, x.labels, None, rh, ref_hn, ref_w, impl="torch",
+                                 chunking=Chunking(pairs=1, vocab=7))
+    loss.backward()
+    assert ref_w.grad is None and rh.grad is None
+    h2, n2 = _as64((x.hidden, hn))
+    lo, _ = vpo.oracle.tpo_loss(w, h2, n2, x.labels, None, ref_h, ref_hn, ref_w.detach())
+    gh, gn = torch.autograd.grad(lo, (h2, n2))
+    torch.testing.assert_close(x.hidden.grad, gh)
+    torch.testing.assert_close(hn.grad, gn)
+
+
+def test_engine_entropy_metrics():
+    x, hn, ref_h, ref_hn = _inputs(torch.float64, seed=33)
+    _, out = vpo.fused_tpo_loss(x.weight, x.hidden, hn, x.labels, None, ref_h, ref_hn)
+    logp = (x.hidden.detach() @ x.weight.detach().T).log_softmax(-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    mask = x.labels != -100
+    torch.testing.assert_close(out.metrics["entropy/rejected"], ent[2:][mask[2:]].mean())
+    assert out.metrics["num_tokens/chosen"] == mask[:2].sum()
