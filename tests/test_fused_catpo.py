@@ -117,3 +117,77 @@ def test_bad_input_raises_value_error(mutate, match):
     mutate(args)
     with pytest.raises(ValueError, match=match):
         vpo.fused_catpo_loss(**args)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The engine: loss types on the weighted terms, the reference tile swept with the policy's, chunking, odd shapes
+# ----------------------------------------------------------------------------------------------------------------------
+
+from vpo.fused import Chunking  # noqa: E402
+from vpo.losses import preference_pair_losses  # noqa: E402
+
+
+def _oracle_catpo(W, H, labels, w, b, ref_h, ref_w=None, ref_b=None, *, kl_coef, **kw):
+    """Oracle log-probs and KL -> weighted per-row terms -> the per-pair loss head + λ · weighted KL."""
+    B = H.shape[0] // 2
+    rw = W.detach() if ref_w is None else ref_w
+    rb = (None if b is None else b.detach()) if ref_w is None else ref_b
+    lp = vpo.oracle.token_logprobs(H, W, labels, b)[0]
+    with torch.no_grad():
+        rl = vpo.oracle.token_logprobs(ref_h, rw, labels, rb)[0]
+    kl = vpo.oracle.token_kl(H, W, ref_h, rw, labels, b, rb)
+    mask = labels != -100
+    wm = torch.where(mask, w, torch.zeros_like(w))
+    seq, ref = (wm * lp).sum(1), (wm * rl).sum(1)
+    n = mask.sum(1)
+    per = preference_pair_losses(seq[:B], seq[B:], ref[:B], ref[B:], chosen_tokens=n[:B], rejected_tokens=n[B:],
+                                 chosen_nll=-lp[:B].sum(1), **kw)
+    klr = (wm * kl).sum(1)
+    return (per + kl_coef * (klr[:B] + klr[B:])).mean()
+
+
+ENGINE_CASES = [(lt, Chunking(pairs=1, vocab=17)) for lt in ("sigmoid", "ipo", "hinge", "robust", "apo_zero",
+                                                              "sigmoid_norm", "sft")] \
+    + [("sigmoid", None), ("sigmoid", Chunking(pairs=1, vocab=50, store=False)), ("sigmoid", Chunking(memory_budget=1))]
+
+
+@pytest.mark.parametrize("loss_type, chunking", ENGINE_CASES)
+def test_engine_loss_types_float64_vs_oracle(loss_type, chunking):
+    x, ref_h, w = _inputs(torch.float64, bias=True, seed=41)
+    labels = x.labels.clone()
+    labels[1] = -100
+    labels[3] = -100  # pair 1: no scored token on either side
+    labels[0] = -100
+    labels[0, 5] = 3  # one token
+    kw = dict(beta=0.4, loss_type=loss_type, kl_coef=0.5, label_smoothing=0.1 if loss_type == "robust" else 0.0)
+    leaves = _as64((x.weight, x.hidden, x.bias))
+    loss, out = vpo.fused_catpo_loss(leaves[0], leaves[1], labels, w, leaves[2], ref_h, impl="torch",
+                                     chunking=chunking, **kw)
+    g = torch.autograd.grad(loss, leaves)
+    o = _as64((x.weight, x.hidden, x.bias))
+    lo = _oracle_catpo(o[0], o[1], labels, w, o[2], ref_h, **kw)
+    go = torch.autograd.grad(lo, o)
+    torch.testing.assert_close(loss, lo, rtol=1e-10, atol=1e-12)
+    for name, p, q in zip(("weight", "hidden", "bias"), g, go):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=lambda m: f"grad {name}: {m}")
+    assert out.kl[1] == 0 and out.chosen_logps[1] == 0
+
+
+def test_engine_separate_reference_single_pair_frozen_head():
+    x, ref_h, w = _inputs(torch.float64, bias=True, seed=42)
+    x2 = make_linear_head_inputs(2, 4, 24, 131, dtype=torch.float64, bias=True, seed=43, ignore_frac=0.0)
+    ref_w = (x2.weight.detach() * 0.9).requires_grad_()
+    ref_b = (x2.bias.detach() + 0.1).requires_grad_()
+    rh = (x2.hidden.detach() + 0.1).requires_grad_()
+    tw = torch.full(x2.labels.shape, 0.7, dtype=torch.float64)
+    Wf = x2.weight.detach()  # frozen policy head, bias trains
+    loss, out = vpo.fused_catpo_loss(Wf, x2.hidden, x2.labels, tw, x2.bias, rh, ref_w, ref_b, kl_coef=0.2,
+                                     chunking=Chunking(pairs=1, vocab=64))
+    loss.backward()
+    assert ref_w.grad is None and ref_b.grad is None and rh.grad is None
+    h, b = _as64((x2.hidden, x2.bias))
+    lo = _oracle_catpo(Wf, h, x2.labels, tw, b, rh.detach(), ref_w.detach(), ref_b.detach(), kl_coef=0.2)
+    gh, gb = torch.autograd.grad(lo, (h, b))
+    torch.testing.assert_close(x2.hidden.grad, gh)
+    torch.testing.assert_close(x2.bias.grad, gb)
+    assert out.metrics["num_tokens/chosen"] == 4 and out.metrics["entropy/chosen"] > 0
