@@ -423,3 +423,81 @@ def test_listwise_rejects_bad_input():
 def test_docstring_examples():
     result = doctest.testmod(losses, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 8 and result.failed == 0
+
+
+# --- DPO loss types (TRL's names) on per-sequence terms ----------------------------------------------------------------
+
+from vpo.losses import LOSS_TYPES, preference_loss, preference_pair_losses  # noqa: E402
+
+
+def _sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+# One pair: chosen -1, rejected -2, references -1.5 / -1.5 -> Δw = 0.5, Δl = -0.5, d = 1; n_w = 2, n_l = 4 tokens,
+# so the per-token difference is 0.5/2 - (-0.5)/4 = 0.375. β = 0.5, ε = 0.2.
+_HAND = {
+    "sigmoid": 0.8 * nls(0.5) + 0.2 * nls(-0.5),
+    "robust": (0.8 * nls(0.5) - 0.2 * nls(-0.5)) / 0.6,
+    "hinge": 1 - 0.5,
+    "ipo": (0.375 - 1 / (2 * 0.5)) ** 2,
+    "apo_zero": (1 - _sig(0.25)) + _sig(-0.25),
+    "sigmoid_norm": nls(0.5 * 0.375),
+    "sft": 1.0 / 2,  # NLL 1 over 2 chosen tokens
+}
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_loss_types_hand_worked(loss_type):
+    kw = dict(beta=0.5, label_smoothing=0.2 if loss_type in ("sigmoid", "robust") else 0.0, loss_type=loss_type,
+              chosen_tokens=t(2), rejected_tokens=t(4))
+    loss, m = preference_loss(t(-1.0), t(-2.0), t(-1.5), t(-1.5), **kw)
+    close(loss, _HAND[loss_type])
+    close(m["rewards/margins"], 0.5)
+
+
+def test_loss_types_sigmoid_is_dpo_and_weighted_sum():
+    args = (t(-1.0, 3.0), t(-2.0, 1.0), t(-1.5, 0.0), t(-1.5, 0.5))
+    dpo, _ = dpo_loss(*args, beta=0.3, label_smoothing=0.1)
+    sig, _ = preference_loss(*args, beta=0.3, label_smoothing=0.1)
+    torch.testing.assert_close(sig, dpo, rtol=0, atol=1e-15)
+    n = dict(chosen_tokens=t(2, 5), rejected_tokens=t(4, 1))
+    mix = preference_pair_losses(*args, beta=0.3, loss_type=["hinge", "ipo"], loss_weights=[2.0, 0.5], **n)
+    hinge = preference_pair_losses(*args, beta=0.3, loss_type="hinge")
+    ipo = preference_pair_losses(*args, beta=0.3, loss_type="ipo", **n)
+    torch.testing.assert_close(mix, 2 * hinge + 0.5 * ipo)
+
+
+def test_sft_is_the_token_mean_over_the_batch():
+    # chosen NLLs 1 and 5 over 2 and 3 tokens: the batch token mean (1 + 5) / 5, as TRL's cross-entropy
+    loss, _ = preference_loss(t(-1.0, -5.0), t(0.0, 0.0), t(0.0, 0.0), t(0.0, 0.0), loss_type="sft",
+                              chosen_tokens=t(2, 3), rejected_tokens=t(1, 1))
+    close(loss, 6 / 5)
+    # as a slice of a larger batch: the mean token count is passed in
+    per = preference_pair_losses(t(-1.0), t(0.0), t(0.0), t(0.0), loss_type="sft", chosen_tokens=t(2),
+                                 rejected_tokens=t(1), mean_chosen_tokens=torch.tensor(2.5, dtype=F64))
+    close(per[0], 1 / 2.5)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_loss_types_gradcheck(loss_type):
+    g = torch.Generator().manual_seed(5)
+    args = [torch.randn(3, generator=g, dtype=F64, requires_grad=True) for _ in range(4)]
+    n = dict(chosen_tokens=t(2, 3, 1), rejected_tokens=t(4, 1, 2))
+    assert torch.autograd.gradcheck(
+        lambda *a: preference_pair_losses(*a, beta=0.4, label_smoothing=0.1, loss_type=loss_type, **n), args)
+
+
+def test_loss_types_bad_arguments():
+    args = (t(-1.0), t(-2.0), t(-1.5), t(-1.5))
+    with pytest.raises(ValueError, match=r"loss_type must be one of \['sigmoid', 'robust', 'hinge', 'ipo', "
+                                         r"'apo_zero', 'sigmoid_norm', 'sft'\], got 'kto'"):
+        preference_pair_losses(*args, loss_type="kto")
+    with pytest.raises(ValueError, match="loss_type must be a str or a non-empty list"):
+        preference_pair_losses(*args, loss_type=[])
+    with pytest.raises(ValueError, match=r"loss_weights must be a list of 2 floats"):
+        preference_pair_losses(*args, loss_type=["sigmoid", "hinge"], loss_weights=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"loss_weights must be in"):
+        preference_pair_losses(*args, loss_type=["sigmoid"], loss_weights=[float("nan")])
+    with pytest.raises(ValueError, match=r"needs chosen_tokens and rejected_tokens"):
+        preference_pair_losses(*args, loss_type="ipo")
