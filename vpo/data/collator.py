@@ -520,11 +520,15 @@ class PreferenceCollator:
             sizes = ", ".join(f"{im.width}x{im.height}" for im in images)
             raise SkipRecord(BAD_IMAGE, f"the processor rejected the image(s) ({sizes}): {e}") from None
         ids = out["input_ids"][0].tolist()
-        if self.family == GENERIC:
-            self._type_keys.update(k for k in ("token_type_ids", "mm_token_type_ids") if k in out)
+        types = {}
+        if self.family == GENERIC:  # the processor's own token types of the prompt (the response's are 0)
+            types = {k: out[k][:1] for k in ("token_type_ids", "mm_token_type_ids") if isinstance(out.get(k),
+                                                                                               torch.Tensor)}
+            self._type_keys.update(types)
         if not images:
             return ids, None
         vision = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
+        vision.update(types)
         return ids, vision
 
     def _row(self, prompt_ids: List[int], resp_ids: List[int], vision) -> Tuple[_Row, int]:
@@ -583,15 +587,21 @@ class PreferenceCollator:
             return out  # the image-free pass: no vision keys at all
         if any(v is None for v in visions):
             raise RuntimeError("a sub-batch mixes rows with and without an image")
+        if self.family == GENERIC:
+            for key in self._type_keys:
+                types = torch.zeros((n, length), dtype=torch.long)
+                for i, v in enumerate(visions):
+                    t = v.get(key)
+                    if t is not None:
+                        types[i, : t.shape[-1]] = t[0]
+                out[key] = types
+            visions = [{k: t for k, t in v.items() if k not in self._type_keys} for v in visions]
         out.update(_cat_vision(visions))
-        type_keys = self._type_keys if self.family == GENERIC else \
-            {k for k in VISION_KEYS[self.family] if k == "mm_token_type_ids"}
-        if type_keys:
+        if "mm_token_type_ids" in VISION_KEYS.get(self.family, ()):
             mm = (input_ids == self.image_token_id).long()
             if self.video_token_id is not None:
                 mm = mm + 2 * (input_ids == self.video_token_id).long()
-            for key in type_keys:
-                out[key] = mm * attention_mask
+            out["mm_token_type_ids"] = mm * attention_mask
         return out
 
 
