@@ -24,6 +24,7 @@ from typing import Dict, Optional
 
 import torch
 
+from vpo.distributed import unshard_head
 from vpo.ops.linear_logprobs import linear_logprobs
 from vpo.ops.segment_sum import sequence_sum
 from vpo.trainer.modeling import backbone, lm_head, unwrap_model
@@ -135,7 +136,8 @@ class Passes:
         if self.rows % 2:
             raise ValueError(f"input_ids has {self.rows} rows: expected 2B (B chosen rows, then B rejected)")
         self.B = self.rows // 2
-        self.weight, self.bias = lm_head(policy)
+        # FSDP2: the sharded head gathered once for the batch, its gradient reduced as FSDP's (vpo.distributed)
+        self.weight, self.bias = unshard_head(*lm_head(policy))
         self.ref_weight, self.ref_bias = reference.head()
         self._ref_dtype = (self.weight if self.ref_weight is None else self.ref_weight).dtype
         self._inputs: Dict[str, Dict] = {}

@@ -28,6 +28,7 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
+from vpo.distributed import unshard_head
 from vpo.trainer.modeling import backbone, lm_head, unwrap_peft
 from vpo.trainer.passes import IGNORE_INDEX, MAIN, Passes, forward_hidden
 
@@ -86,7 +87,8 @@ class Reference:
         """``(ref_weight, ref_bias)`` of a separate reference model (detached), or ``(None, None)``: the policy's."""
         if self.mode != "model":
             return None, None
-        weight, bias = lm_head(self.model)
+        with torch.no_grad():  # FSDP2: the sharded reference head gathered once per batch (vpo.distributed)
+            weight, bias = unshard_head(*lm_head(self.model))
         return weight.detach(), None if bias is None else bias.detach()
 
     @torch.no_grad()

@@ -26,7 +26,7 @@ from typing import Dict, Optional
 import torch
 from transformers import Trainer, TrainerCallback
 
-from vpo.trainer import trl_compat
+from vpo.trainer import distributed, trl_compat
 from vpo.trainer.config import VPOConfig
 from vpo.trainer.methods import compute
 from vpo.trainer.modeling import apply_lora, freeze_outside_language_model, unwrap_peft
@@ -109,9 +109,9 @@ class VPOTrainer(ResumeMixin, Trainer):
         if hasattr(data_collator, "draw"):
             self.add_callback(_CollatorDrawCallback(data_collator))
 
+        distributed.check_distributed_setup(self)  # FSDP1 / tensor parallel: a clear error
         if ref_model is not None:
-            ref_model.eval().requires_grad_(False)
-            ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+            ref_model = distributed.prepare_reference(self, ref_model)  # sharded like the policy (FSDP2, ZeRO-3)
         self.ref_model = ref_model
         self.reference = Reference(args.ref_mode, model=ref_model, table=ref_table)
         self._stored_metrics = defaultdict(lambda: defaultdict(list))
@@ -137,6 +137,7 @@ class VPOTrainer(ResumeMixin, Trainer):
                              "on the live weights")
         if dataset.sample_fn is None:
             dataset.policy = self.model  # after LoRA: the peft-wrapped policy, not its DDP wrapper
+        dataset.idle_when_empty = self.args.world_size > 1  # a rank without pairs steps with zero loss
         return dataset
 
     def get_train_dataloader(self):
@@ -151,6 +152,10 @@ class VPOTrainer(ResumeMixin, Trainer):
                           num_workers=0)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        with distributed.step_context(self, model):  # ZeRO-3: the LM head stays gathered through the backward
+            return self._training_step(model, inputs, num_items_in_batch)
+
+    def _training_step(self, model, inputs, num_items_in_batch=None):
         if self._online is None:
             return super().training_step(model, inputs, num_items_in_batch)
         t0 = time.perf_counter()
@@ -183,7 +188,10 @@ class VPOTrainer(ResumeMixin, Trainer):
             return torch.zeros((), device=self.args.device, requires_grad=True), {}
         passes = Passes(inputs, model, self.reference, list_size=self.args.list_size,
                         need_grad=torch.is_grad_enabled(), impl=self.args.loss_impl)
-        return compute(passes, self.args)
+        loss, metrics = compute(passes, self.args)
+        if distributed.placeholder_batch(inputs):  # OViP: this rank found no pair; it steps with a zero gradient
+            return distributed.zero_loss(loss), {}
+        return loss, metrics
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         loss, metrics = self._loss_and_metrics(model, inputs, "train")
@@ -195,7 +203,7 @@ class VPOTrainer(ResumeMixin, Trainer):
             self._count_skipped(inputs.get("skipped"), "eval")
             return None, None, None
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
+        with torch.no_grad(), self.compute_loss_context_manager(), distributed.step_context(self, model):
             loss, metrics = self._loss_and_metrics(model, inputs, "eval")
         self.store_metrics(metrics, "eval")
         return loss.detach(), None, None
