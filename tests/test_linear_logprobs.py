@@ -4,6 +4,7 @@ The chunked torch path runs with vocabulary chunks that do not divide V (VPO_TOR
 V=131), in float64 (tight), float32 and float16 (error <= 2 x PyTorch's own error in that dtype, STYLE.md).
 """
 import importlib
+import importlib.util
 
 import pytest
 import torch
@@ -104,6 +105,48 @@ def test_linear_logprobs_matches_oracle(dtype, bias, shape, chunk, which, monkey
     x = _inputs(shape, dtype, bias)
     gl, gt = _upstream(x.labels, which)
     _check(x, dtype, gl, gt, fn=lambda h, W, y, b: linear_logprobs(h, W, y, b, impl="torch"))
+
+
+needs_gemm = pytest.mark.skipif(not importlib.util.find_spec("triton"), reason="impl='gemm' needs triton")
+
+
+def _gemm(h, W, y, b):
+    return linear_logprobs(h, W, y, b, impl="gemm")
+
+
+@needs_gemm
+@pytest.mark.parametrize("which", ["logp", "tgt", "both"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+def test_gemm_matches_oracle(dtype, bias, which, monkeypatch):
+    """impl="gemm": the same sweep with the Triton epilogue kernels (interpreter on CPU); V=131 in chunks of 50."""
+    monkeypatch.setenv("VPO_TORCH_CHUNK", "50")
+    x = _inputs("flat", dtype, bias)
+    gl, gt = _upstream(x.labels, which)
+    _check(x, dtype, gl, gt, fn=_gemm)
+
+
+@needs_gemm
+@pytest.mark.parametrize("case", ["all_ignored", "one_valid", "budget"])
+def test_gemm_odd_cases(case, monkeypatch):
+    x = _inputs("rows", torch.float32, bias=True)
+    budget = None
+    if case == "all_ignored":
+        x.labels.fill_(-100)
+    elif case == "one_valid":
+        x.labels.fill_(-100)
+        x.labels[1, 7] = 5
+    else:  # the budget rule (no VPO_TORCH_CHUNK): 38 rows x 8 B x 40 columns -> 3 chunks over V = 131
+        budget = 38 * 8 * 40 / 2**20
+    monkeypatch.delenv("VPO_TORCH_CHUNK", raising=False)
+    gl, gt = _upstream(x.labels, "both")
+    fn = lambda h, W, y, b: linear_logprobs(h, W, y, b, impl="gemm", chunk_budget_mb=budget)  # noqa: E731
+    if case == "all_ignored":
+        outs, grads = _run(fn, _leaves(x), x.labels, gl, gt)
+        for t in outs + grads:
+            assert torch.isfinite(t).all() and (t == 0).all()
+    else:
+        _check(x, torch.float32, gl, gt, fn=fn)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -232,18 +275,19 @@ def test_never_materializes_n_by_v(how, monkeypatch):
     n, d, v, chunk = 64, 8, 1000, 100
     if how == "env":
         monkeypatch.setenv("VPO_TORCH_CHUNK", str(chunk))
-    else:  # the default policy, with a budget of n·chunk elements per tile
+    else:  # the default policy, with a budget of n·chunk·(4 + 4) bytes (fp32 logits tile + fp32 dz tile)
         monkeypatch.delenv("VPO_TORCH_CHUNK", raising=False)
-        monkeypatch.setattr(llp, "TILE_BUDGET", n * chunk)
+        monkeypatch.setenv("VPO_CHUNK_BUDGET_MB", "1")
+    budget_mb = None if how == "env" else n * chunk * 8 / 2**20
     x = make_linear_head_inputs(1, n, d, v, bias=True, ignore_frac=0.0)
     h, W, b, y = x.hidden[0], x.weight, x.bias, x.labels[0]
     bound = max(v * d, n * chunk)  # dW [V, D] is the output itself; one [N, chunk] tile
     assert bound < n * v
 
     with _LargestAllocation() as seen:
-        logp, tgt = linear_logprobs(h, W, y, b, impl="torch")
+        logp, tgt = linear_logprobs(h, W, y, b, impl="torch", chunk_budget_mb=budget_mb)
         (logp.sum() + 0.5 * tgt.sum()).backward()
-    assert {"mm", "addmm_", "index_add_"} <= seen.ops  # the backward sweep was observed too
+    assert {"mm", "scatter_add_"} <= seen.ops  # the backward sweep was observed too
     assert seen.largest <= bound, f"largest allocation {seen.largest} elements > bound {bound} (N·V = {n * v})"
 
     # The tracker does see an [N, V] allocation when one happens: the oracle makes one.
@@ -262,11 +306,21 @@ def test_target_logits_is_o_n_d():
 
 def test_chunk_policy(monkeypatch):
     monkeypatch.delenv("VPO_TORCH_CHUNK", raising=False)
-    assert llp.chunk_size(1000, 10**6) == llp.TILE_BUDGET // 1000
+    monkeypatch.delenv("VPO_CHUNK_BUDGET_MB", raising=False)
+    budget = llp.DEFAULT_BUDGET_MB << 20
+    # fp32: 4 B logits + 4 B dz per element; a multiple of 128 when >= 128
+    assert llp.chunk_size(1000, 10**6) == budget // (1000 * 8) // 128 * 128
+    assert llp.chunk_size(1000, 10**6, dtype=torch.bfloat16) == budget // (1000 * 6) // 128 * 128
+    assert llp.chunk_size(1000, 10**6, dtype=torch.float64) == budget // (1000 * 16) // 128 * 128
+    assert llp.chunk_size(1000, 10**6, tiles=2) == budget // (2000 * 8) // 128 * 128
     assert llp.chunk_size(1, 131) == 131  # never wider than V
     assert llp.chunk_size(0, 131) == 131
-    assert llp.chunk_size(llp.TILE_BUDGET * 4, 131) == 1  # never narrower than 1
+    assert llp.chunk_size(budget, 131) == 1  # never narrower than 1
+    assert llp.chunk_size(1000, 10**6, budget_mb=1) == 128  # 1 MiB // 8000 B = 131, rounded down to 128
+    assert llp.chunk_size(1000, 10**6, budget_mb=0.5) == 65  # below 128: not rounded
     assert llp.chunk_size(10, 131, 17) == 17
+    monkeypatch.setenv("VPO_CHUNK_BUDGET_MB", "1")
+    assert llp.chunk_size(1000, 10**6) == 128
     monkeypatch.setenv("VPO_TORCH_CHUNK", "50")
     assert llp.chunk_size(10, 131) == 50
     assert llp.chunk_size(10, 30) == 30
@@ -274,6 +328,14 @@ def test_chunk_policy(monkeypatch):
         monkeypatch.setenv("VPO_TORCH_CHUNK", bad)
         with pytest.raises(ValueError, match="VPO_TORCH_CHUNK"):
             llp.chunk_size(10, 131)
+    monkeypatch.delenv("VPO_TORCH_CHUNK")
+    for bad in ("0", "x"):
+        monkeypatch.setenv("VPO_CHUNK_BUDGET_MB", bad)
+        with pytest.raises(ValueError, match="VPO_CHUNK_BUDGET_MB"):
+            llp.chunk_size(10, 131)
+    for bad in (0, -1.0, "1", True):
+        with pytest.raises(ValueError, match="chunk_budget_mb"):
+            llp.chunk_size(10, 131, budget_mb=bad)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -300,7 +362,7 @@ def test_auto_is_torch_on_cpu(fn, registry, monkeypatch):
 @pytest.mark.parametrize("fn", [linear_logprobs, target_logits], ids=["logprobs", "target"])
 def test_unknown_impl_lists_names(fn):
     x = _inputs("rows", torch.float32)
-    with pytest.raises(ValueError, match=r"impl must be one of \['auto', 'torch', 'triton'\], got 'cuda'"):
+    with pytest.raises(ValueError, match=r"impl must be one of \['auto', 'torch', 'gemm', 'triton'\], got 'cuda'"):
         fn(x.hidden, x.weight, x.labels, impl="cuda")
 
 
@@ -333,9 +395,9 @@ def test_triton_target_logits_matches_oracle():
 @pytest.mark.gpu
 @pytest.mark.skipif(not _importable("vpo_kernels.linear_logprobs"),
                     reason="vpo_kernels.linear_logprobs (LinearLogprobsTriton) is not importable yet")
-def test_auto_is_triton_on_cuda():
+def test_auto_is_gemm_on_cuda():
     x = _inputs("rows", torch.float32, bias=True, device="cuda")
-    assert llp._resolve_impl("auto", llp.LINEAR_LOGPROBS_IMPLS, x.hidden) == "triton"
+    assert llp._resolve_impl("auto", llp.LINEAR_LOGPROBS_IMPLS, x.hidden) == "gemm"
     out = linear_logprobs(x.hidden, x.weight, x.labels, x.bias)
     ref = linear_logprobs(x.hidden, x.weight, x.labels, x.bias, impl="torch")
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -10,10 +10,11 @@ h, W, bias share one dtype (fp32 / fp16 / bf16). Outputs, all fp32 ``[N]`` and 0
 
 Forward
 -------
-``_lse_partial_kernel``, grid ``(cdiv(N, BLOCK_N), SPLIT_V)``: program (i, s) owns rows ``i*BLOCK_N ...`` and the s-th
-contiguous run of vocabulary tiles. For each tile it forms ``z = h_blk @ W_tileᵀ (+ b)`` looping over D, and keeps the
-online logsumexp ``(m, s)``: ``m' = max(m, max_v z)``, ``s' = s·exp(m − m') + Σ_v exp(z − m')``. It writes the split's
-``(m, s)`` to ``[SPLIT_V, N]`` fp32 buffers; ``_lse_combine_kernel`` (grid over N) folds them,
+``_lse_partial_kernel``, a 1-D grid of ``cdiv(N, BLOCK_N) · SPLIT_V`` programs: program (i, s) owns rows
+``i*BLOCK_N ...`` and the s-th contiguous run of vocabulary tiles; the program ids are grouped (``_grouped_tile``) so
+that the programs resident at one time share both their h blocks and their W tiles in L2. For each tile it forms
+``z = h_blk @ W_tileᵀ (+ b)`` looping over D, and keeps the online logsumexp ``(m, s)``: ``m' = max(m, max_v z)``,
+``s' = s·exp(m − m') + Σ_v exp(z − m')``. It writes the split's ``(m, s)`` to ``[SPLIT_V, N]`` fp32 buffers; ``_lse_combine_kernel`` (grid over N) folds them,
 ``lse = M + log Σ_s s_s·exp(m_s − M)`` with ``M = max_s m_s``, computes the target logit and writes the outputs.
 Splitting V lets a small N (e.g. one preference batch, N = 2B·T ~ 4k) still fill 132 SMs.
 
@@ -85,7 +86,8 @@ class LinearLogprobsConfig:
     bwd: TileConfig  # backward recompute + atomics kernel
     gather: GatherConfig = field(default_factory=lambda: GatherConfig(block_n=8, block_d=512))
     split_v: Optional[int] = None
-    group_n: int = 8  # backward: N blocks per group in the tile order (see _lse_bwd_kernel)
+    group_n: int = 8  # N blocks per group in the tile order (forward: _grouped_tile; backward: _lse_bwd_kernel)
+    min_split_v: int = 16  # forward: at least this many V splits, so a group spans ~16 W streams (see _grouped_tile)
 
 
 def default_config(dtype: torch.dtype, N: int, V: int, D: int) -> LinearLogprobsConfig:
@@ -129,7 +131,7 @@ def _pick_split_v(cfg: LinearLogprobsConfig, N: int, V: int, device: torch.devic
     if cfg.split_v is not None:
         split = cfg.split_v
     else:
-        split = triton.cdiv(2 * _num_sms(device), triton.cdiv(N, cfg.sweep.block_n))
+        split = max(cfg.min_split_v, triton.cdiv(2 * _num_sms(device), triton.cdiv(N, cfg.sweep.block_n)))
     split = max(1, min(split, n_vtiles))
     return triton.cdiv(n_vtiles, triton.cdiv(n_vtiles, split))  # drop splits that would own no tile
 
@@ -176,13 +178,31 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, D,
 
 
 @triton.jit
-def _lse_partial_kernel(h_ptr, w_ptr, b_ptr, order_ptr, n_valid_ptr, m_part_ptr, s_part_ptr, N, V, D,
-                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+def _grouped_tile(pid, num_pid_n, SPLIT_V, GROUP_N: tl.constexpr):
+    """(pid_n, pid_s) of a 1-D program id in the forward's L2-friendly order.
+
+    Every forward program sweeps its V split tile by tile, re-reading its h block [BLOCK_N, D] once per V tile. With the
+    plain order (N blocks fastest, one split at a time) the ~132 resident programs hold ~132 different h blocks (at
+    D = 3584, bf16: 132 x 0.9 MB, far beyond a 50 MB L2) and one W stream: h came from HBM on every V tile (~140 GB at
+    N=16k, V=152k). Here ids go in groups of GROUP_N N blocks x all SPLIT_V splits, N fastest inside a group, so the
+    resident programs form a GROUP_N x (~132 / GROUP_N) rectangle: each h block is shared by the ~16 programs of its
+    row (same rows, different splits, sweeping in step) and each W tile by the GROUP_N programs of its column. Per
+    step the wave then reads ~GROUP_N h blocks + ~132 / GROUP_N W tiles from HBM instead of ~132 + 1.
+    """
+    per_group = GROUP_N * SPLIT_V
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(num_pid_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_s = (pid % per_group) // group_size
+    return pid_n, pid_s
+
+
+@triton.jit
+def _lse_partial_kernel(h_ptr, w_ptr, b_ptr, order_ptr, n_valid_ptr, m_part_ptr, s_part_ptr, N, V, D, SPLIT_V,
+                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, GROUP_N: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    # grid: (cdiv(N, BLOCK_N), SPLIT_V). N blocks on axis 0 (limit 2^31 - 1, so any N works); consecutive programs
-    # share a V split, so a W slice is read from HBM once and from L2 by the other N blocks.
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # grid: (cdiv(N, BLOCK_N) * SPLIT_V,), 1-D (axis 0: no 65535 limit), in the grouped order of _grouped_tile.
+    pid_n, pid_s = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), SPLIT_V, GROUP_N)
     n_valid = tl.load(n_valid_ptr)
     if pid_n * BLOCK_N >= n_valid:
         return  # every row of this block is ignored
@@ -191,7 +211,7 @@ def _lse_partial_kernel(h_ptr, w_ptr, b_ptr, order_ptr, n_valid_ptr, m_part_ptr,
     rows = tl.load(order_ptr + offs_n, mask=row_mask, other=0).to(tl.int64)  # original row ids, valid first
 
     n_vtiles = tl.cdiv(V, BLOCK_V)
-    per_split = tl.cdiv(n_vtiles, tl.num_programs(1))
+    per_split = tl.cdiv(n_vtiles, SPLIT_V)
     t_lo = pid_s * per_split
     t_hi = tl.minimum(t_lo + per_split, n_vtiles)
 
@@ -306,13 +326,18 @@ def _lse_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, n_valid_ptr, lse
 _autotuned = {}
 
 
+def autotune_configs():
+    """The ``VPO_AUTOTUNE=1`` search space of the sweep and backward kernels (also compiled by the AOT test)."""
+    return [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s)
+            for bd in (32, 64) for w in (4, 8) for s in (2, 3, 4)]
+
+
 def _tuned(name: str):
     """Autotuned variants (``VPO_AUTOTUNE=1``). Only BLOCK_D / num_warps / num_stages vary: BLOCK_N and BLOCK_V fix
     the grid and the split buffers, so they stay pinned. The backward restores its atomic accumulators between trials
     (``restore_value``: correct whether or not the Triton version resets after the last trial)."""
     if name not in _autotuned:
-        cfgs = [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s)
-                for bd in (32, 64) for w in (4, 8) for s in (2, 3, 4)]
+        cfgs = autotune_configs()
         if name == "sweep":
             _autotuned[name] = triton.autotune(cfgs, key=["V", "D"])(_lse_partial_kernel)
         else:
@@ -351,9 +376,9 @@ def linear_logprobs_fwd(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, 
     b_arg = bias if bias is not None else h  # never read when HAS_BIAS is False
     ieee = h.dtype == torch.float32
     sw = cfg.sweep
-    grid = (triton.cdiv(N, sw.block_n), split)
-    args = (h, W, b_arg, order, n_valid, m_part, s_part, N, V, D)
-    meta = dict(HAS_BIAS=bias is not None, IEEE=ieee, BLOCK_N=sw.block_n, BLOCK_V=sw.block_v)
+    grid = (triton.cdiv(N, sw.block_n) * split,)
+    args = (h, W, b_arg, order, n_valid, m_part, s_part, N, V, D, split)
+    meta = dict(HAS_BIAS=bias is not None, IEEE=ieee, GROUP_N=cfg.group_n, BLOCK_N=sw.block_n, BLOCK_V=sw.block_v)
     if _autotuning():
         _tuned("sweep")[grid](*args, **meta)
     else:

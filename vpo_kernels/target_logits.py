@@ -9,7 +9,16 @@ Backward, with upstream gradient ``g [N]``::
     dW[y]  += Σ_{n : y_n = y} g_n · h_n     (a scatter-add: several rows can share a target, so fp32 atomics)
     db[y]  += Σ_{n : y_n = y} g_n
 
-dW and db are accumulated in fp32 buffers and cast to the input dtype at the end (bf16 accumulation drifts, Liger #512).
+dW and db are accumulated in fp32 (bf16 accumulation drifts, Liger #512), without a second ``[V, D]`` buffer:
+
+- a caller that already holds an fp32 ``[V, D]`` accumulator (a fused loss whose clean pass wrote its dW there: the
+  TPO noised pass) passes it as ``dw_acc`` (and ``db_acc``): the scatter adds into it and nothing ``[V, D]`` is
+  allocated;
+- fp32 inputs without ``dw_acc``: one fp32 ``[V, D]`` buffer, which is the output;
+- 16-bit inputs without ``dw_acc``: the rows ``g_n · h_n`` (``[N, D]`` fp32, O(N·D)) are summed per target over a
+  device-side sort and each sum is rounded once into the ``[V, D]`` output in the input dtype
+  (``vpo.ops._sweep.scatter_rows``): no fp32 ``[V, D]`` buffer. :func:`target_logits_grad_rows` returns those rows
+  for a caller that index_adds them itself.
 
 Layout: ``h [N, D]``, ``W [V, D]``, ``labels [N]`` (int64 or int32), optional ``bias [V]``; h, W and bias share one dtype
 (fp32, fp16 or bf16). Every tensor is made contiguous by the launchers, so row strides are ``D``.
@@ -27,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["GatherConfig", "target_logits_fwd", "target_logits_bwd", "TargetLogitsTriton"]
+__all__ = ["GatherConfig", "target_logits_fwd", "target_logits_bwd", "target_logits_grad_rows", "TargetLogitsTriton"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -166,12 +175,16 @@ def _target_logits_bwd_kernel(g_ptr, h_ptr, w_ptr, labels_ptr, dh_ptr, dw_ptr, d
 _bwd_autotuned = None
 
 
+def autotune_configs():
+    """The ``VPO_AUTOTUNE=1`` search space of the backward kernel (also compiled by the AOT test)."""
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2, 3)]
+
+
 def _get_bwd_autotuned():
     """Autotuned variant (``VPO_AUTOTUNE=1``): only num_warps/num_stages vary, so the grid stays the launcher's."""
     global _bwd_autotuned
     if _bwd_autotuned is None:
-        cfgs = [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2, 3)]
-        _bwd_autotuned = triton.autotune(cfgs, key=["D"], restore_value=["dw_ptr", "db_ptr"])(
+        _bwd_autotuned = triton.autotune(autotune_configs(), key=["D"], restore_value=["dw_ptr", "db_ptr"])(
             _target_logits_bwd_kernel)
     return _bwd_autotuned
 
@@ -202,16 +215,28 @@ def target_logits_fwd(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, bi
     return z
 
 
+def target_logits_grad_rows(grad: torch.Tensor, h: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+                            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The weight gradient of ``Σ_n grad[n] · z[n]`` as sparse rows: ``(rows [N] int64, values [N, D] fp32)`` with
+    ``dW = zeros.index_add_(0, rows, values)`` (ignored rows: row 0, values 0). O(N·D); no host sync."""
+    valid = labels != ignore_index
+    rows = torch.where(valid, labels, 0).long()
+    g = torch.where(valid, grad.to(torch.float32), torch.zeros((), device=grad.device))
+    return rows, g[:, None] * h.to(torch.float32)
+
+
 def target_logits_bwd(grad: torch.Tensor, h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
                       bias: Optional[torch.Tensor] = None, ignore_index: int = -100, *,
                       compute_dh: bool = True, compute_dw: bool = True, compute_db: Optional[bool] = None,
-                      config: Optional[GatherConfig] = None,
+                      config: Optional[GatherConfig] = None, dw_acc: Optional[torch.Tensor] = None,
+                      db_acc: Optional[torch.Tensor] = None,
                       ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients of ``Σ_n grad[n] · z[n]``: ``(dh [N, D], dW [V, D], db [V] or None)`` in the inputs' dtype.
 
-    ``dh = grad · W[y]`` row by row; ``dW[y] += grad · h`` and ``db[y] += grad`` by fp32 atomic scatter-add. Ignored
-    rows get zero gradient and contribute nothing. A gradient whose ``compute_*`` flag is False is returned as None
-    (``compute_db`` defaults to ``bias is not None``).
+    ``dh = grad · W[y]`` row by row; ``dW[y] += grad · h`` and ``db[y] += grad`` summed in fp32. Ignored rows get zero
+    gradient and contribute nothing. A gradient whose ``compute_*`` flag is False is returned as None (``compute_db``
+    defaults to ``bias is not None``). ``dw_acc`` / ``db_acc``: the caller's fp32 ``[V, D]`` / ``[V]`` accumulators,
+    added into in place (fp32 atomics) and returned as they are — no ``[V, D]`` allocation (see the module docstring).
     """
     h, W, labels, bias = _check_head(h, W, labels, bias)
     if grad.device != h.device:
@@ -221,10 +246,26 @@ def target_logits_bwd(grad: torch.Tensor, h: torch.Tensor, W: torch.Tensor, labe
     compute_db = (bias is not None) if compute_db is None else (compute_db and bias is not None)
     grad = grad.contiguous().to(torch.float32)
     f32 = h.dtype == torch.float32
+    for name, acc, shape in (("dw_acc", dw_acc, (V, D)), ("db_acc", db_acc, (V,))):
+        if acc is not None and (acc.dtype != torch.float32 or tuple(acc.shape) != shape or acc.device != h.device
+                                or not acc.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous float32 tensor of shape {shape} on {h.device}, got "
+                             f"{acc.dtype} {tuple(acc.shape)} on {acc.device}")
     dh = _empty((N, D), h.dtype, h.device) if compute_dh else None  # fully written (0 on ignored rows)
-    # fp32 accumulators for the scatter-add; for fp32 inputs they are the outputs.
-    dw = torch.zeros((V, D), dtype=torch.float32, device=h.device) if compute_dw else None
-    db = torch.zeros((V,), dtype=torch.float32, device=h.device) if compute_db else None
+    # 16-bit weights without a caller accumulator: the sorted-segment sum below, not an fp32 [V, D] scatter target.
+    rows_path = compute_dw and dw_acc is None and not f32
+    dw = None
+    if compute_dw and not rows_path:
+        dw = dw_acc if dw_acc is not None else torch.zeros((V, D), dtype=torch.float32, device=h.device)
+    db = None
+    if compute_db:
+        db = db_acc if db_acc is not None else torch.zeros((V,), dtype=torch.float32, device=h.device)
+    if rows_path:
+        from vpo.ops._sweep import scatter_rows  # the one fp32-summed, once-rounded scatter (shared with vpo.ops)
+
+        rows, vals = target_logits_grad_rows(grad, h, labels, ignore_index)
+        dw_out = scatter_rows(rows, vals, V, h.dtype)
+        compute_dw = False
     if N > 0 and (compute_dh or compute_dw or compute_db):
         cfg = config or default_gather_config(D)
         grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(D, cfg.block_d))
@@ -236,9 +277,12 @@ def target_logits_bwd(grad: torch.Tensor, h: torch.Tensor, W: torch.Tensor, labe
             _get_bwd_autotuned()[grid](*args, **meta)
         else:
             _target_logits_bwd_kernel[grid](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if not f32:
-        dw = dw.to(h.dtype) if dw is not None else None
-        db = db.to(h.dtype) if db is not None else None
+    if rows_path:
+        dw = dw_out
+    elif not f32 and dw is not None and dw_acc is None:
+        dw = dw.to(h.dtype)
+    if not f32 and db is not None and db_acc is None:
+        db = db.to(h.dtype)
     return dh, dw, db
 
 

@@ -11,7 +11,8 @@ Gradients flow to h, W and bias only: the reference is frozen.
 
 Forward
 -------
-``_kl_partial_kernel``, grid ``(cdiv(N, BLOCK_N), SPLIT_V)``, is ``linear_logprobs._lse_partial_kernel`` with two
+``_kl_partial_kernel``, a 1-D grid of ``cdiv(N, BLOCK_N) · SPLIT_V`` programs in the grouped (L2-friendly) order of
+``linear_logprobs._grouped_tile``, is ``linear_logprobs._lse_partial_kernel`` with two
 logits tiles per ``[BLOCK_N, BLOCK_V]`` tile: ``z`` and ``r`` are built in ONE loop over D (``_logits_pair_tile``; when
 the reference shares the policy's head, the common case in Cat-PO, each W chunk is loaded once and feeds both GEMMs).
 One online sweep keeps five fp32 running statistics per row::
@@ -51,7 +52,7 @@ import triton
 import triton.language as tl
 
 from vpo_kernels import target_logits as _tgt
-from vpo_kernels.linear_logprobs import TileConfig, _dot, _pick_split_v, _valid_rows_first
+from vpo_kernels.linear_logprobs import TileConfig, _dot, _grouped_tile, _pick_split_v, _valid_rows_first
 from vpo_kernels.target_logits import _autotuning, _interpreting
 
 __all__ = ["TokenKLConfig", "token_kl_fwd", "token_kl_bwd", "TokenKLTriton"]
@@ -72,7 +73,8 @@ class TokenKLConfig:
     sweep: TileConfig  # forward online sweep (two logits tiles)
     bwd: TileConfig  # backward recompute (two logits tiles) + atomics
     split_v: Optional[int] = None
-    group_n: int = 8  # backward: N blocks per group in the tile order (see _kl_bwd_kernel)
+    group_n: int = 8  # N blocks per group in the tile order (forward: linear_logprobs._grouped_tile; backward)
+    min_split_v: int = 16  # forward: at least this many V splits (see linear_logprobs._grouped_tile)
     block_n_combine: int = 128  # rows per program of the split-combine kernel (elementwise over [SPLIT_V, N])
 
 
@@ -138,12 +140,13 @@ def _logits_pair_tile(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, rows, row_mas
 
 @triton.jit
 def _kl_partial_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, order_ptr, n_valid_ptr, part_ptr, N, V, D,
+                       SPLIT_V,
                        HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, SHARED_W: tl.constexpr, IEEE: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    # grid: (cdiv(N, BLOCK_N), SPLIT_V), as _lse_partial_kernel: consecutive programs share a V split, so the W (and
-    # W_ref) slice comes from HBM once and from L2 for the other N blocks.
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+                       GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    # grid: (cdiv(N, BLOCK_N) * SPLIT_V,), 1-D, in the grouped order of linear_logprobs._grouped_tile: the resident
+    # programs form a GROUP_N x (~132 / GROUP_N) rectangle of (N block, V split), sharing h / h_ref blocks along a row
+    # and W / W_ref tiles along a column in L2.
+    pid_n, pid_s = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), SPLIT_V, GROUP_N)
     n_valid = tl.load(n_valid_ptr)
     if pid_n * BLOCK_N >= n_valid:
         return  # every row of this block is ignored
@@ -152,7 +155,7 @@ def _kl_partial_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, order_ptr, n
     rows = tl.load(order_ptr + offs_n, mask=row_mask, other=0).to(tl.int64)  # original row ids, valid first
 
     n_vtiles = tl.cdiv(V, BLOCK_V)
-    split = tl.num_programs(1)
+    split = SPLIT_V
     per_split = tl.cdiv(n_vtiles, split)
     t_lo = pid_s * per_split
     t_hi = tl.minimum(t_lo + per_split, n_vtiles)
@@ -295,14 +298,19 @@ def _kl_bwd_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, order_ptr, n_val
 _autotuned = {}
 
 
+def autotune_configs():
+    """The ``VPO_AUTOTUNE=1`` search space of the sweep and backward kernels (also compiled by the AOT test)."""
+    return [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s)
+            for bd in (32, 64) for w in (4, 8) for s in (2, 3)]
+
+
 def _tuned(name: str):
     """Autotuned variants (``VPO_AUTOTUNE=1``), as in linear_logprobs: only BLOCK_D / num_warps / num_stages vary
     (BLOCK_N, BLOCK_V fix the grid and the split buffers); the backward restores its atomic accumulators between
     trials. Stage counts stop at 3: at BLOCK_D = 64 a forward stage holds up to four operand chunks (h, h_ref, W,
     W_ref: 48 KB at the pinned 128 x 64 tile) and a backward stage up to 64 KB."""
     if name not in _autotuned:
-        cfgs = [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s)
-                for bd in (32, 64) for w in (4, 8) for s in (2, 3)]
+        cfgs = autotune_configs()
         if name == "sweep":
             _autotuned[name] = triton.autotune(cfgs, key=["V", "D"])(_kl_partial_kernel)
         else:
@@ -377,11 +385,11 @@ def token_kl_fwd(h: torch.Tensor, W: torch.Tensor, hr: torch.Tensor, Wr: Optiona
     split = _pick_split_v(cfg, N, V, dev)
     part = _tgt._empty((_N_STATS, split, N), torch.float32, dev)
     sw = cfg.sweep
-    grid = (triton.cdiv(N, sw.block_n), split)
+    grid = (triton.cdiv(N, sw.block_n) * split,)
     args = (h, W, bias if bias is not None else h, hr, Wr, ref_bias if ref_bias is not None else h,
-            order, n_valid, part, N, V, D)  # a bias pointer is never read when its HAS_* flag is False
+            order, n_valid, part, N, V, D, split)  # a bias pointer is never read when its HAS_* flag is False
     meta = dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, SHARED_W=shared,
-                IEEE=h.dtype == torch.float32, BLOCK_N=sw.block_n, BLOCK_V=sw.block_v)
+                IEEE=h.dtype == torch.float32, GROUP_N=cfg.group_n, BLOCK_N=sw.block_n, BLOCK_V=sw.block_v)
     if _autotuning():
         _tuned("sweep")[grid](*args, **meta)
     else:

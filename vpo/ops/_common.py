@@ -1,50 +1,57 @@
-"""Pieces shared by the LM-head ops (``linear_logprobs``, ``token_kl``): the chunked torch paths' tile helpers and the
-``impl=`` resolution. The argument checks of a linear head ``(hidden [..., D], weight [V, D], bias [V] | None)`` are in
-:mod:`vpo._heads`, shared with the oracle and the fused losses.
+"""Pieces shared by the LM-head ops (``linear_logprobs``, ``token_kl``): sync-free row masks and label checks, the
+``impl=`` resolution and the epilogue (elementwise steps) of each impl. The vocabulary sweep and its chunk policy are
+in :mod:`vpo.ops._sweep`. The argument checks of a linear head ``(hidden [..., D], weight [V, D], bias [V] | None)``
+are in :mod:`vpo._heads`, shared with the oracle and the fused losses.
 
-The torch paths' chunk policy (``chunk_size``, ``TILE_BUDGET``, ``VPO_TORCH_CHUNK``) stays in
-:mod:`vpo.ops.linear_logprobs`, where it is documented; ``token_kl`` imports it from there, so one knob sets both.
+Nothing here reads a device value back to the host: no ``.item()``, ``.tolist()``, ``nonzero()`` or ``bool(tensor)``.
+The label-range check is a device-side assert (``torch._assert_async``); with ``VPO_DEBUG_CHECKS=1`` (and always on
+CPU, where a failing assert raises at once) a bad label is reported as a ``ValueError`` naming the value.
 """
 from __future__ import annotations
 
 import os
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from vpo.ops._sweep import TorchEpilogue, acc_dtype  # noqa: F401  (acc_dtype: re-exported for the ops)
+
+DEBUG_ENV = "VPO_DEBUG_CHECKS"
+
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Chunked torch paths
+# Rows and labels, without host syncs
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation/output dtype: float64 stays float64, everything else computes in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def row_targets(labels: Optional[torch.Tensor], ignore_index: int, N: int, device
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(valid [N] bool, y [N] int64)``: which rows count, and their targets with ignored rows set to 0 (a valid id, so
+    gathers stay in range; their results are masked). ``labels=None``: every row counts (y = 0)."""
+    if labels is None:
+        return torch.ones(N, dtype=torch.bool, device=device), torch.zeros(N, dtype=torch.long, device=device)
+    valid = labels != ignore_index
+    return valid, torch.where(valid, labels, 0).long()
 
 
-def select_valid(labels: torch.Tensor, ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Indices ``[M]`` of the non-ignored rows and their labels ``[M]`` (int64). One host sync (``nonzero``)."""
-    idx = (labels != ignore_index).nonzero().squeeze(1)
-    return idx, labels[idx].long()
-
-
-def chunk_logits(hv, W, b, v0, v1):
-    """One logits tile ``z_c = h @ W[v0:v1].T + b[v0:v1]``: ``[M, D] @ [D, C] -> [M, C]`` in ``hv.dtype``.
-
-    Returns ``(z_c, W_c)`` with ``W_c = W[v0:v1]`` in ``hv.dtype`` (the backward reuses it for ``dz_c @ W_c``).
-    """
-    Wc = W[v0:v1].to(hv.dtype)  # [C, D]
-    if b is None:
-        return hv @ Wc.T, Wc
-    return torch.addmm(b[v0:v1].to(hv.dtype), hv, Wc.T), Wc
-
-
-def scatter_back(full_shape, idx, values, dtype):
-    """Zeros of ``full_shape`` with ``values`` written at rows ``idx`` (ignored rows stay 0)."""
-    out = torch.zeros(full_shape, dtype=dtype, device=values.device)
-    out[idx] = values.to(dtype)
-    return out
+def check_labels_in_range(name: str, labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Labels must lie in ``[0, V)`` or equal ``ignore_index``: a device-side assert (no host sync) on CUDA; a
+    ``ValueError`` naming the first bad value on CPU or with ``VPO_DEBUG_CHECKS=1`` (which syncs)."""
+    ok = ((labels == ignore_index) | ((labels >= 0) & (labels < vocab_size))).all()
+    msg = f"{name} contains a value outside [0, {vocab_size}) that is not ignore_index={ignore_index}"
+    if labels.is_cuda and os.environ.get(DEBUG_ENV) != "1":
+        torch._assert_async(ok, msg)
+        return
+    try:
+        torch._assert_async(ok, msg)  # raises at once on CPU; on CUDA, VPO_DEBUG_CHECKS=1 asks for the sync below
+        if labels.is_cuda and not ok.item():
+            raise RuntimeError(msg)
+    except RuntimeError:
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+        first = labels[bad].flatten()[0].item()  # the error path: a sync is fine here
+        raise ValueError(
+            f"{name} contains {first}: expected values in [0, {vocab_size}) or ignore_index={ignore_index}"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -72,16 +79,31 @@ def triton_imports(modules: Sequence[str]) -> bool:
 
 
 def resolve_impl(impl, registry, hidden: torch.Tensor, triton_modules: Sequence[str]) -> str:
-    """``impl`` checked against ``["auto", *registry]``; ``"auto"`` is ``"triton"`` for CUDA tensors when the op's
-    ``triton_modules`` import, else ``"torch"``. ``"triton"`` on CPU needs ``TRITON_INTERPRET=1``."""
+    """``impl`` checked against ``["auto", *registry]``. ``"auto"`` is ``"gemm"`` for CUDA tensors when the registry
+    has it and ``vpo_kernels.epilogue`` imports, else ``"triton"`` for CUDA tensors when the op's ``triton_modules``
+    import, else ``"torch"``. ``"triton"`` and ``"gemm"`` on CPU need ``TRITON_INTERPRET=1``."""
     names = ["auto", *registry]
     if not isinstance(impl, str) or impl not in names:
         raise ValueError(f"impl must be one of {names}, got {impl!r}")
     if impl == "auto":
+        if hidden.is_cuda and "gemm" in registry and triton_imports(GEMM_MODULES):
+            return "gemm"
         return "triton" if hidden.is_cuda and "triton" in registry and triton_imports(triton_modules) else "torch"
-    if impl == "triton" and not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if impl in ("triton", "gemm") and not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
-            f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter), got hidden on "
+            f"impl={impl!r} needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter), got hidden on "
             f"{hidden.device}: use impl='torch' or impl='auto'"
         )
     return impl
+
+
+GEMM_MODULES = ("vpo_kernels.epilogue",)
+
+
+def epilogue(name: str):
+    """The elementwise steps of the sweep for ``impl=name`` (``"torch"`` or ``"gemm"``)."""
+    if name == "gemm":
+        from vpo_kernels.epilogue import TritonEpilogue  # lazy: `import vpo` never needs triton
+
+        return TritonEpilogue
+    return TorchEpilogue

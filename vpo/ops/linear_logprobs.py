@@ -7,197 +7,167 @@ SPEC.md, "Kernel contracts": for ``h [N, D]``, ``W [V, D]``, optional ``b [V]`` 
     logp_i    = z_i[y_i] - lse_i
     tgt_i     = z_i[y_i] = W[y_i] · h_i + b[y_i]            (a gather-dot, O(N·D))
 
-Forward (torch path). The vocabulary is swept in chunks of ``C`` columns; each chunk's tile
-``z_c = h_valid @ W_c.T + b_c`` (``[M, C]``, M = number of non-ignored rows) updates an online logsumexp::
+Forward (``impl="torch"`` and ``"gemm"``: one sweep, :mod:`vpo.ops._sweep`). The vocabulary is swept in chunks of
+``C`` columns; each chunk's tile ``z_c = h @ W_c.T`` (``[N, C]``, all rows, one GEMM in the input dtype) updates an
+online logsumexp::
 
     m' = max(m, max_v z_c)          s' = s · exp(m − m') + Σ_v exp(z_c − m')          lse = m + log s
-
-so only ``[M]`` running statistics and one ``[M, C]`` tile are alive at a time.
 
 Backward. With upstream gradients ``g_logp`` and ``g_tgt`` (either may be absent),
 
     ∂L/∂z_i[v] = −g_logp,i · p_i[v] + (g_logp,i + g_tgt,i) · 1[v = y_i],     p_i = exp(z_i − lse_i)
 
-The dense part is recomputed chunk by chunk (``dz_c = −g_logp · p_c``; ``dh += dz_c @ W_c``, ``dW_c = dz_cᵀ @ h``,
-``db_c = Σ_rows dz_c``); the sparse one-hot part is a gather (``dh += coef · W[y]``) and a scatter
-(``dW.index_add_(0, y, coef · h)``, ``db.index_add_(0, y, coef)``). When only the target logit receives a gradient
-the vocabulary sweep is skipped entirely.
+recomputed chunk by chunk, the one-hot folded into the same tile: ``dz_c``; ``dh += dz_c @ W_c`` (fp32),
+``dW[v0:v1] = dz_cᵀ @ h`` (one complete GEMM per chunk, no atomics), ``db_c = Σ_rows dz_c``. When only the target
+logit receives a gradient the vocabulary sweep is skipped: ``dh = g_tgt · W[y]`` and a scatter of ``g_tgt · h`` into
+``dW`` rows (:func:`vpo.ops._sweep.scatter_rows`, summed in fp32, O(N·D)).
 
-Precision: tiles and accumulators are float32 for half/float32 inputs and float64 for float64 inputs; outputs are
-in that accumulation dtype and input gradients are returned in the inputs' dtypes.
+Cost, in GEMM passes over N·D·V (2·N·D·V FLOPs each): forward 1; backward 3 (recompute, dh, dW; dW skipped when the
+weight needs no gradient, dh when the hidden states need none) — 4 in all, 4/3 of the 3 passes of materialized logits
+(whose forward logits are kept, O(N·V) memory). ``target_logits``: no pass, O(N·D).
 
-Chunk policy: ``C = clamp(TILE_BUDGET // M, 1, V)`` with ``TILE_BUDGET = 2**24`` elements (64 MiB in float32) per
-``[M, C]`` tile; the environment variable ``VPO_TORCH_CHUNK`` (a positive integer) overrides ``C``. The sweep keeps
-at most two such tiles alive at once (the matmul result and its exponential in the forward, which are computed in
-place in the backward).
+Extra memory: one chunk's tiles, ``N·C·(a + e)`` bytes at most (``a`` = 4, 8 for float64; ``e`` = the input element
+size), plus ``[N]`` statistics and, in the backward, ``dh`` in fp32 (``N·D·4`` bytes). ``C`` comes from the budget
+(:func:`vpo.ops._sweep.vocab_chunk`: ``chunk_budget_mb=``, ``VPO_CHUNK_BUDGET_MB``, default 128 MiB) or
+``VPO_TORCH_CHUNK``. ``dW`` is written chunk by chunk in the weight's dtype: no fp32 ``[V, D]`` buffer.
 
-Ignored rows (``labels == ignore_index``) are selected out once per call (``nonzero``, a host sync — acceptable on
-this reference/CPU path): they do no work, output 0 and receive zero gradient.
+The two impls share the sweep and differ in the elementwise steps: ``"torch"`` (plain torch, float64-capable, the
+reference; on CPU the GEMMs run in the input dtype too) and ``"gemm"`` (small fused Triton kernels,
+``vpo_kernels.epilogue``; cuBLAS GEMMs in bf16/fp16 with fp32 accumulation). ``"triton"`` is the fully fused kernel
+(``vpo_kernels.linear_logprobs``: least memory, atomics in the backward).
+
+Precision: statistics and outputs are float32 (float64 for float64 inputs); input gradients come back in the inputs'
+dtypes. Ignored rows (``labels == ignore_index``) are computed and masked, with no host sync: they output 0 and
+receive exactly zero gradient (their hidden states must be finite).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from vpo._heads import check_ignore_index, check_labels_like, check_linear_head
+from vpo.distributed import unshard_head
 from vpo.ops._common import acc_dtype as _acc_dtype
-from vpo.ops._common import chunk_logits as _chunk_logits
-from vpo.ops._common import resolve_impl
-from vpo.ops._common import scatter_back as _scatter_back
-from vpo.ops._common import select_valid as _select_valid
-
-TILE_BUDGET = 1 << 24  # elements in one [M, C] logits tile: 64 MiB in float32
-CHUNK_ENV = "VPO_TORCH_CHUNK"
-
-
-def chunk_size(n_valid: int, vocab: int, override: Optional[int] = None) -> int:
-    """Vocabulary columns per chunk for ``n_valid`` rows: ``override``, else ``$VPO_TORCH_CHUNK``, else the budget rule."""
-    if override is None:
-        env = os.environ.get(CHUNK_ENV)
-        if env:
-            try:
-                override = int(env)
-            except ValueError:
-                raise ValueError(f"{CHUNK_ENV} must be a positive integer, got {env!r}") from None
-            if override <= 0:
-                raise ValueError(f"{CHUNK_ENV} must be a positive integer, got {env!r}")
-    if override is not None:
-        if isinstance(override, bool) or not isinstance(override, int) or override <= 0:
-            raise ValueError(f"chunk_size must be a positive integer, got {override!r}")
-        return min(override, vocab)
-    return max(1, min(vocab, TILE_BUDGET // max(n_valid, 1)))
+from vpo.ops._common import check_labels_in_range, epilogue, resolve_impl, row_targets
+from vpo.ops._sweep import (  # noqa: F401  (CHUNK_ENV, DEFAULT_BUDGET_MB: part of this module's documented policy)
+    BUDGET_ENV,
+    CHUNK_ENV,
+    DEFAULT_BUDGET_MB,
+    backward_sweep,
+    forward_sweep,
+    scatter_rows,
+    target_dot,
+    vocab_chunk,
+)
 
 
-def _target_dot(hv: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-    """``W[y] · h + b[y]`` for ``hv [M, D]`` in the accumulation dtype: ``[M, D] * [M, D] -> sum -> [M]``."""
-    z = (W[y].to(hv.dtype) * hv).sum(-1)
-    if b is not None:
-        z = z + b[y].to(hv.dtype)
-    return z
+def chunk_size(n_rows: int, vocab: int, override: Optional[int] = None, *, dtype: torch.dtype = torch.float32,
+               tiles: int = 1, budget_mb=None) -> int:
+    """Vocabulary columns per chunk (:func:`vpo.ops._sweep.vocab_chunk`): ``override``, else ``$VPO_TORCH_CHUNK``,
+    else the memory budget."""
+    return vocab_chunk(n_rows, vocab, dtype, tiles=tiles, chunk=override, budget_mb=budget_mb)
 
 
-class LinearLogprobsTorch(torch.autograd.Function):
-    """Chunked ``(logp [N], target_logit [N])`` for flat ``h [N, D]``, ``W [V, D]``, ``labels [N]``, ``bias [V] | None``.
+def _sparse_grads(h, W, b, y, coef, need_h, need_W, need_b):
+    """The one-hot part alone (``dz = coef · 1[v = y]``): ``dh = coef · W[y]``, ``dW[y] += coef · h``,
+    ``db[y] += coef``; O(N·D), no vocabulary sweep. ``coef`` is 0 on ignored rows."""
+    acc = coef.dtype
+    dh = coef[:, None] * W[y].to(acc) if need_h else None
+    dW = scatter_rows(y, coef[:, None] * h.to(acc), W.shape[0], W.dtype) if need_W else None
+    db = torch.zeros(W.shape[0], dtype=acc, device=h.device).index_add_(0, y, coef) if need_b else None
+    return dh, dW, db
 
-    ``apply(h, W, labels, bias, ignore_index, chunk=None)``; ``chunk`` overrides the vocabulary chunk size
-    (see :func:`chunk_size`). Never allocates an ``[N, V]`` tensor; see the module docstring for the math.
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    """``(logp [N], target_logit [N])`` for flat ``h [N, D]``, ``W [V, D]``, ``labels [N]``, ``bias [V] | None``.
+
+    ``apply(h, W, labels, bias, ignore_index, chunk=None, impl="torch", budget_mb=None)``: ``chunk`` overrides the
+    vocabulary chunk size, ``impl`` picks the elementwise steps (``"torch"`` | ``"gemm"``), ``budget_mb`` the chunk
+    budget. Never allocates an ``[N, V]`` tensor and never syncs with the host; see the module docstring.
     """
 
     @staticmethod
-    def forward(ctx, h, W, labels, bias, ignore_index, chunk=None):
+    def forward(ctx, h, W, labels, bias, ignore_index, chunk=None, impl="torch", budget_mb=None):
         ctx.set_materialize_grads(False)
         N, V = h.shape[0], W.shape[0]
         acc = _acc_dtype(h.dtype)
-        idx, y = _select_valid(labels, ignore_index)
-        M = idx.numel()
-        C = chunk_size(M, V, chunk)
+        ep = epilogue(impl)
+        valid, y = row_targets(labels, ignore_index, N, h.device)
+        C = chunk_size(N, V, chunk, dtype=h.dtype, budget_mb=budget_mb)
 
-        hv = h[idx].to(acc)  # [M, D]
-        m = torch.full((M,), float("-inf"), dtype=acc, device=h.device)  # running max
-        s = torch.zeros((M,), dtype=acc, device=h.device)  # running Σ exp(z − m)
-        if M > 0:
-            for v0 in range(0, V, C):
-                zc, _ = _chunk_logits(hv, W, bias, v0, min(v0 + C, V))  # [M, C]
-                m_new = torch.maximum(m, zc.amax(1))
-                s = s * torch.exp(m - m_new) + zc.sub_(m_new[:, None]).exp_().sum(1)
-                m = m_new
-        lse = m + torch.log(s)  # [M]
-        tgt = _target_dot(hv, W, bias, y)  # [M]
+        m = torch.full((N,), float("-inf"), dtype=acc, device=h.device)  # running max
+        s = torch.zeros((N,), dtype=acc, device=h.device)  # running Σ exp(z − m)
+        forward_sweep([(h, W, bias)], C, lambda tiles, bs, v0: ep.lse_update(tiles[0], bs[0], m, s))
+        lse = m + torch.log(s)  # [N]
+        tgt = ep.target_dot(h, W, bias, labels, ignore_index, y, valid).to(acc)  # [N], 0 where ignored
+        zero = torch.zeros((), dtype=acc, device=h.device)
+        logp = torch.where(valid, tgt - lse, zero)
 
-        ctx.save_for_backward(h, W, bias, idx, y, lse)
-        ctx.chunk = C
-        logp = _scatter_back((N,), idx, tgt - lse, acc)
-        target = _scatter_back((N,), idx, tgt, acc)
-        return logp, target
+        ctx.save_for_backward(h, W, bias, valid, y, lse)
+        ctx.chunk, ctx.impl = C, impl
+        return logp, tgt
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_logp, g_tgt):
-        h, W, bias, idx, y, lse = ctx.saved_tensors
+        h, W, bias, valid, y, lse = ctx.saved_tensors
         need_h, need_W, _, need_b = ctx.needs_input_grad[:4]
         need_b = need_b and bias is not None
-        N, D = h.shape
-        V = W.shape[0]
+        nones = (None,) * 4  # ignore_index, chunk, impl, budget_mb
+        if (g_logp is None and g_tgt is None) or not (need_h or need_W or need_b):
+            return (None, None, None, None) + nones
         acc = lse.dtype
-        M, C = idx.numel(), ctx.chunk
+        zero = torch.zeros((), dtype=acc, device=h.device)
+        gl = None if g_logp is None else torch.where(valid, g_logp.to(acc), zero)  # [N], 0 on ignored rows
+        gt = None if g_tgt is None else torch.where(valid, g_tgt.to(acc), zero)
+        coef = gl if gt is None else (gt if gl is None else gl + gt)  # weight of the one-hot term [N]
 
-        gl = g_logp[idx].to(acc) if g_logp is not None else None  # [M]
-        gt = g_tgt[idx].to(acc) if g_tgt is not None else None  # [M]
-        hv = h[idx].to(acc)  # [M, D]
-        dh = torch.zeros((M, D), dtype=acc, device=h.device) if need_h else None
-        dW = torch.zeros((V, D), dtype=acc, device=h.device) if need_W else None
-        db = torch.zeros((V,), dtype=acc, device=h.device) if need_b else None
-
-        if M > 0 and (need_h or need_W or need_b):
-            # Dense part: dz_c = −g_logp · softmax tile, recomputed chunk by chunk.
-            if gl is not None:
-                neg_gl = -gl[:, None]  # [M, 1]
-                for v0 in range(0, V, C):
-                    v1 = min(v0 + C, V)
-                    zc, Wc = _chunk_logits(hv, W, bias, v0, v1)  # [M, C], [C, D]
-                    dz = zc.sub_(lse[:, None]).exp_().mul_(neg_gl)  # in place: p_c, then dz_c  [M, C]
-                    if need_h:
-                        dh.addmm_(dz, Wc)  # [M, C] @ [C, D] -> [M, D]
-                    if need_W:
-                        dW[v0:v1] = dz.T @ hv  # [C, M] @ [M, D] -> [C, D]
-                    if need_b:
-                        db[v0:v1] = dz.sum(0)
-            # Sparse part: the one-hot at the target, coefficient g_logp + g_tgt.
-            coef = gl if gt is None else (gt if gl is None else gl + gt)  # [M]
-            if coef is not None:
-                if need_h:
-                    dh.add_(coef[:, None] * W[y].to(acc))
-                if need_W:
-                    dW.index_add_(0, y, coef[:, None] * hv)
-                if need_b:
-                    db.index_add_(0, y, coef)
-
-        grad_h = _scatter_back((N, D), idx, dh, h.dtype) if need_h else None
+        if gl is None:  # only the target logit has a gradient: no vocabulary sweep
+            dh, dW, db = _sparse_grads(h, W, bias, y, coef, need_h, need_W, need_b)
+        else:
+            ep = epilogue(ctx.impl)
+            dh, dW, db = backward_sweep(
+                [(h, W, bias)], ctx.chunk,
+                lambda tiles, bs, v0: ep.logprob_grad(tiles[0], bs[0], lse, gl, coef, y, v0, h.dtype),
+                need_h=need_h, need_W=need_W, need_b=need_b)
+        grad_h = dh.to(h.dtype) if need_h else None
         grad_W = dW.to(W.dtype) if need_W else None
         grad_b = db.to(bias.dtype) if need_b else None
-        return grad_h, grad_W, None, grad_b, None, None
+        return (grad_h, grad_W, None, grad_b) + nones
+
+
+LinearLogprobsTorch = LinearLogprobsFunction  # the name the tests and older callers use
 
 
 class TargetLogitsTorch(torch.autograd.Function):
     """Raw target logit ``z [N] = W[y] · h + b[y]`` (0 where ignored): a gather-dot, O(N·D), no vocabulary sweep.
 
-    ``apply(h, W, labels, bias, ignore_index)`` with flat ``h [N, D]``, ``labels [N]``.
+    ``apply(h, W, labels, bias, ignore_index)`` with flat ``h [N, D]``, ``labels [N]``. No host sync.
     """
 
     @staticmethod
     def forward(ctx, h, W, labels, bias, ignore_index):
         ctx.set_materialize_grads(False)
-        acc = _acc_dtype(h.dtype)
-        idx, y = _select_valid(labels, ignore_index)
-        z = _target_dot(h[idx].to(acc), W, bias, y)  # [M]
-        ctx.save_for_backward(h, W, bias, idx, y)
-        return _scatter_back((h.shape[0],), idx, z, acc)
+        valid, y = row_targets(labels, ignore_index, h.shape[0], h.device)
+        z = target_dot(h, W, bias, y, valid)  # [N]
+        ctx.save_for_backward(h, W, bias, valid, y)
+        return z
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        h, W, bias, idx, y = ctx.saved_tensors
+        h, W, bias, valid, y = ctx.saved_tensors
         need_h, need_W, _, need_b = ctx.needs_input_grad[:4]
         need_b = need_b and bias is not None
-        if g is None:
+        if g is None or not (need_h or need_W or need_b):
             return None, None, None, None, None
         acc = _acc_dtype(h.dtype)
-        gv = g[idx].to(acc)  # [M]
-        grad_h = grad_W = grad_b = None
-        if need_h:
-            grad_h = _scatter_back(tuple(h.shape), idx, gv[:, None] * W[y].to(acc), h.dtype)
-        if need_W:
-            dW = torch.zeros(W.shape, dtype=acc, device=W.device)
-            dW.index_add_(0, y, gv[:, None] * h[idx].to(acc))
-            grad_W = dW.to(W.dtype)
-        if need_b:
-            db = torch.zeros(bias.shape, dtype=acc, device=bias.device)
-            db.index_add_(0, y, gv)
-            grad_b = db.to(bias.dtype)
-        return grad_h, grad_W, None, grad_b, None
+        gv = torch.where(valid, g.to(acc), torch.zeros((), dtype=acc, device=h.device))  # [N]
+        dh, dW, db = _sparse_grads(h, W, bias, y, gv, need_h, need_W, need_b)
+        return (dh.to(h.dtype) if need_h else None, dW if need_W else None, None,
+                db.to(bias.dtype) if need_b else None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -205,29 +175,35 @@ class TargetLogitsTorch(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _linear_logprobs_torch(h, W, labels, bias, ignore_index):
-    return LinearLogprobsTorch.apply(h, W, labels, bias, ignore_index)
+def _linear_logprobs_torch(h, W, labels, bias, ignore_index, budget_mb=None):
+    return LinearLogprobsFunction.apply(h, W, labels, bias, ignore_index, None, "torch", budget_mb)
 
 
-def _linear_logprobs_triton(h, W, labels, bias, ignore_index):
+def _linear_logprobs_gemm(h, W, labels, bias, ignore_index, budget_mb=None):
+    return LinearLogprobsFunction.apply(h, W, labels, bias, ignore_index, None, "gemm", budget_mb)
+
+
+def _linear_logprobs_triton(h, W, labels, bias, ignore_index, budget_mb=None):
     from vpo_kernels.linear_logprobs import LinearLogprobsTriton  # lazy: `import vpo` never needs triton
 
     return LinearLogprobsTriton.apply(h, W, labels, bias, ignore_index)
 
 
-def _target_logits_torch(h, W, labels, bias, ignore_index):
+def _target_logits_torch(h, W, labels, bias, ignore_index, budget_mb=None):
     return TargetLogitsTorch.apply(h, W, labels, bias, ignore_index)
 
 
-def _target_logits_triton(h, W, labels, bias, ignore_index):
+def _target_logits_triton(h, W, labels, bias, ignore_index, budget_mb=None):
     from vpo_kernels.target_logits import TargetLogitsTriton  # lazy: `import vpo` never needs triton
 
     return TargetLogitsTriton.apply(h, W, labels, bias, ignore_index)
 
 
-# name -> callable(h [N, D], W [V, D], labels [N], bias [V] | None, ignore_index) on flat, validated inputs.
-LINEAR_LOGPROBS_IMPLS = {"torch": _linear_logprobs_torch, "triton": _linear_logprobs_triton}
-TARGET_LOGITS_IMPLS = {"torch": _target_logits_torch, "triton": _target_logits_triton}
+# name -> callable(h [N, D], W [V, D], labels [N], bias [V] | None, ignore_index, budget_mb) on flat, validated inputs.
+# target_logits has no vocabulary sweep: "gemm" is its O(N·D) gather-dot kernel, the same as "triton".
+LINEAR_LOGPROBS_IMPLS = {"torch": _linear_logprobs_torch, "gemm": _linear_logprobs_gemm,
+                         "triton": _linear_logprobs_triton}
+TARGET_LOGITS_IMPLS = {"torch": _target_logits_torch, "gemm": _target_logits_triton, "triton": _target_logits_triton}
 
 _TRITON_MODULES = ("vpo_kernels.linear_logprobs", "vpo_kernels.target_logits")
 
@@ -237,12 +213,10 @@ def _resolve_impl(impl, registry, hidden: torch.Tensor) -> str:
 
 
 def _validate(hidden, weight, labels, bias, ignore_index) -> None:
-    from vpo._validate import check_labels_in_range
-
     check_linear_head(hidden, weight, bias)
     check_labels_like(labels, hidden)
     check_ignore_index(ignore_index)
-    check_labels_in_range("labels", labels, weight.shape[0], ignore_index)  # one host sync
+    check_labels_in_range("labels", labels, weight.shape[0], ignore_index)  # device-side assert: no host sync
 
 
 def linear_logprobs(
@@ -253,6 +227,7 @@ def linear_logprobs(
     *,
     ignore_index: int = -100,
     impl: str = "auto",
+    chunk_budget_mb: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob and raw target logit under the LM head, never materializing the ``[N, V]`` logits.
 
@@ -264,16 +239,21 @@ def linear_logprobs(
         labels: ``hidden.shape[:-1]`` int32/int64 target ids in ``[0, V)``, or ``ignore_index``.
         bias: optional ``[V]``, same dtype and device as ``hidden``. Default ``None``.
         ignore_index: label value marking positions without a target (output 0, zero gradient). Default ``-100``.
-        impl: ``"auto"`` (default: ``"triton"`` for CUDA tensors when triton imports, else ``"torch"``),
-            ``"triton"`` (``vpo_kernels``; CPU tensors only under ``TRITON_INTERPRET=1``) or ``"torch"``
-            (chunked PyTorch; chunk size from ``VPO_TORCH_CHUNK`` or a 2**24-element tile budget).
+        impl: ``"auto"`` (default: ``"gemm"`` for CUDA tensors when triton imports, else ``"torch"``), ``"gemm"``
+            (cuBLAS GEMMs in the input dtype over vocabulary chunks + small Triton kernels for the elementwise work:
+            4 GEMM passes fwd+bwd, extra memory ``N·C·(4 + e)`` bytes per chunk), ``"triton"`` (fully fused kernels,
+            ``vpo_kernels``: the least memory) or ``"torch"`` (the same sweep as "gemm" in plain torch). "gemm" and
+            "triton" take CPU tensors only under ``TRITON_INTERPRET=1``.
+        chunk_budget_mb: memory budget (MiB) of one vocabulary chunk's tiles for "torch"/"gemm". Default ``None``:
+            ``$VPO_CHUNK_BUDGET_MB``, else 128. ``$VPO_TORCH_CHUNK`` fixes the chunk width instead.
 
     Returns:
         ``(logp, target_logit)``, each of shape ``labels.shape``, float32 (float64 when the inputs are float64);
         differentiable with respect to ``hidden``, ``weight`` and ``bias``.
 
     Raises:
-        ValueError: on a bad argument (shape, dtype, device, label out of range, empty input, unknown ``impl``).
+        ValueError: on a bad argument (shape, dtype, device, empty input, unknown ``impl``). A label out of range
+            is a ValueError on CPU or with ``VPO_DEBUG_CHECKS=1``, else a device-side assert (no host sync).
 
     Example:
         >>> import torch
@@ -286,10 +266,11 @@ def linear_logprobs(
         (torch.Size([2, 5]), torch.float32)
         >>> logp.sum().backward()
     """
+    weight, bias = unshard_head(weight, bias)
     _validate(hidden, weight, labels, bias, ignore_index)
     name = _resolve_impl(impl, LINEAR_LOGPROBS_IMPLS, hidden)
     h = hidden.reshape(-1, hidden.shape[-1])  # [N, D]
-    logp, tgt = LINEAR_LOGPROBS_IMPLS[name](h, weight, labels.reshape(-1), bias, ignore_index)
+    logp, tgt = LINEAR_LOGPROBS_IMPLS[name](h, weight, labels.reshape(-1), bias, ignore_index, chunk_budget_mb)
     return logp.view(labels.shape), tgt.view(labels.shape)
 
 
@@ -312,7 +293,8 @@ def target_logits(
         labels: ``hidden.shape[:-1]`` int32/int64 target ids in ``[0, V)``, or ``ignore_index``.
         bias: optional ``[V]``. Default ``None``.
         ignore_index: label value marking positions without a target (output 0, zero gradient). Default ``-100``.
-        impl: ``"auto"`` (default), ``"triton"`` or ``"torch"``, as for :func:`linear_logprobs`.
+        impl: ``"auto"`` (default), ``"gemm"``, ``"triton"`` or ``"torch"``, as for :func:`linear_logprobs` ("gemm"
+            and "triton" are the same O(N·D) gather-dot kernels here).
 
     Returns:
         ``z`` of shape ``labels.shape``, float32 (float64 when the inputs are float64), differentiable with respect to
@@ -326,6 +308,7 @@ def target_logits(
         >>> torch.allclose(z, torch.stack([W[5] @ h[0], torch.tensor(0.0), W[7] @ h[2]]))
         True
     """
+    weight, bias = unshard_head(weight, bias)
     _validate(hidden, weight, labels, bias, ignore_index)
     name = _resolve_impl(impl, TARGET_LOGITS_IMPLS, hidden)
     h = hidden.reshape(-1, hidden.shape[-1])  # [N, D]

@@ -21,13 +21,17 @@ Backward (the reference is frozen: no gradient to h_ref, W_ref, b_ref). With ``E
 Both logits tiles are recomputed chunk by chunk from the saved ``lse_z`` and ``E`` ([N] each). Accumulation is in
 float32 (float64 for float64 inputs).
 
-Torch path (``TokenKLTorch``): the vocabulary is swept in chunks of ``C`` columns over the non-ignored rows only
-(selected once, a host sync — acceptable on this reference/CPU path). The chunk policy is linear_logprobs'
-(:func:`vpo.ops.linear_logprobs.chunk_size`: ``VPO_TORCH_CHUNK``, else the ``TILE_BUDGET``), applied to the PAIR of
-tiles: ``C = chunk_size(2·M, V)``, so the policy and reference tiles together fit the budget of one log-prob tile. At
-most three ``[M, C]`` tiles are alive at once (z, r and one temporary); everything else is in place.
+``impl="torch"`` and ``"gemm"``: the vocabulary sweep of :mod:`vpo.ops._sweep` over all rows (ignored rows are
+computed and masked: no host sync), with two heads per chunk — ``z_c = h @ W_c.T`` and ``r_c = h_ref @ W_ref,c.T``,
+GEMMs in the input dtype — and the elementwise steps in plain torch (``"torch"``) or small Triton kernels
+(``"gemm"``, ``vpo_kernels.epilogue``). ``dW[v0:v1] = dz_cᵀ @ h`` is one complete GEMM per chunk (no atomics).
 
-Triton path: ``vpo_kernels.token_kl.TokenKLTriton`` (the same math, tiled; see that module).
+Cost, in GEMM passes over N·D·V: forward 2 (policy + reference); backward 4 (recompute of both, dh, dW) — 6 in all:
+the policy's 4 of ``linear_logprobs`` plus the reference's forward and its one recompute. Extra memory: the chunk's
+two tiles and ``dz``, ``N·C·(2a + e)`` bytes at most (``a`` = 4, 8 for float64; ``e`` = input element size), chunk
+width from the budget with ``tiles=2`` (:func:`vpo.ops._sweep.vocab_chunk`), plus ``dh`` in fp32 (``N·D·4``).
+
+``impl="triton"``: ``vpo_kernels.token_kl.TokenKLTriton`` (the same math, fully fused, tiled; see that module).
 """
 from __future__ import annotations
 
@@ -45,104 +49,70 @@ from vpo._heads import (
     default_reference_head,
 )
 from vpo._validate import check_float, check_same_device, check_same_dtype, check_same_shape
-from vpo.ops._common import (
-    acc_dtype,
-    chunk_logits,
-    resolve_impl,
-    scatter_back,
-    select_valid,
-)
-from vpo.ops.linear_logprobs import chunk_size
+from vpo.distributed import unshard_head
+from vpo.ops._common import acc_dtype, epilogue, resolve_impl, row_targets
+from vpo.ops._sweep import backward_sweep, forward_sweep, vocab_chunk
 
-__all__ = ["linear_token_kl", "TokenKLTorch", "TOKEN_KL_IMPLS"]
+__all__ = ["linear_token_kl", "TokenKLFunction", "TokenKLTorch", "TOKEN_KL_IMPLS"]
 
 
-def _valid_rows(labels: Optional[torch.Tensor], ignore_index: int, N: int, device) -> torch.Tensor:
-    """Indices ``[M]`` of the rows that count (all of them without labels)."""
-    if labels is None:
-        return torch.arange(N, device=device)
-    return select_valid(labels, ignore_index)[0]
-
-
-class TokenKLTorch(torch.autograd.Function):
+class TokenKLFunction(torch.autograd.Function):
     """Chunked ``KL [N]`` for flat ``h, h_ref [N, D]``, ``W, W_ref [V, D]``, ``labels [N] | None``, biases ``[V]?``.
 
-    ``apply(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, chunk=None)`` (the public argument order, with the
-    reference's defaults already applied); ``chunk`` overrides the vocabulary chunk size. Never allocates an ``[N, V]``
-    tensor; gradients flow to h, W and bias only. See the module docstring for the math.
+    ``apply(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, chunk=None, impl="torch", budget_mb=None)`` (the public
+    argument order, with the reference's defaults already applied); ``chunk`` overrides the vocabulary chunk size,
+    ``impl`` picks the elementwise steps (``"torch"`` | ``"gemm"``). Never allocates an ``[N, V]`` tensor, never syncs
+    with the host; gradients flow to h, W and bias only. See the module docstring for the math.
     """
 
     @staticmethod
-    def forward(ctx, h, W, hr, Wr, labels, bias, ref_bias, ignore_index, chunk=None):
+    def forward(ctx, h, W, hr, Wr, labels, bias, ref_bias, ignore_index, chunk=None, impl="torch", budget_mb=None):
         ctx.set_materialize_grads(False)
         N, V = h.shape[0], W.shape[0]
         acc = acc_dtype(h.dtype)
-        idx = _valid_rows(labels, ignore_index, N, h.device)
-        M = idx.numel()
-        C = chunk_size(2 * M, V, chunk)  # the z and r tiles share one tile budget
+        ep = epilogue(impl)
+        valid, _ = row_targets(labels, ignore_index, N, h.device)
+        C = vocab_chunk(N, V, h.dtype, tiles=2, chunk=chunk, budget_mb=budget_mb)  # z and r share the budget
 
-        hv, hrv = h[idx].to(acc), hr[idx].to(acc)  # [M, D] each
-        full = lambda v: torch.full((M,), v, dtype=acc, device=h.device)  # noqa: E731
-        m, s, u = full(float("-inf")), full(0.0), full(0.0)  # policy: running max, Σ exp(z − m), Σ exp(z − m)·d
-        m_r, s_r = full(float("-inf")), full(0.0)  # reference: running max, Σ exp(r − m_r)
-        if M > 0:
-            for v0 in range(0, V, C):
-                v1 = min(v0 + C, V)
-                zc, _ = chunk_logits(hv, W, bias, v0, v1)  # [M, C]
-                rc, _ = chunk_logits(hrv, Wr, ref_bias, v0, v1)  # [M, C]
-                m_new = torch.maximum(m, zc.amax(1))
-                m_r_new = torch.maximum(m_r, rc.amax(1))
-                s_r = s_r * torch.exp(m_r - m_r_new) + torch.exp(rc - m_r_new[:, None]).sum(1)  # one temporary tile
-                dc = rc.neg_().add_(zc)  # in place: r -> d = z − r
-                ec = zc.sub_(m_new[:, None]).exp_()  # in place: z -> exp(z − m')
-                alpha = torch.exp(m - m_new)
-                s = s * alpha + ec.sum(1)
-                u = u * alpha + dc.mul_(ec).sum(1)  # in place: d -> exp(z − m')·d
-                m, m_r = m_new, m_r_new
+        # [5, N]: policy running max m, Σ exp(z − m), Σ exp(z − m)·d; reference running max m_r, Σ exp(r − m_r)
+        stats = torch.zeros((5, N), dtype=acc, device=h.device)
+        stats[0].fill_(float("-inf"))
+        stats[3].fill_(float("-inf"))
+        forward_sweep([(h, W, bias), (hr, Wr, ref_bias)], C,
+                      lambda tiles, bs, v0: ep.kl_update(tiles[0], tiles[1], bs[0], bs[1], stats))
+        m, s, u, m_r, s_r = stats
         log_s = torch.log(s)
-        lse = m + log_s  # [M] policy logsumexp
-        e_d = u / s  # [M] E_p[z − r]
-        kl = e_d - (m - m_r) - (log_s - torch.log(s_r))  # = E_p[d] − lse_z + lse_r
+        lse = m + log_s  # [N] policy logsumexp
+        e_d = u / s  # [N] E_p[z − r]
+        kl = e_d - (m - m_r) - (log_s - torch.log(s_r))  # = E_p[d] − lse_z + lse_r, maxima cancelled first
+        kl = torch.where(valid, kl, torch.zeros((), dtype=acc, device=h.device))
 
-        ctx.save_for_backward(h, W, hr, Wr, bias, ref_bias, idx, lse, e_d)
-        ctx.chunk = C
-        return scatter_back((N,), idx, kl, acc)
+        ctx.save_for_backward(h, W, hr, Wr, bias, ref_bias, valid, lse, e_d)
+        ctx.chunk, ctx.impl = C, impl
+        return kl
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        h, W, hr, Wr, bias, ref_bias, idx, lse, e_d = ctx.saved_tensors
+        h, W, hr, Wr, bias, ref_bias, valid, lse, e_d = ctx.saved_tensors
         need_h, need_W = ctx.needs_input_grad[:2]
         need_b = ctx.needs_input_grad[5] and bias is not None
         if g is None or not (need_h or need_W or need_b):
-            return (None,) * 9
-        N, D = h.shape
-        V = W.shape[0]
+            return (None,) * 11
         acc = lse.dtype
-        M, C = idx.numel(), ctx.chunk
-
-        gv = g[idx].to(acc)[:, None]  # [M, 1]
-        hv, hrv = h[idx].to(acc), hr[idx].to(acc)  # [M, D]
-        dh = torch.zeros((M, D), dtype=acc, device=h.device) if need_h else None
-        dW = torch.zeros((V, D), dtype=acc, device=h.device) if need_W else None
-        db = torch.zeros((V,), dtype=acc, device=h.device) if need_b else None
-        if M > 0:
-            for v0 in range(0, V, C):
-                v1 = min(v0 + C, V)
-                zc, Wc = chunk_logits(hv, W, bias, v0, v1)  # [M, C], [C, D]
-                rc, _ = chunk_logits(hrv, Wr, ref_bias, v0, v1)  # [M, C]
-                dz = rc.neg_().add_(zc).sub_(e_d[:, None])  # in place: r -> d − E
-                dz.mul_(zc.sub_(lse[:, None]).exp_()).mul_(gv)  # z -> p;  dz = g · p · (d − E)  [M, C]
-                if need_h:
-                    dh.addmm_(dz, Wc)  # [M, C] @ [C, D] -> [M, D]
-                if need_W:
-                    dW[v0:v1] = dz.T @ hv  # [C, M] @ [M, D] -> [C, D]
-                if need_b:
-                    db[v0:v1] = dz.sum(0)
-        grad_h = scatter_back((N, D), idx, dh, h.dtype) if need_h else None
+        gv = torch.where(valid, g.to(acc), torch.zeros((), dtype=acc, device=h.device))  # [N], 0 on ignored rows
+        ep = epilogue(ctx.impl)
+        dh, dW, db = backward_sweep(
+            [(h, W, bias), (hr, Wr, ref_bias)], ctx.chunk,
+            lambda tiles, bs, v0: ep.kl_grad(tiles[0], tiles[1], bs[0], bs[1], lse, e_d, gv, h.dtype),
+            need_h=need_h, need_W=need_W, need_b=need_b)
+        grad_h = dh.to(h.dtype) if need_h else None
         grad_W = dW.to(W.dtype) if need_W else None
         grad_b = db.to(bias.dtype) if need_b else None
-        return grad_h, grad_W, None, None, None, grad_b, None, None, None
+        return (grad_h, grad_W, None, None, None, grad_b) + (None,) * 5
+
+
+TokenKLTorch = TokenKLFunction  # the name the tests and older callers use
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -150,19 +120,23 @@ class TokenKLTorch(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _token_kl_torch(h, W, hr, Wr, labels, bias, ref_bias, ignore_index):
-    return TokenKLTorch.apply(h, W, hr, Wr, labels, bias, ref_bias, ignore_index)
+def _token_kl_torch(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, budget_mb=None):
+    return TokenKLFunction.apply(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, None, "torch", budget_mb)
 
 
-def _token_kl_triton(h, W, hr, Wr, labels, bias, ref_bias, ignore_index):
+def _token_kl_gemm(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, budget_mb=None):
+    return TokenKLFunction.apply(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, None, "gemm", budget_mb)
+
+
+def _token_kl_triton(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, budget_mb=None):
     from vpo_kernels.token_kl import TokenKLTriton  # lazy: `import vpo` never needs triton
 
     return TokenKLTriton.apply(h, W, hr, Wr, labels, bias, ref_bias, ignore_index)
 
 
 # name -> callable(h [N, D], W [V, D], hr [N, D], Wr [V, D], labels [N] | None, bias [V] | None, ref_bias [V] | None,
-# ignore_index) on flat, validated inputs, with the reference's defaults applied and the reference detached.
-TOKEN_KL_IMPLS = {"torch": _token_kl_torch, "triton": _token_kl_triton}
+# ignore_index, budget_mb) on flat, validated inputs, with the reference's defaults applied and the reference detached.
+TOKEN_KL_IMPLS = {"torch": _token_kl_torch, "gemm": _token_kl_gemm, "triton": _token_kl_triton}
 _TRITON_MODULES = ("vpo_kernels.token_kl",)
 
 
@@ -200,6 +174,7 @@ def linear_token_kl(
     *,
     ignore_index: int = -100,
     impl: str = "auto",
+    chunk_budget_mb: Optional[float] = None,
 ) -> torch.Tensor:
     """Per-position ``KL(π_θ(·|h) ‖ π_ref(·|h_ref))`` over the full vocabulary, never materializing ``[N, V]`` logits.
 
@@ -218,9 +193,12 @@ def linear_token_kl(
         ref_bias: optional ``[V]`` reference bias, only with ``ref_weight`` (a separate head: ``None`` = no bias).
             With ``ref_weight=None`` the reference uses ``bias`` (detached) and ``ref_bias`` must be None.
         ignore_index: label value marking positions without a target. Default ``-100``.
-        impl: ``"auto"`` (default: ``"triton"`` for CUDA tensors when triton imports, else ``"torch"``),
-            ``"triton"`` (``vpo_kernels.token_kl``; CPU tensors only under ``TRITON_INTERPRET=1``) or ``"torch"``
-            (chunked PyTorch; chunk size from ``VPO_TORCH_CHUNK`` or the tile budget).
+        impl: ``"auto"`` (default: ``"gemm"`` for CUDA tensors when triton imports, else ``"torch"``), ``"gemm"``
+            (cuBLAS GEMMs over vocabulary chunks + small Triton kernels; 6 GEMM passes fwd+bwd), ``"triton"`` (fully
+            fused, ``vpo_kernels.token_kl``: the least memory) or ``"torch"`` (the "gemm" sweep in plain torch).
+            "gemm" and "triton" take CPU tensors only under ``TRITON_INTERPRET=1``.
+        chunk_budget_mb: memory budget (MiB) of one vocabulary chunk's tiles for "torch"/"gemm". Default ``None``:
+            ``$VPO_CHUNK_BUDGET_MB``, else 128. ``$VPO_TORCH_CHUNK`` fixes the chunk width instead.
 
     Returns:
         ``kl`` of shape ``hidden.shape[:-1]``, float32 (float64 for float64 inputs).
@@ -241,6 +219,9 @@ def linear_token_kl(
         >>> bool(linear_token_kl(h, W, h.detach()).abs().max() == 0)   # π_θ == π_ref
         True
     """
+    weight, bias = unshard_head(weight, bias)
+    if ref_weight is not None:
+        ref_weight, ref_bias = unshard_head(ref_weight, ref_bias)
     # ref_weight=None: the shared head, the policy's weight and bias as constants
     ref_weight, ref_bias = _validate(hidden, weight, ref_hidden, ref_weight, labels, bias, ref_bias, ignore_index)
     ref_weight = ref_weight.detach()
@@ -256,5 +237,6 @@ def linear_token_kl(
         bias,
         ref_bias,
         ignore_index,
+        chunk_budget_mb,
     )
     return kl.view(hidden.shape[:-1])
