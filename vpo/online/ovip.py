@@ -456,6 +456,8 @@ def _finite(x: Any) -> bool:
 
 # --------------------------------------------------------------------------------------------------- source rows
 _GT_KEYS = ("answer", "response", "chosen")
+# Ids of OViPOnlineDataset.placeholder_records: a rank without pairs trains on these with zero loss.
+NO_PAIR_PREFIX = "__vpo_no_pair__/"
 
 
 def load_prompt_rows(source: Any, *, image_root: Optional[str] = None) -> List[Dict[str, Any]]:
@@ -627,7 +629,8 @@ class OViPOnlineDataset(torch.utils.data.IterableDataset):
     Metrics: :meth:`pop_metrics` returns and resets the sums since the last call, under ``online/``:
     ``sampling_s``, ``scoring_s``, ``negatives_s``, ``pairs``, ``fallback_pairs``, ``prompts``, ``responses``, ...,
     plus ``online/mean_score`` and ``online/buffer_size``. A pass over all examples that yields no pair raises
-    ``RuntimeError`` (instead of looping forever).
+    ``RuntimeError`` (instead of looping forever), unless ``idle_when_empty`` (several processes): then it yields
+    :meth:`placeholder_records`, trained on with zero loss.
     """
 
     def __init__(self, examples: Any, processor, *, judge: Judge, negatives: NegativeImageGenerator,
@@ -656,6 +659,9 @@ class OViPOnlineDataset(torch.utils.data.IterableDataset):
         self.next_chunk = 0
         self.produced = 0
         self._metrics: Dict[str, float] = {}
+        # Under several processes (the trainer sets it): a pass without pairs yields one buffer of placeholders
+        # (placeholder_records) instead of raising.
+        self.idle_when_empty = False
 
     def state_dict(self) -> Dict[str, Any]:
         """The stream's position and the buffer's records (``vpo.trainer.online.save_online_state`` writes it with the
@@ -670,6 +676,23 @@ class OViPOnlineDataset(torch.utils.data.IterableDataset):
         self.buffer.clear()
         self.buffer.add(state["buffer"])
         self.buffer.dropped = int(state.get("dropped", 0))
+
+    def placeholder_records(self) -> List[Any]:
+        """``buffer_size`` stand-in records (ids ``NO_PAIR_PREFIX + <row id>``, the row's image as both images) for a
+        rank whose pass found no pair: the trainer runs them and scales their loss by zero, so this rank joins the
+        step's collectives with a zero gradient (:mod:`vpo.trainer.distributed`)."""
+        from vpo.data.records import PreferenceRecord, load_image
+
+        out = []
+        for n in range(self.buffer.batch_size):
+            row = self.rows[n % len(self.rows)]
+            image = load_image(row["image"])
+            gt = row.get("_ground_truth") or "."
+            out.append(PreferenceRecord(id=f"{NO_PAIR_PREFIX}{row['id']}/{self.passes}-{n}", image=image,
+                                        prompt=row["prompt"], chosen=gt, rejected=gt + " no", neg_image=image,
+                                        extra={"ovip": {"source_id": str(row["id"]), "placeholder": True}}))
+        self._metrics["placeholder_pairs"] = self._metrics.get("placeholder_pairs", 0.0) + len(out)
+        return out
 
     def pop_metrics(self) -> Dict[str, float]:
         """The online stats summed since the last call (``online/<name>``), and the buffer's size now."""
@@ -714,7 +737,10 @@ class OViPOnlineDataset(torch.utils.data.IterableDataset):
                 yield from records
                 while self.buffer.ready:
                     yield from self.buffer.take()
-            if self.produced == 0:
+            if self.produced == 0 and self.idle_when_empty:
+                # Several processes: this rank must still step with the others (vpo.trainer.distributed).
+                yield from self.placeholder_records()
+            elif self.produced == 0:
                 raise RuntimeError(f"a whole pass over the {len(self.rows)} examples produced no OViP pair: check the "
                                    f"judge's scores and the filter (delta={self.config.delta}, "
                                    f"tau_pos={self.config.tau_pos}, tau_neg={self.config.tau_neg})")

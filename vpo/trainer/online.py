@@ -21,8 +21,10 @@ over the source rows of ``data_path`` (a JSONL with ``image``, ``prompt`` and a 
 
 Distributed (DDP): each process samples from its own share of the source rows (``rows[rank::world_size]``, its own
 seed) with its own replica of the policy (identical weights after every step) and trains on its own buffer; the
-gradients are all-reduced as for any batch. Every process must find pairs: a process whose pass over its rows yields
-none raises (and the others wait for it at the next all-reduce until the timeout), so give every rank enough rows.
+gradients are all-reduced as for any batch. A process whose whole pass over its rows yields no pair does not raise
+(``dataset.idle_when_empty``, set by the trainer): it trains one step on placeholder records with its loss scaled by
+zero, so it still joins the step's collectives with a zero gradient (:mod:`vpo.trainer.distributed`), and samples
+again on its next pass. Single process: such a pass raises.
 
 Resuming: the online stream cannot be replayed (the policy that sampled it is gone), so ``ignore_data_skip`` is
 forced on. Instead every checkpoint holds the stream itself (:func:`save_online_state`, called by
