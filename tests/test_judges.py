@@ -125,6 +125,9 @@ class _Stub:
                     return self._send(200, b"{this is not json")
                 if stub.mode == "shape":
                     return self._send(200, b'{"result": "7"}')
+                if stub.mode == "echo":  # a server that echoes the credentials back in its error body
+                    return self._send(400, json.dumps({"error": f"bad key {self.headers.get('Authorization')}"})
+                                      .encode())
                 user = json.loads(raw)["messages"][-1]["content"]
                 if stub.mode == "marker":  # "Score: N" for the response carrying <<N>>
                     content = "Score: %s\n" % re.search(r"<<(\d+)>>", user).group(1)
@@ -266,3 +269,72 @@ def test_http_judge_argument_checks():
         OpenAIChatJudge("http://127.0.0.1:1/v1", "m", prompt_template="{question} {reference}")
     with pytest.raises(ValueError, match="errors must be one of"):
         OpenAIChatJudge("http://127.0.0.1:1/v1", "m", errors="ignore")
+
+
+# ------------------------------------------------------------------------------------------------ API key
+SECRET = "sk-vpo-test-0123456789abcdef"
+
+
+def test_http_judge_api_key_from_the_environment_never_shown(stub, monkeypatch):
+    import pickle
+
+    monkeypatch.delenv("VPO_JUDGE_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    judge = _judge(stub, max_retries=0)
+    assert judge.has_api_key and SECRET not in repr(judge) and SECRET not in str(vars(judge).get("api_key"))
+    assert judge.score([_req(4)]) == [4.0]
+    assert stub.headers[-1]["Authorization"] == f"Bearer {SECRET}"
+    assert SECRET.encode() not in pickle.dumps(judge)  # copies (DataLoader workers, checkpoints) do not carry it
+    monkeypatch.setenv("VPO_JUDGE_API_KEY", "sk-vpo-named")  # the vpo-named variable wins
+    _judge(stub).score([_req(1)])
+    assert stub.headers[-1]["Authorization"] == "Bearer sk-vpo-named"
+    monkeypatch.delenv("VPO_JUDGE_API_KEY")
+    stub.mode = "echo"
+    with pytest.raises(JudgeError) as e:
+        _judge(stub, max_retries=0).score([_req(1)])
+    assert SECRET not in str(e.value) and "<redacted>" in str(e.value)
+    monkeypatch.delenv("OPENAI_API_KEY")
+    stub.mode = "marker"
+    _judge(stub).score([_req(2)])
+    assert "Authorization" not in stub.headers[-1]
+    with pytest.raises(ValueError, match="api_key"):
+        _judge(stub, api_key="  ")
+
+
+def test_online_run_with_http_judge_writes_no_key(stub, monkeypatch, tmp_path, capsys, caplog):
+    """An online OViP run judged by the stub: the header arrives; the key is in nothing the run writes or prints."""
+    from vpo.construct.csr import load_policy
+    from vpo.data import PreferenceCollator
+    from vpo.online import OViPOnlineDataset, ShapesNegativeGenerator, make_judge
+    from vpo.trainer import VPOConfig, VPOTrainer
+    from vpo.worlds import shapes
+
+    monkeypatch.setenv("VPO_JUDGE_API_KEY", SECRET)
+    shapes.make_dataset(str(tmp_path / "shapes"), 4, seed=0)
+    data = str(tmp_path / "shapes" / "train.jsonl")
+    model, processor = load_policy("tiny:llava")
+
+    def sample_fn(prompts, images, *, k, seed, keys):  # the stub scores <<N>> as N: one clear pair per prompt
+        return [["a red circle <<9>>", "a red circle <<9>>", "nothing <<1>>", "nothing <<1>>"] for _ in prompts]
+
+    out = tmp_path / "run"
+    args = VPOConfig(output_dir=str(out), method="ovip", online=True, data_path=data, max_steps=1,
+                     per_device_train_batch_size=2, use_cpu=True, report_to="none", lora_r=4, lora_dropout=0.0,
+                     logging_steps=1, save_strategy="no", disable_tqdm=True, online_judge="http",
+                     online_judge_url=stub.url, online_judge_model="judge-model")
+    judge = make_judge("http", url=stub.url, model="judge-model")
+    ds = OViPOnlineDataset(data, processor, judge=judge, negatives=ShapesNegativeGenerator(), buffer_size=2,
+                           prompts_per_step=2, sample_fn=sample_fn, k=4)
+    trainer = VPOTrainer(model, args, train_dataset=ds,
+                         data_collator=PreferenceCollator(processor, "llava", method="ovip"))
+    trainer.train()
+    trainer.save_model()
+    trainer.save_state()
+    assert stub.headers and all(h["Authorization"] == f"Bearer {SECRET}" for h in stub.headers)
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "README.md" for p in written) and any(p.name == "training_args.bin" for p in written)
+    for p in written:
+        assert SECRET.encode() not in p.read_bytes(), p
+    captured = capsys.readouterr()
+    assert SECRET not in captured.out + captured.err + caplog.text
+    assert SECRET not in repr(args.to_dict())

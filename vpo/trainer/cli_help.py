@@ -37,6 +37,7 @@ class UsageError(Exception):
 
 def _first_sentence(text: str, width: int = 78) -> str:
     text = re.sub(r"\s+", " ", text or "").strip()
+    text = re.sub(r"\[((?:'[^']*'(?:, )?)+)\]", lambda m: "|".join(re.findall(r"'([^']*)'", m.group(1))), text)
     cut = re.split(r"(?<=[.;])\s", text, maxsplit=1)[0]
     return cut if len(cut) <= width else cut[: width - 3].rstrip() + "..."
 

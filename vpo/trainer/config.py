@@ -150,10 +150,12 @@ class VPOConfig(TrainingArguments):
 
     # --- data ---------------------------------------------------------------------------------------------------
     data_path: Optional[str] = field(default=None, metadata={
-        "help": "training data: a JSONL file (docs/data_format.md), or synthetic[:N] (N random records, tiny models)"})
+        "help": "training data: a JSONL file, a parquet file or folder, a datasets save_to_disk folder "
+                "(docs/data_format.md), or synthetic[:N] (N random records, tiny models only)"})
     eval_data_path: Optional[str] = field(default=None, metadata={"help": "evaluation data, same format"})
     data_layout: str = field(default="auto", metadata={
-        "help": "JSONL layout: vpo, rlhf-v, rlaif-v or auto (per line; docs/data_format.md)"})
+        "help": "data layout: vpo, rlhf-v, rlaif-v, trl (TRL's images + prompt/chosen/rejected) or auto (per "
+                "row; docs/data_format.md)"})
     image_root: Optional[str] = field(default=None, metadata={"help": "folder relative image paths are read from"})
     max_length: int = field(default=1024, metadata={
         "help": "longest row (prompt + response tokens); responses are truncated to fit"})
