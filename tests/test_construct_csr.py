@@ -134,7 +134,8 @@ def brute_force(lm, cfg):
     return out
 
 
-EXHAUSTIVE = dict(max_new_tokens=2, num_candidates=10, token_beams=4, max_sentences=3, keep_top=25, keep_bottom=25)
+EXHAUSTIVE = dict(max_new_tokens=2, num_candidates=10, token_beams=4, max_sentences=3, keep_top=25, keep_bottom=25,
+                  num_beam_groups=1)
 
 
 @pytest.mark.parametrize("mode", ["score", "rank"])
@@ -224,7 +225,7 @@ def test_score_and_rank_modes_on_hand_made_numbers():
     def scorer(image, texts, *, record=None):
         return [r_i[t] for t in texts]
 
-    base = dict(max_new_tokens=3, num_candidates=5, token_beams=5, max_sentences=4)
+    base = dict(max_new_tokens=3, num_candidates=5, token_beams=5, max_sentences=4, num_beam_groups=1)
     # score: R(A) = 0.9*50 + 0.1*0.6 = 45.06;  R(B) = (0.9*30 + 0.1*0.4) + (0.9*30 + 0.1*1.0) = 54.14
     res = sentence_beam_search(lm, scorer, config=CSRConfig(mode="score", **base))
     rewards = {r.text: r.reward for r in res.responses}
@@ -260,7 +261,8 @@ def test_no_pair_when_only_one_response():
 
 
 def test_search_is_deterministic():
-    cfg = CSRConfig(mode="rank", max_new_tokens=3, num_candidates=4, token_beams=3, max_sentences=3)
+    cfg = CSRConfig(mode="rank", max_new_tokens=3, num_candidates=4, token_beams=3, max_sentences=3,
+                    num_beam_groups=3)
     a = sentence_beam_search(ToyLM(7), ToyScorer(), config=cfg)
     b = sentence_beam_search(ToyLM(7), ToyScorer(), config=cfg)
     assert a == b
@@ -359,7 +361,8 @@ def test_search_argument_errors():
     with pytest.raises(ValueError, match="scorer"):
         sentence_beam_search(ToyLM(), None)
     with pytest.raises(ValueError, match="scorer returned"):
-        sentence_beam_search(ToyLM(), lambda im, t, record=None: [], config=CSRConfig(max_new_tokens=2))
+        sentence_beam_search(ToyLM(), lambda im, t, record=None: [],
+                             config=CSRConfig(max_new_tokens=2, num_beam_groups=1))
 
 
 # ------------------------------------------------------------------------------------- a tiny VLM, shapes world
@@ -376,8 +379,8 @@ def shapes_data(tmp_path_factory):
     return shapes.make_dataset(str(root), 3, seed=0)
 
 
-SMALL = CSRConfig(max_new_tokens=4, num_candidates=3, token_beams=2, max_sentences=2)
-TINY = CSRConfig(max_new_tokens=3, num_candidates=3, token_beams=2, max_sentences=1)
+SMALL = CSRConfig(max_new_tokens=4, num_candidates=3, token_beams=2, max_sentences=2, num_beam_groups=2)
+TINY = CSRConfig(max_new_tokens=3, num_candidates=3, token_beams=2, max_sentences=1, num_beam_groups=1)
 
 
 def test_vlm_token_lm_matches_the_trainers_rows(tiny_policy):
@@ -491,7 +494,8 @@ def test_other_families_generate(family):
     scene = shapes.random_scene(np.random.default_rng(1))
     lm = VLMTokenLM(model, proc, shapes.render(scene), "describe the image.")
     res = sentence_beam_search(lm, ShapesWorldScorer(), record=scene.to_dict(),
-                               config=CSRConfig(max_new_tokens=4, num_candidates=3, token_beams=2, max_sentences=1))
+                               config=CSRConfig(max_new_tokens=4, num_candidates=3, token_beams=2, max_sentences=1,
+                                                num_beam_groups=2))
     assert res.responses and all(r.text for r in res.responses)
 
 
@@ -507,10 +511,116 @@ def test_cli(shapes_data, tmp_path, capsys):
 
     out = str(tmp_path / "o")
     argv = ["csr", "--data", shapes_data, "--out", out, "--limit", "1", "--max-new-tokens", "3", "--num-candidates",
-            "3", "--token-beams", "2", "--max-sentences", "1"]
+            "3", "--token-beams", "2", "--beam-groups", "1", "--diversity-penalty", "2.5", "--max-sentences", "1"]
     assert main(argv + ["--mode", "rank"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["written"] == 1
+    meta = json.load(open(os.path.join(out, "construct.json")))
+    assert meta["config"]["num_beam_groups"] == 1 and meta["config"]["diversity_penalty"] == 2.5
     assert json.loads(open(os.path.join(out, "train.jsonl")).readline())["csr"]["mode"] == "rank"
     assert main(argv + ["--lam", "2"]) == 2
     assert "lam" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------- diverse (group) beam search
+def _all_scored(lm, max_new_tokens, group, penalty):
+    """Brute force: every sentence with its true log-prob and its penalized score for ``group`` when every earlier
+    group searches without pruning. Then, at step t, each of the earlier groups has 2**t alive prefixes (two
+    continuing tokens, a and b), each extended once with every continuing token, so count(v) = group * 2**t for
+    v in {a, b}: a sentence pays penalty * group * 2**t for each continuing token at position t (stops never)."""
+    out = {}
+    for toks, lp in all_sentences(lm, (), max_new_tokens):
+        pen = sum(penalty * group * 2 ** t for t, v in enumerate(toks) if v in (A, B))
+        out[toks] = (lp - pen, lp)
+    return out
+
+
+@pytest.mark.parametrize("groups, penalty, salt", [(2, 3.0, 0), (3, 0.7, 1), (2, 0.0, 2)])
+def test_group_beams_without_pruning_match_the_bruteforce_penalized_scores(groups, penalty, salt):
+    from vpo.construct.csr_search import group_beams
+
+    lm = ToyLM(salt)
+    # 22 sentences of <= 3 tokens; 8 beams per group keep every prefix alive, keep=22 never stops a group early
+    got = group_beams(lm, (), sentence_end_ids=[DOT], eos_ids=[EOS], keep=22, token_beams=8 * groups,
+                      max_new_tokens=3, num_beam_groups=groups, diversity_penalty=penalty)
+    assert len(got) == groups
+    for g, fin in enumerate(got):
+        want = _all_scored(lm, 3, g, penalty)
+        assert sorted(f[2] for f in fin) == sorted(want), g
+        for pen, _, toks, end, lp in fin:
+            assert pen == pytest.approx(want[toks][0]) and lp == pytest.approx(want[toks][1]), (g, toks)
+            assert end == ("eos" if toks[-1] == EOS else "sentence" if toks[-1] == DOT else "length")
+
+
+def _greedy_groups_reference(lm, groups, penalty, max_new_tokens):
+    """One beam per group, by hand: at each step, groups in order, the best continuing token over the WHOLE vocabulary
+    of log P - penalty * (earlier groups that chose it at this step); every stop token finishes a candidate."""
+    beams = [((), 0.0, 0.0)] * groups
+    finished = [[] for _ in range(groups)]
+    for step in range(max_new_tokens):
+        chosen = {}
+        for g in range(groups):
+            if beams[g] is None:
+                continue
+            toks, ps, tl = beams[g]
+            dist = lm._logprobs(toks)
+            for s in (EOS, DOT):
+                finished[g].append((ps + float(dist[s]), toks + (s,), tl + float(dist[s])))
+            best = max((A, B), key=lambda v: (ps + float(dist[v]) - penalty * chosen.get(v, 0), -v))
+            chosen[best] = chosen.get(best, 0) + 1
+            nxt = (toks + (best,), ps + float(dist[best]) - penalty * (chosen[best] - 1), tl + float(dist[best]))
+            if step == max_new_tokens - 1:
+                finished[g].append((nxt[1], nxt[0], nxt[2]))
+                nxt = None
+            beams[g] = nxt
+    return finished
+
+
+@pytest.mark.parametrize("salt", range(4))
+def test_one_beam_per_group_matches_a_per_step_bruteforce_over_the_vocabulary(salt):
+    from vpo.construct.csr_search import group_beams
+
+    lm = ToyLM(salt)
+    got = group_beams(lm, (), sentence_end_ids=[DOT], eos_ids=[EOS], keep=99, token_beams=2, max_new_tokens=4,
+                      num_beam_groups=2, diversity_penalty=3.0)
+    want = _greedy_groups_reference(lm, 2, 3.0, 4)
+    for g in range(2):
+        assert [f[2] for f in got[g]] == [w[1] for w in want[g]]
+        assert [f[0] for f in got[g]] == pytest.approx([w[0] for w in want[g]])
+        assert [f[4] for f in got[g]] == pytest.approx([w[2] for w in want[g]])
+    # the root's first tokens: group 1 avoids group 0's token exactly when the log-prob gap is below the penalty
+    first = [next(f[2][0] for f in got[g] if f[2][0] in (A, B)) for g in range(2)]
+    root = lm._logprobs(())
+    best, other = sorted((A, B), key=lambda v: -float(root[v]))
+    gap = float(root[best] - root[other])
+    assert first == ([best, other] if gap < 3.0 else [best, best]), gap
+
+
+def test_diverse_proposals_reduce_to_plain_beam_search():
+    lm = ToyLM(5)
+    kw = dict(sentence_end_ids=[DOT], eos_ids=[EOS], max_new_tokens=3)
+    plain = propose_sentences(lm, (A,), num_candidates=4, token_beams=2, num_beam_groups=1, **kw)
+    # zero penalty: every group is the same width-2 search; group 0 contributes the plain search's 4 best, the
+    # later groups only what it left (lower scores), so the 4 best of the union are the plain search's
+    same = propose_sentences(lm, (A,), num_candidates=12, token_beams=6, num_beam_groups=3, diversity_penalty=0.0,
+                             **kw)[:4]
+    assert [(s.token_ids, s.end) for s in same] == [(s.token_ids, s.end) for s in plain]
+    assert [s.logprob for s in same] == pytest.approx([s.logprob for s in plain])
+    # with a penalty: distinct sentences, each with its TRUE log-prob (the penalty only steers the search)
+    div = propose_sentences(lm, (A,), num_candidates=5, token_beams=5, num_beam_groups=5, diversity_penalty=3.0,
+                            **kw)
+    assert len({s.token_ids for s in div}) == len(div) >= 2
+    truth = dict(all_sentences(lm, (A,), 3))
+    for s in div:
+        assert s.logprob == pytest.approx(truth[s.token_ids])
+
+
+def test_csr_config_diversity_defaults_and_errors():
+    cfg = CSRConfig()
+    assert (cfg.num_beam_groups, cfg.diversity_penalty, cfg.token_beams) == (5, 3.0, 5)  # CSR App. A.1
+    with pytest.raises(ValueError, match="multiple of num_beam_groups"):
+        CSRConfig(token_beams=4, num_beam_groups=3)
+    with pytest.raises(ValueError, match="diversity_penalty"):
+        CSRConfig(diversity_penalty=-1.0)
+    with pytest.raises(ValueError, match="num_beam_groups"):
+        CSRConfig(num_beam_groups=0)

@@ -1,0 +1,557 @@
+"""CSR's sentence-level beam search under the calibrated reward (the search of :mod:`vpo.construct.csr`; its
+module docstring describes the algorithm) and the token-level proposals, plain or diverse (group) beam search."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, runtime_checkable
+
+import torch
+
+from vpo._validate import check_choice, check_range
+from vpo.construct._io import check_int
+
+__all__ = ["CSRConfig", "TokenLM", "ImageTextScorer", "calibrated_reward", "language_score", "sibling_ranks",
+           "rank_cost", "Sentence", "propose_sentences", "diverse_token_beams", "group_beams", "SentenceScore",
+           "Response", "CSRSearchResult", "sentence_beam_search"]
+
+MODES = ("score", "rank")
+LANGUAGE_SCORES = ("prob", "logprob", "mean_logprob")
+
+
+# ------------------------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class CSRConfig:
+    """Options of the sentence-level beam search (module docstring). Defaults: the paper's and the CSR code's.
+
+    Attributes:
+        mode: ``"score"`` (sum of calibrated rewards) or ``"rank"`` (mean sibling rank).
+        lam: ``λ``, the weight of ``R_I`` (``1 - λ`` weighs ``R_T``), in [0, 1].
+        keep_top / keep_bottom: unfinished paths kept per round, best and worst by ``R(y)``.
+        num_candidates: sentences proposed per active path (the paper's ``num_token_beams`` returned sequences).
+        token_beams: the token-level beam width inside one sentence (all groups together).
+        num_beam_groups: diverse (group) beam search: ``token_beams`` split into this many groups
+            (:func:`propose_sentences`); 5 in CSR (App. A.1, its code's ``num_beam_groups``). 1 = plain beam search.
+        diversity_penalty: the Hamming diversity penalty λ of the groups (3.0 in CSR); 0 = independent groups.
+        max_new_tokens: tokens per sentence (74 in the paper; a longer sentence is cut and continues next round).
+        max_sentences: rounds; paths still open after the last one are finished as they are.
+        max_response_tokens: tokens per response.
+        sentence_end: the strings that end a sentence (each must be one token of the tokenizer).
+        language_score: ``R_T`` as ``"prob"`` (``Π P``, the paper), ``"logprob"`` or ``"mean_logprob"``.
+    """
+
+    mode: str = "score"
+    lam: float = 0.9
+    keep_top: int = 1
+    keep_bottom: int = 2
+    num_candidates: int = 5
+    token_beams: int = 5
+    num_beam_groups: int = 5
+    diversity_penalty: float = 3.0
+    max_new_tokens: int = 74
+    max_sentences: int = 8
+    max_response_tokens: int = 512
+    sentence_end: Tuple[str, ...] = (".",)
+    language_score: str = "prob"
+
+    def __post_init__(self):
+        check_choice("mode", self.mode, MODES)
+        check_range("lam", self.lam, 0.0, 1.0)
+        check_int("keep_top", self.keep_top, 0)
+        check_int("keep_bottom", self.keep_bottom, 0)
+        if self.keep_top + self.keep_bottom < 1:
+            raise ValueError(f"keep_top + keep_bottom must be >= 1, got {self.keep_top} + {self.keep_bottom}")
+        check_int("num_candidates", self.num_candidates, 1)
+        check_int("token_beams", self.token_beams, 1)
+        check_int("num_beam_groups", self.num_beam_groups, 1)
+        if self.token_beams % self.num_beam_groups:
+            raise ValueError(f"token_beams must be a multiple of num_beam_groups, got {self.token_beams} and "
+                             f"{self.num_beam_groups}")
+        check_range("diversity_penalty", self.diversity_penalty, 0.0, math.inf)
+        check_int("max_new_tokens", self.max_new_tokens, 1)
+        check_int("max_sentences", self.max_sentences, 1)
+        check_int("max_response_tokens", self.max_response_tokens, 1)
+        ends = self.sentence_end
+        if isinstance(ends, str) or not isinstance(ends, (tuple, list)) or not all(
+                isinstance(s, str) and s for s in ends):
+            raise ValueError(f"sentence_end must be a tuple of non-empty strings, got {ends!r}")
+        object.__setattr__(self, "sentence_end", tuple(ends))
+        check_choice("language_score", self.language_score, LANGUAGE_SCORES)
+
+
+# ---------------------------------------------------------------------------------------------------- protocols
+@runtime_checkable
+class TokenLM(Protocol):
+    """A language model with its image and prompt bound: what the search needs.
+
+    Attributes:
+        eos_token_ids: the tokens that end the response.
+    """
+
+    eos_token_ids: Tuple[int, ...]
+
+    def next_logprobs(self, prefixes: Sequence[Sequence[int]]) -> torch.Tensor:
+        """``[len(prefixes), V]`` log-probabilities of the next response token after each response prefix."""
+        ...
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """The text of response tokens (end-of-response tokens are never passed)."""
+        ...
+
+    def token_id(self, text: str) -> int:
+        """The id of a string that is exactly one token (``"."``); ``ValueError`` otherwise."""
+        ...
+
+
+@runtime_checkable
+class ImageTextScorer(Protocol):
+    """``R_I``: ``scorer(image, texts, record=row) -> [R_I(text) for text in texts]``, each in ``[0, 100]``.
+
+    ``record`` is the source row (scorers that read ground truth use it; CLIP ignores it)."""
+
+    def __call__(self, image, texts: Sequence[str], *, record: Optional[Mapping] = None) -> Sequence[float]: ...
+
+
+# ------------------------------------------------------------------------------------------------------ rewards
+def calibrated_reward(r_i: float, r_t: float, lam: float = 0.9) -> float:
+    """``R(s) = λ R_I(s) + (1 - λ) R_T(s)``."""
+    return lam * r_i + (1.0 - lam) * r_t
+
+
+def language_score(logprob: float, num_tokens: int, kind: str = "prob") -> float:
+    """``R_T`` of a sentence from its summed token log-probability: ``exp(logprob)`` (``"prob"``), ``logprob`` or
+    ``logprob / num_tokens`` (``"mean_logprob"``)."""
+    check_choice("language_score", kind, LANGUAGE_SCORES)
+    if kind == "prob":
+        return math.exp(logprob)
+    if kind == "logprob":
+        return float(logprob)
+    return float(logprob) / max(num_tokens, 1)
+
+
+def sibling_ranks(values: Sequence[float]) -> List[float]:
+    """``(i + 1) / n`` for each value, ``i`` its position when sorted descending (stable: ties keep input order).
+
+    >>> sibling_ranks([0.2, 0.9, 0.5])
+    [1.0, 0.3333333333333333, 0.6666666666666666]
+    """
+    n = len(values)
+    order = sorted(range(n), key=lambda j: -values[j])  # sorted() is stable
+    out = [0.0] * n
+    for pos, j in enumerate(order):
+        out[j] = (pos + 1) / n
+    return out
+
+
+def rank_cost(rank_t: float, rank_i: float, lam: float = 0.9) -> float:
+    """``c(s) = (1 - λ) rank_T + λ rank_I`` (rank mode; lower is better)."""
+    return (1.0 - lam) * rank_t + lam * rank_i
+
+
+# ------------------------------------------------------------------------------------------------------- search
+@dataclass(frozen=True)
+class Sentence:
+    """A proposed sentence: its tokens (stop token included), summed log-probability and how it ended
+    (``"sentence"``: a sentence-end token; ``"eos"``: the end of the response; ``"length"``: ``max_new_tokens``)."""
+
+    token_ids: Tuple[int, ...]
+    logprob: float
+    end: str
+
+
+def propose_sentences(
+    lm: TokenLM,
+    prefix: Sequence[int],
+    *,
+    sentence_end_ids: Sequence[int],
+    eos_ids: Sequence[int],
+    num_candidates: int = 5,
+    token_beams: int = 5,
+    max_new_tokens: int = 74,
+    num_beam_groups: int = 1,
+    diversity_penalty: float = 0.0,
+) -> List[Sentence]:
+    """The ``num_candidates`` most likely next sentences after ``prefix`` by token-level beam search; with
+    ``num_beam_groups > 1``, by diverse (group) beam search (:func:`diverse_token_beams`).
+
+    Every step extends the ``token_beams`` best unfinished prefixes by every token; a candidate ending in a stop
+    token (sentence end or eos) is finished, the ``token_beams`` best others stay alive; after ``max_new_tokens``
+    steps the alive ones are finished as ``"length"``. The search stops early once ``num_candidates`` finished
+    sentences all score above every alive one (log-probabilities only decrease). Ties: lower (beam, token) first.
+
+    Returns:
+        Up to ``num_candidates`` :class:`Sentence` s, by log-probability descending (groups: by penalized score).
+    """
+    if num_beam_groups != 1:
+        return diverse_token_beams(lm, prefix, sentence_end_ids=sentence_end_ids, eos_ids=eos_ids,
+                                   num_candidates=num_candidates, token_beams=token_beams,
+                                   max_new_tokens=max_new_tokens, num_beam_groups=num_beam_groups,
+                                   diversity_penalty=diversity_penalty)
+    stops = sorted(set(int(t) for t in sentence_end_ids) | set(int(t) for t in eos_ids))
+    eos = set(int(t) for t in eos_ids)
+    prefix = tuple(int(t) for t in prefix)
+    alive: List[Tuple[Tuple[int, ...], float]] = [((), 0.0)]
+    finished: List[Tuple[float, int, Tuple[int, ...], str]] = []  # (logprob, order, tokens, end)
+    for step in range(max_new_tokens):
+        lp = lm.next_logprobs([prefix + toks for toks, _ in alive])
+        if not isinstance(lp, torch.Tensor) or lp.dim() != 2 or lp.shape[0] != len(alive):
+            raise ValueError(f"lm.next_logprobs must return a [{len(alive)}, V] tensor, got "
+                             f"{getattr(lp, 'shape', type(lp).__name__)}")
+        V = lp.shape[1]
+        cum = torch.tensor([s for _, s in alive], dtype=torch.float64)         # [n]
+        scores = lp.detach().to("cpu", torch.float64) + cum[:, None]          # [n, V]: log P(prefix + token)
+        for i, (toks, _) in enumerate(alive):
+            for s in stops:
+                if s < V and scores[i, s] > -math.inf:
+                    end = "eos" if s in eos else "sentence"
+                    finished.append((float(scores[i, s]), len(finished), toks + (s,), end))
+        cont = scores.clone()
+        in_vocab = [s for s in stops if s < V]
+        if in_vocab:
+            cont[:, in_vocab] = -math.inf
+        flat = cont.flatten()
+        vals, idx = torch.sort(flat, descending=True, stable=True)
+        take = int(min(token_beams, int(torch.isfinite(vals).sum())))
+        new_alive = [(alive[int(j) // V][0] + (int(j) % V,), float(v)) for v, j in zip(vals[:take], idx[:take])]
+        if step == max_new_tokens - 1:
+            finished.extend((s, len(finished) + n, toks, "length") for n, (toks, s) in enumerate(new_alive))
+            break
+        alive = new_alive
+        if not alive:
+            break
+        if len(finished) >= num_candidates:
+            kth = sorted((f[0] for f in finished), reverse=True)[num_candidates - 1]
+            if alive[0][1] < kth:
+                break
+    finished.sort(key=lambda f: (-f[0], f[1]))
+    return [Sentence(toks, lp_, end) for lp_, _, toks, end in finished[:num_candidates]]
+
+
+def diverse_token_beams(
+    lm: TokenLM,
+    prefix: Sequence[int],
+    *,
+    sentence_end_ids: Sequence[int],
+    eos_ids: Sequence[int],
+    num_candidates: int = 5,
+    token_beams: int = 5,
+    max_new_tokens: int = 74,
+    num_beam_groups: int = 5,
+    diversity_penalty: float = 3.0,
+) -> List[Sentence]:
+    """Diverse beam search (Vijayakumar et al. 2018, Hamming diversity) for the next sentence after ``prefix``: the
+    proposals CSR samples (5 groups, penalty 3.0).
+
+    The ``token_beams`` beams form ``G = num_beam_groups`` groups of ``W = token_beams / G``. At every step the groups
+    are processed in order; group ``g`` scores each token ``v`` after each of its beams as::
+
+        score(beam + v) = score(beam) + log P(v | beam) - diversity_penalty * count_g(v)
+
+    where ``count_g(v)`` is how many beams of the groups before ``g`` chose ``v`` at this step (the tokens their
+    surviving beams were extended with); the penalized score accumulates, as in the group beam search of
+    transformers 4. A stop token (sentence end or eos) finishes a candidate of the group (stop continuations are
+    never chosen as beams, so they are never penalized); the ``W`` best other continuations stay alive. A group is
+    done when it has ``k = ceil(num_candidates / G)`` finished candidates that all score above its best alive beam
+    (scores only decrease), or when nothing is alive; a done group chooses no more tokens. After ``max_new_tokens``
+    steps the alive beams finish as ``"length"``. Each group, in order, contributes its ``k`` best finished
+    candidates that no earlier group contributed (stop tokens are never penalized, so groups often share the same
+    early stop; transformers returns such duplicates, here the next-best takes its place); the result is the
+    ``num_candidates`` best of their union by penalized score (ties: group, then finishing order). Every
+    :class:`Sentence` carries its TRUE log-probability (the unpenalized sum), which is what ``R_T`` scores.
+
+    With ``G = 1`` (or a zero penalty, where the groups are independent copies of a width-``W`` search) it reduces
+    to plain beam search (:func:`propose_sentences`).
+    """
+    check_int("num_candidates", num_candidates, 1)
+    check_int("num_beam_groups", num_beam_groups, 1)
+    k = -(-num_candidates // num_beam_groups)
+    groups = group_beams(lm, prefix, sentence_end_ids=sentence_end_ids, eos_ids=eos_ids, keep=k,
+                         token_beams=token_beams, max_new_tokens=max_new_tokens, num_beam_groups=num_beam_groups,
+                         diversity_penalty=diversity_penalty)
+    pool, seen = [], set()
+    for g, fin in enumerate(groups):
+        best = [f for f in sorted(fin, key=lambda f: (-f[0], f[1])) if f[2] not in seen][:k]
+        seen.update(f[2] for f in best)
+        pool.extend((f[0], g, f[1], f[2], f[3], f[4]) for f in best)
+    pool.sort(key=lambda f: (-f[0], f[1], f[2]))
+    return [Sentence(toks, true_lp, end) for _, _, _, toks, end, true_lp in pool[:num_candidates]]
+
+
+def group_beams(
+    lm: TokenLM,
+    prefix: Sequence[int],
+    *,
+    sentence_end_ids: Sequence[int],
+    eos_ids: Sequence[int],
+    keep: int,
+    token_beams: int = 5,
+    max_new_tokens: int = 74,
+    num_beam_groups: int = 5,
+    diversity_penalty: float = 3.0,
+) -> List[List[Tuple[float, int, Tuple[int, ...], str, float]]]:
+    """The search of :func:`diverse_token_beams` (``keep`` = its ``k``), per group: every finished candidate of each
+    group as ``(penalized score, finishing order, tokens, end, true log-prob)``, in finishing order."""
+    check_int("num_beam_groups", num_beam_groups, 1)
+    check_int("token_beams", token_beams, 1)
+    check_int("keep", keep, 1)
+    check_int("max_new_tokens", max_new_tokens, 1)
+    if token_beams % num_beam_groups:
+        raise ValueError(f"token_beams must be a multiple of num_beam_groups, got {token_beams} and "
+                         f"{num_beam_groups}")
+    check_range("diversity_penalty", diversity_penalty, 0.0, math.inf)
+    G, W = num_beam_groups, token_beams // num_beam_groups
+    k = keep
+    stops = sorted(set(int(t) for t in sentence_end_ids) | set(int(t) for t in eos_ids))
+    eos = set(int(t) for t in eos_ids)
+    prefix = tuple(int(t) for t in prefix)
+    # per group: alive beams (tokens, penalized score, true log-prob); finished (penalized, order, tokens, end, lp)
+    alive: List[List[Tuple[Tuple[int, ...], float, float]]] = [[((), 0.0, 0.0)] for _ in range(G)]
+    finished: List[List[Tuple[float, int, Tuple[int, ...], str, float]]] = [[] for _ in range(G)]
+    order = 0
+    for step in range(max_new_tokens):
+        rows = [(g, b) for g in range(G) for b in range(len(alive[g]))]
+        if not rows:
+            break
+        lp = lm.next_logprobs([prefix + alive[g][b][0] for g, b in rows])
+        if not isinstance(lp, torch.Tensor) or lp.dim() != 2 or lp.shape[0] != len(rows):
+            raise ValueError(f"lm.next_logprobs must return a [{len(rows)}, V] tensor, got "
+                             f"{getattr(lp, 'shape', type(lp).__name__)}")
+        lp = lp.detach().to("cpu", torch.float64)
+        V = lp.shape[1]
+        in_vocab = [s for s in stops if s < V]
+        chosen: Counter = Counter()  # token -> beams of earlier groups extended with it at this step
+        start = 0
+        for g in range(G):
+            n = len(alive[g])
+            if not n:
+                continue
+            block = lp[start:start + n]                                                    # [n, V]
+            start += n
+            penalty = torch.zeros(V, dtype=torch.float64)
+            for tok, c in chosen.items():
+                penalty[tok] = diversity_penalty * c
+            pen = torch.tensor([a[1] for a in alive[g]], dtype=torch.float64)[:, None] + block - penalty[None, :]
+            true = torch.tensor([a[2] for a in alive[g]], dtype=torch.float64)[:, None] + block
+            for i, (toks, _, _) in enumerate(alive[g]):
+                for s in in_vocab:
+                    if pen[i, s] > -math.inf:
+                        finished[g].append((float(pen[i, s]), order, toks + (s,), "eos" if s in eos else "sentence",
+                                            float(true[i, s])))
+                        order += 1
+            cont = pen.clone()
+            if in_vocab:
+                cont[:, in_vocab] = -math.inf
+            vals, idx = torch.sort(cont.flatten(), descending=True, stable=True)
+            take = int(min(W, int(torch.isfinite(vals).sum())))
+            new = []
+            for v, j in zip(vals[:take].tolist(), idx[:take].tolist()):
+                i, tok = divmod(int(j), V)
+                new.append((alive[g][i][0] + (tok,), float(v), float(true[i, tok])))
+                chosen[tok] += 1
+            if step == max_new_tokens - 1:
+                for toks, ps, tl in new:
+                    finished[g].append((ps, order, toks, "length", tl))
+                    order += 1
+                new = []
+            elif len(finished[g]) >= k and new:
+                kth = sorted((f[0] for f in finished[g]), reverse=True)[k - 1]
+                if new[0][1] < kth:
+                    new = []  # done: nothing alive can beat the k-th finished candidate
+            alive[g] = new
+    return finished
+
+
+@dataclass(frozen=True)
+class SentenceScore:
+    """One sentence of a response: ``text`` (empty for a bare end-of-response), tokens, summed ``logprob``, ``r_t``,
+    ``r_i``, ``reward`` = ``R(s)``, and its sibling ranks ``rank_t`` / ``rank_i`` (None for an empty sentence)."""
+
+    text: str
+    token_ids: Tuple[int, ...]
+    logprob: float
+    r_t: Optional[float]
+    r_i: Optional[float]
+    reward: Optional[float]
+    rank_t: Optional[float]
+    rank_i: Optional[float]
+
+
+@dataclass(frozen=True)
+class Response:
+    """A finished response: ``text``, ``token_ids`` (end-of-response token included when generated), ``reward`` =
+    ``R(y)`` of the search's mode, its ``sentences`` and how it ended (``"eos"``, ``"max_response_tokens"``,
+    ``"max_sentences"``)."""
+
+    text: str
+    token_ids: Tuple[int, ...]
+    reward: float
+    sentences: Tuple[SentenceScore, ...]
+    end: str
+
+
+@dataclass(frozen=True)
+class CSRSearchResult:
+    """The outcome of :func:`sentence_beam_search`: ``chosen`` / ``rejected`` (None when there is no pair), every
+    finished non-empty response in proposal order, and the number of sentences scored."""
+
+    chosen: Optional[Response]
+    rejected: Optional[Response]
+    responses: Tuple[Response, ...]
+    num_sentences: int
+
+    @property
+    def has_pair(self) -> bool:
+        return self.chosen is not None and self.rejected is not None
+
+
+@dataclass(eq=False)
+class _Node:
+    parent: Optional["_Node"]
+    sentence: Optional[SentenceScore]
+    end: str
+    order: int
+    path_len: int = 0
+    score_sum: float = 0.0
+    cost_sum: float = 0.0
+    n_ranked: int = 0
+    final: bool = False
+    final_end: str = ""
+
+    def reward(self, mode: str) -> float:
+        if mode == "score":
+            return self.score_sum
+        return -self.cost_sum / self.n_ranked if self.n_ranked else -1.0
+
+    def path(self) -> List["_Node"]:
+        out, node = [], self
+        while node.parent is not None:
+            out.append(node)
+            node = node.parent
+        return out[::-1]
+
+    def tokens(self) -> Tuple[int, ...]:
+        return tuple(t for n in self.path() for t in n.sentence.token_ids)
+
+
+def _resolve_ids(lm: TokenLM, config: CSRConfig, sentence_end_ids, eos_ids) -> Tuple[List[int], List[int]]:
+    if sentence_end_ids is None:
+        sentence_end_ids = [lm.token_id(s) for s in config.sentence_end]
+    if eos_ids is None:
+        eos_ids = list(getattr(lm, "eos_token_ids", ()) or ())
+    if not eos_ids:
+        raise ValueError("eos_ids is empty: the lm must expose eos_token_ids (the tokens that end a response)")
+    return [int(t) for t in sentence_end_ids], [int(t) for t in eos_ids]
+
+
+def sentence_beam_search(
+    lm: TokenLM,
+    scorer: ImageTextScorer,
+    *,
+    image=None,
+    record: Optional[Mapping] = None,
+    config: CSRConfig = CSRConfig(),
+    sentence_end_ids: Optional[Sequence[int]] = None,
+    eos_ids: Optional[Sequence[int]] = None,
+) -> CSRSearchResult:
+    """CSR's sentence-level beam search for one (image, prompt) bound in ``lm`` (module docstring).
+
+    Args:
+        lm: a :class:`TokenLM` (e.g. :class:`VLMTokenLM`).
+        scorer: an :class:`ImageTextScorer` giving ``R_I`` of each sentence.
+        image: passed to the scorer.
+        record: the source row, passed to the scorer (ground-truth scorers read it).
+        config: :class:`CSRConfig`.
+        sentence_end_ids: token ids ending a sentence (default: ``lm.token_id`` of ``config.sentence_end``).
+        eos_ids: token ids ending the response (default: ``lm.eos_token_ids``).
+
+    Returns:
+        A :class:`CSRSearchResult`.
+    """
+    if not isinstance(config, CSRConfig):
+        raise ValueError(f"config must be a CSRConfig, got {type(config).__name__}")
+    if not callable(scorer):
+        raise ValueError(f"scorer must be an ImageTextScorer (callable), got {type(scorer).__name__}")
+    ends, eos = _resolve_ids(lm, config, sentence_end_ids, eos_ids)
+    eos_set = set(eos)
+    lam, mode = config.lam, config.mode
+    root = _Node(parent=None, sentence=None, end="", order=0)
+    counter = 1
+    active = [root]
+    finished: List[_Node] = []
+    num_sentences = 0
+    for depth in range(config.max_sentences):
+        opened: List[_Node] = []
+        for parent in active:
+            prefix = parent.tokens()
+            budget = config.max_response_tokens - len(prefix)
+            cands = propose_sentences(lm, prefix, sentence_end_ids=ends, eos_ids=eos,
+                                      num_candidates=config.num_candidates, token_beams=config.token_beams,
+                                      num_beam_groups=config.num_beam_groups,
+                                      diversity_penalty=config.diversity_penalty,
+                                      max_new_tokens=min(config.max_new_tokens, budget))
+            texts = [lm.decode([t for t in c.token_ids if t not in eos_set]).strip() for c in cands]
+            live = [j for j, t in enumerate(texts) if t]
+            r_i: Dict[int, float] = {}
+            if live:
+                vals = list(scorer(image, [texts[j] for j in live], record=record))
+                if len(vals) != len(live) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
+                    raise ValueError(f"scorer returned {vals!r} for {len(live)} texts: expected one finite R_I each")
+                r_i = {j: float(v) for j, v in zip(live, vals)}
+            r_t = {j: language_score(cands[j].logprob, len(cands[j].token_ids), config.language_score) for j in live}
+            rank_t = dict(zip(live, sibling_ranks([r_t[j] for j in live])))
+            rank_i = dict(zip(live, sibling_ranks([r_i[j] for j in live])))
+            for j, c in enumerate(cands):
+                num_sentences += 1
+                ok = j in r_i
+                reward = calibrated_reward(r_i[j], r_t[j], lam) if ok else None
+                s = SentenceScore(texts[j], c.token_ids, c.logprob, r_t.get(j), r_i.get(j), reward, rank_t.get(j),
+                                  rank_i.get(j))
+                node = _Node(parent=parent, sentence=s, end=c.end, order=counter,
+                             path_len=parent.path_len + len(c.token_ids),
+                             score_sum=parent.score_sum + (reward if ok else 0.0),
+                             cost_sum=parent.cost_sum + (rank_cost(rank_t[j], rank_i[j], lam) if ok else 0.0),
+                             n_ranked=parent.n_ranked + int(ok))
+                counter += 1
+                if c.end == "eos":
+                    node.final, node.final_end = True, "eos"
+                elif node.path_len >= config.max_response_tokens:
+                    node.final, node.final_end = True, "max_response_tokens"
+                (finished if node.final else opened).append(node)
+        if depth == config.max_sentences - 1:
+            for node in opened:
+                node.final, node.final_end = True, "max_sentences"
+            finished.extend(opened)
+            break
+        active = _keep(opened, config)
+        if not active:
+            break
+    return _select(finished, lm, eos_set, mode, num_sentences)
+
+
+def _keep(nodes: List[_Node], config: CSRConfig) -> List[_Node]:
+    """The best ``keep_top`` and worst ``keep_bottom`` by path reward (all when there are no more)."""
+    if len(nodes) <= config.keep_top + config.keep_bottom:
+        return nodes
+    ranked = sorted(nodes, key=lambda n: (-n.reward(config.mode), n.order))
+    keep = ranked[: config.keep_top] + (ranked[len(ranked) - config.keep_bottom:] if config.keep_bottom else [])
+    return sorted(set(keep), key=lambda n: n.order)
+
+
+def _select(finished: List[_Node], lm: TokenLM, eos_set, mode: str, num_sentences: int) -> CSRSearchResult:
+    responses: List[Response] = []
+    for node in sorted(finished, key=lambda n: n.order):
+        toks = node.tokens()
+        text = lm.decode([t for t in toks if t not in eos_set]).strip()
+        if not text:
+            continue
+        responses.append(Response(text, toks, node.reward(mode), tuple(n.sentence for n in node.path()),
+                                  node.final_end))
+    if not responses:
+        return CSRSearchResult(None, None, (), num_sentences)
+    chosen = max(responses, key=lambda r: r.reward)  # max()/min() return the first of equal keys
+    others = [r for r in responses if r.text != chosen.text]
+    rejected = min(others, key=lambda r: r.reward) if others else None
+    if rejected is None or not rejected.reward < chosen.reward:
+        return CSRSearchResult(None, None, tuple(responses), num_sentences)
+    return CSRSearchResult(chosen, rejected, tuple(responses), num_sentences)
