@@ -9,6 +9,7 @@ inputs here score every position). The materialized baseline does 3 policy passe
     frozen head (weight.requires_grad False) policy 2 (no dW) + reference 1   = 6NDV   -> bound 1.05 × 6NDV
     no grad (eval)                           policy 1 + reference 1            = 4NDV   -> bound 1.05 × 4NDV
     logits not kept (Chunking(store=False))  policy 4 + reference 1            = 10NDV  -> bound 1.05 × 10NDV
+    Chunking(compact=True)                   the policy's 3 passes over the scored tokens only: 6·N_scored·D·V
 
 The composition this replaced (linear_logprobs forward, recompute + dh + dW in its backward, plus the reference) did
 10NDV = 1.25 × 8NDV for DPO, and fails the first bound. The 5% slack covers nothing today (the O(N·D) terms are not
@@ -103,3 +104,13 @@ def test_no_grad_is_one_pass_per_model():
 def test_recompute_mode_costs_one_more_pass():
     flops = _count(lambda: _dpo(*_inputs(), chunking=Chunking(pairs=1, vocab=100, store=False)))
     assert 5 * PASS <= flops <= 1.05 * 5 * PASS
+
+
+def test_compact_sweeps_only_the_scored_tokens():
+    x, hn, rh, rhn = _inputs()
+    labels = x.labels.clone()
+    labels[:, : T // 2] = -100  # a prompt: half the positions are not scored
+    n_scored = int((labels != -100).sum())
+    flops = _count(lambda: vpo.fused_dpo_loss(x.weight, x.hidden, labels, x.bias, ref_logps=torch.zeros(2 * B),
+                                              chunking=Chunking(compact=True))[0])
+    assert flops == 3 * 2 * n_scored * D * V

@@ -148,7 +148,8 @@ def _oracle_catpo(W, H, labels, w, b, ref_h, ref_w=None, ref_b=None, *, kl_coef,
 
 ENGINE_CASES = [(lt, Chunking(pairs=1, vocab=17)) for lt in ("sigmoid", "ipo", "hinge", "robust", "apo_zero",
                                                               "sigmoid_norm", "sft")] \
-    + [("sigmoid", None), ("sigmoid", Chunking(pairs=1, vocab=50, store=False)), ("sigmoid", Chunking(memory_budget=1))]
+    + [("sigmoid", None), ("sigmoid", Chunking(pairs=1, vocab=50, store=False)), ("sigmoid", Chunking(memory_budget=1)),
+       ("sigmoid", Chunking(vocab=50, compact=True)), ("sft", Chunking(pairs=1, compact=True, store=False))]
 
 
 @pytest.mark.parametrize("loss_type, chunking", ENGINE_CASES)

@@ -149,6 +149,7 @@ CHUNKINGS = {
     "pair_tiles": Chunking(pairs=1, vocab=17),  # V = 131 is not a multiple of 17
     "recompute": Chunking(pairs=1, vocab=50, store=False),
     "tiny_budget": Chunking(memory_budget=1),  # budget below one pair: 1 pair per chunk, tiles recomputed
+    "compact": Chunking(pairs=2, vocab=40, compact=True),  # only the scored positions enter the GEMMs
 }
 
 

@@ -162,7 +162,7 @@ from vpo.fused import Chunking  # noqa: E402
 from vpo.losses import preference_pair_losses  # noqa: E402
 
 CHUNKINGS = {"default": None, "pair_tiles": Chunking(pairs=1, vocab=17),
-             "recompute": Chunking(pairs=2, vocab=50, store=False)}
+             "recompute": Chunking(pairs=2, vocab=50, store=False), "compact": Chunking(vocab=50, compact=True)}
 
 
 def _oracle_tpo(w, h, n, labels, b, ref_h, ref_hn, *, a=0.5, rewards="both", reward_grad=True, **kw):
@@ -180,7 +180,8 @@ def _oracle_tpo(w, h, n, labels, b, ref_h, ref_hn, *, a=0.5, rewards="both", rew
 
 ENGINE_CASES = [(lt, "pair_tiles", True) for lt in ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "sigmoid_norm",
                                                       "sft", ("sigmoid", "sft"))] \
-    + [("sigmoid", ch, rg) for ch in ("default", "recompute") for rg in (True, False)] + [("ipo", "default", False)]
+    + [("sigmoid", ch, rg) for ch in ("default", "recompute", "compact") for rg in (True, False)] \
+    + [("ipo", "default", False)]
 
 
 @pytest.mark.parametrize("loss_type, chunking, reward_grad", ENGINE_CASES)

@@ -22,28 +22,36 @@ Per chunk of P pairs (R = 2·P·T rows: the P chosen rows, then their P rejected
 (∂logp/∂z = onehot − p; ∂KL/∂z = p·(log p − log q − KL); ∂s/∂z[y] = 1.) TPO's noised pass needs only the target logit
 ``z_n[y] = h_n·W[y] + b[y]``: a gather-dot, and its gradient is an O(R·D) gather (``dh_n``) and scatter (``dW[y]``).
 
-GEMM passes over N·D·V (N = 2B·T positions; one pass = 2·N·D·V FLOPs), forward + backward together:
+GEMM passes over N·D·V (N = 2B·T positions; one pass = 2·N·D·V FLOPs). All of them run in the forward; the backward
+runs none (it scales the stored gradients):
 
-    =========================  =======  =========  =========================================================
-    loss                       policy   reference  total (× 2NDV); ×8NDV FLOPs ≤ 1.05 × 8NDV is tested
-    =========================  =======  =========  =========================================================
-    DPO, TPO                   3        1          4   (policy: logits, dh, dW; reference: logits, no grad)
-    Cat-PO (with ref_hidden)   3        1          4   (the reference tile is swept with the policy's: KL and
-                                                        the reference log-probs come out of the same tiles)
-    frozen head (no dW)        2        1          3
-    ``ref_logps`` given        3        0          3
-    no grad needed             1        1          2
-    =========================  =======  =========  =========================================================
+    =========================  ================  ==========  ============================================
+    loss                       policy fwd / bwd  reference   total; tests/test_flop_count.py checks it
+    =========================  ================  ==========  ============================================
+    DPO, TPO                   3 / 0             1           4 passes = 8NDV (logits, dh, dW; reference
+                                                             logits under no_grad)
+    Cat-PO (with ref_hidden)   3 / 0             1           8NDV: the reference tile is swept with the
+                                                             policy's, KL and reference log-probs from it
+    frozen head (no dW)        2 / 0             1           6NDV
+    ``ref_logps`` given        3 / 0             0           6NDV
+    no grad needed             1 / 0             1           4NDV
+    logits not kept (below)    4 / 0             1 (2 Cat)   10NDV (12NDV Cat-PO)
+    =========================  ================  ==========  ============================================
+
+The composition through the ops that this replaced cost DPO/TPO 5 passes (1.25×) and Cat-PO 11.
 
 This needs the chunk's logits from the forward sweep when its gradient is formed. They are kept (``store``) when a
 chunk of at least one pair fits the memory budget; otherwise the tiles are recomputed (one more policy pass, 4 + 1:
-the cost the old composition always paid). Every position of a row is swept, ignored ones included (their gradient
-is 0): packing only the valid rows would need their count on the host, a device sync.
+the cost the old composition always paid). By default every position of a row is swept, ignored ones included (their
+gradient is 0): packing only the scored positions needs their count on the host, a device sync. ``Chunking(compact=
+True)`` does that (one sync per chunk), so N counts only the scored tokens — the better trade when prompts with image
+tokens dominate the sequence.
 
 Extra memory (bytes; e = element size of the input dtype, m = 2 for Cat-PO with a reference, else 1)::
 
     chunk:   R·m·(V·e [stored logits, store mode only] + 16·C [fp32 tile temporaries])  ≤ memory_budget
              (R = 2·P·T with P = the largest pair count that fits, at least 1)
+             + R·D·(m·e + 4) (the chunk's rows of h, its fp32 dh) (+ 2·R·D·e for TPO: h_n, W[y])
     held:    N·D·e (dh, and dh_n for TPO) + V·D·e (+ V·e) (dW, db) from the forward until the backward
     during the forward, for fp16/bf16 inputs: V·D·4 (the fp32 dW accumulator)
 
@@ -72,12 +80,16 @@ class Chunking:
         pairs: pairs per chunk; overrides the budget (the logits are then kept unless ``store=False``).
         vocab: columns per vocab tile (default 32768).
         store: keep the chunk's logits between the sweep and the gradient (None: when the budget allows).
+        compact: sweep only the scored positions (``labels != ignore_index``) instead of every position. Costs one
+            host sync per chunk (their count); pays off when prompts (image tokens) dominate the sequence — the GEMMs
+            then run over the response tokens only. Default False: no host sync.
     """
 
     memory_budget: Optional[int] = None
     pairs: Optional[int] = None
     vocab: Optional[int] = None
     store: Optional[bool] = None
+    compact: bool = False
 
     def __post_init__(self):
         for name in ("memory_budget", "pairs", "vocab"):
@@ -86,6 +98,8 @@ class Chunking:
                 raise ValueError(f"Chunking.{name} must be a positive int or None, got {v!r}")
         if self.store is not None and not isinstance(self.store, bool):
             raise ValueError(f"Chunking.store must be a bool or None, got {self.store!r}")
+        if not isinstance(self.compact, bool):
+            raise ValueError(f"Chunking.compact must be a bool, got {self.compact!r}")
 
 
 def check_chunking(chunking) -> Chunking:
@@ -261,11 +275,22 @@ def sweep(
     for p0 in range(0, B, P):
         p1 = min(B, p0 + P)
         rows = pair_rows(p0, p1, B, dev)  # [2P]
-        R = rows.numel() * T
-        m_c = mask.index_select(0, rows).reshape(R)
-        y = y_all.index_select(0, rows).reshape(R)
-        pol = _Head(weight, bias, hidden.index_select(0, rows).reshape(R, D))
-        rh = None if ref is None else _Head(ref[1], ref[2], ref[0].index_select(0, rows).reshape(R, D))
+        R_all = rows.numel() * T
+        m_c = mask.index_select(0, rows).reshape(R_all)
+        # compact: only the scored positions enter the GEMMs (their count is needed on the host: one sync)
+        pos = m_c.nonzero().squeeze(1) if chunking.compact else None
+        R = R_all if pos is None else pos.numel()
+
+        def rows_of(x):  # [2B, T, ...] -> the chunk's [R, ...]
+            x = x.index_select(0, rows).reshape(R_all, *x.shape[2:])
+            return x if pos is None else x.index_select(0, pos)
+
+        def spread(v):  # [R, ...] -> [R_all, ...], 0 at the positions left out
+            return v if pos is None else v.new_zeros((R_all, *v.shape[1:])).index_copy_(0, pos, v)
+
+        y = rows_of(y_all)
+        pol = _Head(weight, bias, rows_of(hidden))
+        rh = None if ref is None else _Head(ref[1], ref[2], rows_of(ref[0]))
 
         # -- forward sweep: online lse, E_p[z] (entropy), target logit; Cat-PO: the reference tile alongside
         on = _Online(R, 2 if rh is not None else 1, acc, dev)
@@ -296,13 +321,14 @@ def sweep(
             t["ref_logp"] = zt_ref - lse_ref
             t["kl"] = on.mean(1) - lse + lse_ref
         if noised is not None:
-            hn = noised.index_select(0, rows).reshape(R, D)
+            hn = rows_of(noised)
             Wy = weight.index_select(0, y)  # [R, D] target rows (O(R·D) gather)
             zn = (hn.to(acc) * Wy.to(acc)).sum(1)  # [R] gather-dot, no vocab sweep
             if bias is not None:
                 zn = zn + bias.index_select(0, y).to(acc)
             t["z_noised"], t["s"] = zn, zt - zn
-        t = {k: torch.where(m_c, v, zero).reshape(2 * (p1 - p0), T) for k, v in t.items()}
+        kl_packed = t.get("kl")
+        t = {k: torch.where(m_c, spread(v), zero).reshape(2 * (p1 - p0), T) for k, v in t.items()}
         for k, v in t.items():
             tok[k].index_copy_(0, rows, v)
         if not any_grad:
@@ -315,7 +341,9 @@ def sweep(
             wanted = list(leaves)
             gs = torch.autograd.grad(chunk_loss, [leaves[k] for k in wanted], allow_unused=True)
         # None: the loss does not use that term (e.g. KL with kl_coef == 0); ignored positions get 0
-        g = {k: None if v is None else torch.where(m_c, v.reshape(R), zero) for k, v in zip(wanted, gs)}
+        g = {k: None if v is None else torch.where(m_c, v.reshape(R_all), zero) for k, v in zip(wanted, gs)}
+        if pos is not None:
+            g = {k: None if v is None else v.index_select(0, pos) for k, v in g.items()}
         g_logp = g["logp"] if g["logp"] is not None else torch.zeros(R, dtype=acc, device=dev)
         g_s = g.get("s") if noised_grad else None
         g_kl = g.get("kl")
@@ -336,7 +364,7 @@ def sweep(
             dz = p * (-g_logp)[:, None]
             if zr is not None and g_kl is not None:
                 log_ratio = logp_tile - (zr.to(acc) - lse_ref[:, None])  # log p − log q
-                dz = dz + p * (log_ratio - t["kl"].reshape(R)[:, None]) * g_kl[:, None]
+                dz = dz + p * (log_ratio - kl_packed[:, None]) * g_kl[:, None]
             _onehot_add(dz, y, coef, v0, v1)
             if db is not None:
                 db[v0:v1] += dz.sum(0)
@@ -346,11 +374,11 @@ def sweep(
             if grad_w:
                 _accumulate_mm(dW[v0:v1], dzc.T, pol.h)  # [C, R] @ [R, D] -> [C, D]
         if grad_h:
-            dh.index_copy_(0, rows, dh_c.to(dtype).reshape(-1, T, D))
+            dh.index_copy_(0, rows, spread(dh_c.to(dtype)).reshape(-1, T, D))
         if g_s is not None:  # s = z[y] − z_n[y]: ∂/∂z_n[y] = −g_s
             dzn = -g_s  # [R]
             if grad_n:
-                dn.index_copy_(0, rows, (dzn[:, None] * Wy.to(acc)).to(dtype).reshape(-1, T, D))
+                dn.index_copy_(0, rows, spread((dzn[:, None] * Wy.to(acc)).to(dtype)).reshape(-1, T, D))
             if dW is not None:
                 dW.index_add_(0, y, dzn[:, None] * hn.to(acc))  # the target rows only: O(R·D)
             if db is not None:
