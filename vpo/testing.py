@@ -5,6 +5,7 @@ oracle must be at most ``k`` times PyTorch's own error in the same dtype, plus a
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -69,3 +70,140 @@ def assert_close_to_oracle(out: torch.Tensor, oracle: torch.Tensor, torch_same_d
     base = (torch_same_dtype.double() - ref).abs().max().item()
     if not err <= k * base + atol:
         raise AssertionError(f"{name}: max error {err:.3e} > {k} x torch's own error {base:.3e} + {atol:.1e}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Peaked LM-head inputs: softmaxes shaped like a trained LM's (for the benchmarks; N(0, 1) inputs give near-flat ones)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def make_peaked_head_inputs(
+    rows: int,
+    seq: int,
+    dim: int,
+    vocab: int,
+    *,
+    entropy: float = 2.0,
+    zipf: float = 1.0,
+    candidates: int = 8,
+    noise: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    ignore_frac: float = 0.0,
+    prompt_len: int = 0,
+    ignore_index: int = -100,
+    seed: int = 0,
+    requires_grad: bool = True,
+    calib_rows: int = 128,
+) -> LinearHeadInputs:
+    """LM-head inputs whose softmax looks like a trained LM's: peaked (mean entropy ``entropy`` nats), a Zipfian
+    tail, and labels drawn from the model itself, so the mean target log-prob is about ``-entropy``.
+
+    Construction (all in float32 on ``device``, then cast to ``dtype``):
+
+    - token vectors ``u [V, D]`` ~ N(0, 1/D) (rows of norm ~1), made orthogonal to a random unit direction ``e``;
+      a Zipfian log-prior ``prior_v = -zipf · ln(1 + rank_v)`` (a random rank per token, centred);
+      ``weight = u + (prior / gamma) ⊗ e`` with ``gamma = sqrt(D) / 2``.
+    - every position gets ``candidates`` plausible next tokens drawn from the Zipf unigram distribution, with boosts
+      ``1 / (1 + j)``; ``hidden = a · Σ_j u[k_j] / (1 + j) + gamma · e + noise · ξ``, ``ξ ~ N(0, I_D)`` (so
+      ``|hidden| ≈ noise · sqrt(D)``, like a final-norm output). Its logits are then about
+      ``a / (1 + j)`` on the candidates, plus the Zipf prior, plus N(0, noise²) per token.
+    - ``a`` is found by bisection so that the mean softmax entropy over ``calib_rows`` calibration rows is
+      ``entropy``; labels are sampled from each row's own softmax (the logits in ``dtype``, inverse CDF), so
+      ``E[log p(label)] = -entropy`` — a calibrated model on its own data.
+    - the first ``prompt_len`` positions of every row and a further ``ignore_frac`` at random get ``ignore_index``.
+
+    Returns hidden ``[rows, seq, dim]``, weight ``[vocab, dim]``, labels ``[rows, seq]`` int64, no bias. Extra
+    memory while building: ~3 float32 ``[V, D]`` and chunks of at most 2**24 logits. Check the result with
+    :func:`head_input_stats`.
+    """
+    if rows < 1 or seq < 1 or dim < 2 or vocab < 2:
+        raise ValueError(f"rows, seq >= 1 and dim, vocab >= 2 expected, got {rows}, {seq}, {dim}, {vocab}")
+    if not entropy > 0 or entropy >= math.log(vocab):
+        raise ValueError(f"entropy must be in (0, ln(vocab) = {math.log(vocab):.2f}), got {entropy}")
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    f32 = dict(device=dev, dtype=torch.float32)
+    n = rows * seq
+
+    e = torch.randn(dim, generator=g, **f32)
+    e /= e.norm()
+    u = torch.randn(vocab, dim, generator=g, **f32).mul_(dim**-0.5)  # [V, D]
+    u -= (u @ e)[:, None] * e  # orthogonal to e
+    rank = torch.randperm(vocab, generator=g, device=dev).to(torch.float32)
+    prior = -zipf * torch.log1p(rank)  # [V]
+    prior -= prior.mean()
+    gamma = dim**0.5 / 2
+    weight = u + (prior / gamma)[:, None] * e  # [V, D]
+    unigram = torch.softmax(prior, 0)
+    boosts = 1.0 / torch.arange(1, candidates + 1, **f32)  # [K]
+
+    def parts(count: int):
+        """(A, B) with hidden = a · A + B for ``count`` positions: the candidate sum and the rest, [count, D] each."""
+        ks = torch.multinomial(unigram, count * candidates, replacement=True, generator=g).view(count, candidates)
+        A = torch.zeros(count, dim, **f32)
+        for j in range(candidates):
+            A += boosts[j] * u[ks[:, j]]
+        B = gamma * e + noise * torch.randn(count, dim, generator=g, **f32)
+        return A, B
+
+    # calibrate a on separate rows: z(a) = a · (A @ Wᵀ) + B @ Wᵀ
+    cA, cB = parts(min(calib_rows, n))
+    zA, zB = cA @ weight.T, cB @ weight.T  # [R, V] each
+
+    def mean_entropy(a: float) -> float:
+        lp = torch.log_softmax(a * zA + zB, dim=-1)
+        return float(-(lp.exp() * lp).sum(-1).mean())
+
+    lo, hi = 0.0, 1.0
+    while mean_entropy(hi) > entropy and hi < 1e4:
+        lo, hi = hi, hi * 2
+    for _ in range(16):  # the bracket [lo, hi] to 2**-16 of its width
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_entropy(mid) > entropy else (lo, mid)
+    a = (lo + hi) / 2
+    del cA, cB, zA, zB
+
+    A, B = parts(n)
+    hidden = (a * A + B).to(dtype)  # [N, D]
+    del A, B, u
+    weight = weight.to(dtype)
+    labels = torch.empty(n, dtype=torch.int64, device=dev)
+    step = max(1, (1 << 24) // vocab)
+    for s in range(0, n, step):  # inverse-CDF sampling of softmax(z), one uniform per row
+        p = torch.softmax((hidden[s:s + step] @ weight.T).float(), dim=-1).cumsum_(-1)  # [c, V]
+        r = torch.rand(p.shape[0], 1, generator=g, **f32) * p[:, -1:]
+        labels[s:s + step] = torch.searchsorted(p, r).squeeze(1).clamp_(max=vocab - 1)
+        del p, r
+    labels = labels.view(rows, seq)
+    drop = torch.rand(rows, seq, generator=g, **f32) < ignore_frac
+    drop[:, :prompt_len] = True
+    labels[drop] = ignore_index
+    return LinearHeadInputs(hidden.view(rows, seq, dim).requires_grad_(requires_grad),
+                            weight.requires_grad_(requires_grad), labels, None)
+
+
+@torch.no_grad()
+def head_input_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+                     max_rows: int = 512) -> dict:
+    """Softmax statistics of LM-head inputs over (up to ``max_rows`` evenly spaced) scored positions, float32:
+    ``mean_entropy`` (nats), ``mean_target_logp``, ``mean_top1_prob``, ``target_is_top1`` (fraction),
+    ``rows`` (how many positions were used). ``hidden [..., D]``, ``weight [V, D]``, ``labels hidden.shape[:-1]``."""
+    h = hidden.detach().reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    idx = (y != ignore_index).nonzero().squeeze(1)
+    if idx.numel() == 0:
+        raise ValueError("labels: every position is ignore_index; no statistics to compute")
+    idx = idx[torch.linspace(0, idx.numel() - 1, min(max_rows, idx.numel()), device=idx.device).long()]
+    lp = torch.log_softmax((h[idx] @ weight.detach().T).float(), dim=-1)  # [R, V]
+    p = lp.exp()
+    tgt = lp.gather(1, y[idx][:, None]).squeeze(1)
+    return {
+        "mean_entropy": float(-(p * lp).sum(-1).mean()),
+        "mean_target_logp": float(tgt.mean()),
+        "mean_top1_prob": float(p.max(-1).values.mean()),
+        "target_is_top1": float((lp.argmax(-1) == y[idx]).float().mean()),
+        "rows": int(idx.numel()),
+    }
