@@ -100,9 +100,9 @@ def test_data_and_model_paths(tmp_path):
         (dict(data_path=str(tmp_path / "missing.jsonl")), f"data_path {tmp_path}/missing.jsonl: no such file"),
         (dict(eval_data_path=str(tmp_path / "e.jsonl")), "eval_data_path"),
         (dict(image_root=str(tmp_path / "imgs")), "image_root"),
-        (dict(model_name_or_path=str(tmp_path / "nope")), f"model_name_or_path {tmp_path}/nope: no such folder"),
-        (dict(model_name_or_path=str(model)), "the folder has no config.json"),
-        (dict(ref_model_path=str(data)), "ref_model_path .*: not a folder"),
+        (dict(model_name_or_path=str(tmp_path / "nope")), f"model_name_or_path: {tmp_path}/nope is not a folder"),
+        (dict(model_name_or_path=str(model)), "has no config.json"),
+        (dict(ref_model_path=str(data)), "ref_model_path: .* is not a folder"),
     ):
         with pytest.raises(PreflightError, match=message):
             check_paths(NS(**dict(ok, **change)))

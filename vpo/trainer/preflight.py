@@ -14,13 +14,11 @@ runs the ones that need the model (the checkpoint size) at the start of ``VPOTra
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from typing import Optional
 
 GiB = 1024 ** 3
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class PreflightError(ValueError):
@@ -76,25 +74,23 @@ def estimate_checkpoint_bytes(model, *, with_optimizer: bool = True, optimizer_s
 def check_paths(config) -> None:
     """The data (``data_path``, ``eval_data_path``), ``image_root`` and ``model_name_or_path`` /
     ``ref_model_path`` of a :class:`vpo.trainer.VPOConfig` exist (synthetic data and ``tiny:`` models need none;
-    a Hub id ``org/name`` that is not a local folder is left to ``from_pretrained``)."""
+    a Hub id ``org/name`` is left to ``from_pretrained``: :func:`vpo.trainer.cli_help.check_model_path`)."""
+    from vpo.trainer.cli_help import check_model_path
+
     for field in ("data_path", "eval_data_path"):
         value = getattr(config, field, None)
-        if value and not str(value).startswith("synthetic") and not os.path.exists(value):
+        if value and not str(value).startswith("synthetic") and not os.path.exists(os.path.expanduser(value)):
             raise PreflightError(f"{field} {value}: no such file")
     root = getattr(config, "image_root", None)
-    if root and not os.path.isdir(root):
+    if root and not os.path.isdir(os.path.expanduser(root)):
         raise PreflightError(f"image_root {root}: no such folder")
     for field in ("model_name_or_path", "ref_model_path"):
         value = getattr(config, field, None)
-        if not value or str(value).startswith("tiny:"):
-            continue
-        if os.path.isdir(value):
-            if not os.path.isfile(os.path.join(value, "config.json")):
-                raise PreflightError(f"{field} {value}: the folder has no config.json (not a saved model)")
-        elif os.path.exists(value):
-            raise PreflightError(f"{field} {value}: not a folder (a saved model is a folder with config.json)")
-        elif not _HUB_ID.match(str(value)):
-            raise PreflightError(f"{field} {value}: no such folder")
+        if value:
+            try:
+                check_model_path(value, field)
+            except ValueError as e:
+                raise PreflightError(str(e)) from None
 
 
 def check_judge(url: Optional[str], timeout: float = 5.0) -> None:
