@@ -130,10 +130,14 @@ def test_precompute_tables_merge_in_dataset_order():
     assert vd.shard_indices(5, 1, 2) == [1, 3] and vd.shard_indices(5, 0, 2) == [0, 2, 4]
     with pytest.raises(ValueError, match="rank 2 of world_size 2"):
         vd.shard_indices(5, 2, 2)
-    parts = [{"a": {"main": [1]}, "c": {"main": [3]}}, {"b": {"main": [2]}}]
-    assert list(vd.merge_tables(parts, ["a", "b", "c"])) == ["a", "b", "c"]
+    parts = [({"a": {"main": [1]}, "c": {"main": [3]}, "x": {}}, {"a": 0, "c": 2}), ({"b": {"main": [2]}}, {"b": 1})]
+    merged = vd.merge_tables(parts)
+    assert list(merged) == ["a", "b", "c", "x"] and merged["b"] == {"main": [2]}  # unknown position: last
     with pytest.raises(ValueError, match="computed by two processes"):
-        vd.merge_tables([{"a": {}}, {"a": {}}], ["a"])
+        vd.merge_tables([({"a": {}}, {"a": 0}), ({"a": {}}, {"a": 0})])
+    rows = [{"id": "r0"}, {"id": "r1"}, {"id": "r2"}]
+    shard, index_of = vd.precompute_shard(rows)  # one process: everything
+    assert shard is rows and index_of == {"r0": 0, "r1": 1, "r2": 2}
 
 
 # ----------------------------------------------------------------------------------------- real DeepSpeed, 2 ranks

@@ -222,11 +222,14 @@ def _precompute_ref(argv) -> int:
     model, processor, tiny = load_model(path, dtype=config.torch_dtype,
                                         attn_implementation=config.attn_implementation, seed=config.seed)
     model.eval().requires_grad_(False)
+    from vpo.trainer.distributed import init_from_env
+
+    init_from_env(config.use_cpu)  # torchrun: each process its share of the rows (vpo.trainer.distributed)
     if not config.use_cpu:
         import torch
 
         if torch.cuda.is_available():
-            model.cuda()
+            model.cuda()  # this process's GPU (LOCAL_RANK), selected by init_from_env
     family = config.model_family or family_for(model)
     train, evaluation, collator = build_data(config, family, processor, tiny)
     if config.ref_logps_path:

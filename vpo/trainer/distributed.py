@@ -27,8 +27,10 @@ The reference model (``ref_mode: model``) is sharded like the policy: :func:`pre
 ``prepare_model``, or a DeepSpeed ZeRO-3 inference engine: the config's stage 3 without optimizer). The
 adapter-disabled policy needs nothing.
 
-``vpo precompute-ref`` on several processes: :func:`shard_indices` gives each rank the dataset rows
-``rank::world_size``; :func:`gather_tables` gathers the per-rank tables and merges them in dataset order.
+``vpo precompute-ref`` on several processes (``torchrun --nproc_per_node N -m vpo.cli precompute-ref ...``): each
+process holds the whole reference model (data parallel; the model is not sharded for this no-grad pass) and runs the
+dataset rows ``rank::world_size`` (:func:`precompute_shard`); :func:`gather_tables` gathers the per-rank tables and
+merges them in dataset order on every rank; rank 0 writes the file.
 
 OViP online (:mod:`vpo.online.ovip`): under several processes a rank whose whole pass over its rows yields no pair no
 longer raises; its dataset yields placeholder records (ids starting with :data:`vpo.online.ovip.NO_PAIR_PREFIX`) and
@@ -38,7 +40,7 @@ rank (so DDP's all-reduce and FSDP's all-gathers / reduce-scatters match), and t
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -137,6 +139,30 @@ def prepare_reference(trainer, ref_model: torch.nn.Module) -> torch.nn.Module:
 # -- precompute-ref across ranks ------------------------------------------------------------------------------------
 
 
+def world() -> Tuple[int, int]:
+    """``(rank, world_size)`` of the initialised default process group, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_from_env(use_cpu: bool = False) -> Tuple[int, int]:
+    """Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) without a process group yet: initialise one
+    (nccl on CUDA, gloo on CPU) and select this process's GPU (``LOCAL_RANK``). Returns :func:`world`."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        cuda = torch.cuda.is_available() and not use_cpu
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return world()
+
+
 def shard_indices(n: int, rank: int, world_size: int) -> List[int]:
     """The dataset rows of process ``rank``: ``rank, rank + world_size, ...`` (every row exactly once)."""
     if world_size < 1 or not 0 <= rank < world_size:
@@ -144,32 +170,54 @@ def shard_indices(n: int, rank: int, world_size: int) -> List[int]:
     return list(range(rank, n, world_size))
 
 
-def merge_tables(parts: Sequence[Dict[str, Dict]], order: Iterable[str]) -> Dict[str, Dict]:
-    """One table from the ranks' tables, its ids in dataset ``order`` (ids no rank computed are left out: skipped
-    records). The same id in two parts is a sharding bug: ValueError."""
+def _record_id(record) -> Optional[str]:
+    rid = record.get("id") if isinstance(record, dict) else getattr(record, "id", None)
+    return None if rid is None else str(rid)
+
+
+def precompute_shard(dataset) -> Tuple[object, Dict[str, int]]:
+    """This process's rows of ``dataset`` (a ``Subset``; the dataset itself on one process) and the dataset position
+    of each of their ids (for :func:`gather_tables`)."""
+    rank, size = world()
+    indices = shard_indices(len(dataset), rank, size)
+    index_of = {}
+    for i in indices:
+        rid = _record_id(dataset[i])
+        if rid is not None:
+            index_of.setdefault(rid, i)
+    if size == 1:
+        return dataset, index_of
+    from torch.utils.data import Subset
+
+    return Subset(dataset, indices), index_of
+
+
+def merge_tables(parts: Sequence[Tuple[Dict[str, Dict], Dict[str, int]]]) -> Dict[str, Dict]:
+    """One table from the ranks' ``(table, {id: dataset position})``, in dataset order (ids without a position, e.g.
+    records whose id the collator rewrote, last, in rank order). The same id from two ranks is a sharding bug."""
     merged: Dict[str, Dict] = {}
-    for part in parts:
-        for key, record in part.items():
+    position: Dict[str, float] = {}
+    for table, index_of in parts:
+        for key, record in table.items():
             if key in merged:
                 raise ValueError(f"example id {key!r} was computed by two processes: the dataset's ids must be unique "
                                  "and each process must get its own rows")
             merged[key] = record
-    out = {key: merged.pop(key) for key in (str(k) for k in order) if key in merged}
-    out.update(merged)  # ids outside ``order`` (none for a well-formed dataset) keep their rank order
-    return out
+            position[key] = index_of.get(key, float("inf"))
+    return {key: merged[key] for key in sorted(merged, key=lambda k: position[k])}  # stable: ties keep rank order
 
 
-def gather_tables(table: Dict[str, Dict], order: Iterable[str]) -> Dict[str, Dict]:
-    """This rank's table gathered with every other rank's and merged in dataset ``order`` (on every rank); a single
-    process returns its table reordered."""
+def gather_tables(table: Dict[str, Dict], index_of: Dict[str, int]) -> Dict[str, Dict]:
+    """This rank's table merged with every other rank's, in dataset order, on every rank (one process: reordered)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts: List = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, table)
+    rank, size = world()
+    parts: List = [None] * size
+    if size > 1:
+        dist.all_gather_object(parts, (table, index_of))
     else:
-        parts = [table]
-    return merge_tables(parts, order)
+        parts = [(table, index_of)]
+    return merge_tables(parts)
 
 
 # -- OViP: a rank without pairs ------------------------------------------------------------------------------------

@@ -201,6 +201,11 @@ def reference_logps_path(data_path: Optional[str], method: str, output_dir: Opti
 
 
 def save_reference_table(table: Dict[str, Dict], path: str) -> None:
+    """Write ``table`` as JSON lines (atomically); on several processes only rank 0 writes."""
+    from vpo.trainer.distributed import world
+
+    if world()[0] != 0:
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -247,10 +252,16 @@ def precompute_reference(model, dataset: Iterable, collator, config, *, batch_si
 
     Returns:
         ``{id: {pass name: [values], ...}}`` (module docstring).
+
+    Several processes (an initialised process group): each runs its rows ``rank::world_size`` and every process
+    returns the whole table in dataset order (:mod:`vpo.trainer.distributed`); rank 0 writes it.
     """
     from torch.utils.data import DataLoader
 
+    from vpo.trainer.distributed import gather_tables, precompute_shard
     from vpo.trainer.methods import reference_terms
+
+    dataset, index_of = precompute_shard(dataset)
 
     reference = Reference("adapter") if unwrap_peft(model) is not None else Reference("model", model=model)
     device = next(model.parameters()).device
@@ -283,6 +294,7 @@ def precompute_reference(model, dataset: Iterable, collator, config, *, batch_si
             for i, key in enumerate(ids):
                 j = passes.B + i  # the rejected row of pair i
                 table[str(key)]["token_weights"] = [w[i][mask[i]].tolist(), w[j][mask[j]].tolist()]
+    table = gather_tables(table, index_of)  # several processes: every rank's rows, in dataset order
     if path is not None:
         save_reference_table(table, path)
     return table
