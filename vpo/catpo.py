@@ -1,4 +1,4 @@
-"""Cat-PO token weights (SPEC.md, Cat-PO; paper 001, §3.2–3.3).
+"""Cat-PO token weights (docs/methods.md, Cat-PO; paper 001, §3.2–3.3).
 
 For each response token ``t`` with head/layer-averaged attention ``a_t ∈ R^{N_p}`` on the ``N_p`` image tokens::
 
@@ -11,7 +11,7 @@ For each response token ``t`` with head/layer-averaged attention ``a_t ∈ R^{N_
     T_t         = tanh(s_t)
     w_t         = λ_ref + T_t (chosen)   |   λ_ref + (1 - T_t) (rejected)
 
-Edge cases the paper leaves open (SPEC defines ``S_local`` only for ``N_p > 1``), chosen so nothing is NaN:
+Edge cases the paper leaves open (docs/methods.md defines ``S_local`` only for ``N_p > 1``), chosen so nothing is NaN:
 
 - ``N_p == 1``: the attention on the image is trivially concentrated on one patch, so ``S_local = 1`` (the limit of
   ``1 - H / log N_p`` for a one-hot distribution); ``P = 1`` and ``S_sem = cos(e, u_1)``.

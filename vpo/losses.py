@@ -1,4 +1,4 @@
-"""Preference loss heads on per-sequence log-probs (SPEC.md).
+"""Preference loss heads on per-sequence log-probs (docs/methods.md).
 
 These are the math of every method, written once: the oracle (``vpo.oracle``) and the fused losses
 (``vpo.fused_dpo_loss``, ``vpo.fused_tpo_loss``, ...) reduce their tokens to per-sequence terms and call these heads.
@@ -263,7 +263,7 @@ def ovip_image_loss(
     beta1: float = 0.1,
     beta2: float = 0.1,
 ) -> Tuple[torch.Tensor, Metrics]:
-    """OViP's image-side loss (paper eq. 5; SPEC.md "OViP")::
+    """OViP's image-side loss (paper eq. 5; docs/methods.md "OViP")::
 
         L_image = -log σ( β1 [Δ(A⁺|I⁺,Q) − Δ(A⁺|Q)] + β2 [Δ(A⁺|Q) − Δ(A⁺|I⁻,Q)] )
 
@@ -448,7 +448,8 @@ def listwise_loss(
     *,
     beta: float = 0.1,
 ) -> Tuple[torch.Tensor, Metrics]:
-    """LPOI's listwise (Plackett–Luce) loss over a list of images ranked best first (LPOI eq. 1; SPEC.md "LPOI")::
+    """LPOI's listwise (Plackett–Luce) loss over a list of images ranked best first (LPOI eq. 1; docs/methods.md
+    "LPOI")::
 
         S_k = β Δ(y_w | x_k, q),   L_list = -Σ_{k=1}^{L} [ S_k - log Σ_{j=k}^{L} exp(S_j) ]
 
@@ -512,8 +513,8 @@ def mdpo_conditional_loss(
     *,
     beta: float = 0.1,
 ) -> Tuple[torch.Tensor, Metrics]:
-    """mDPO's conditional preference loss (SPEC.md "mDPO"): the chosen response is preferred given the full image
-    over given a corrupted (cropped) one::
+    """mDPO's conditional preference loss (docs/methods.md "mDPO"): the chosen response is preferred given the full
+    image over given a corrupted (cropped) one::
 
         L_cond = -log σ( β Δ(y_w | x, q) - β Δ(y_w | x_crop, q) )
 

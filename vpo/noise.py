@@ -1,4 +1,4 @@
-"""TPO's corrupted image: the DDPM forward-noise schedule (SPEC.md, TPO step 1).
+"""TPO's corrupted image: the DDPM forward-noise schedule (docs/methods.md, TPO step 1).
 
 The schedule is the one TPO's appendix gives (written as in visual contrastive decoding; the paper's ξ is β here and its
 ξ̄ is ᾱ)::
@@ -8,7 +8,7 @@ The schedule is the one TPO's appendix gives (written as in visual contrastive d
     v_c = sqrt(ᾱ_k) · v + sqrt(1 - ᾱ_k) · ε,   ε ~ N(0, I)
 
 Indexing convention: ``t`` and ``k`` are 0-based and the product includes ``t = k`` (``ᾱ = cumprod(1 - β)[k]``, as the
-VCD/POVID code indexes ``alphas_cumprod[noise_step]``). It is the one that reproduces SPEC's ``ᾱ_500 ≈ 0.7448``:
+VCD/POVID code indexes ``alphas_cumprod[noise_step]``). It is the one that reproduces the documented ``ᾱ_500 ≈ 0.7448``:
 
 =====================================  ==========
 convention                             ᾱ_500
@@ -21,8 +21,8 @@ convention                             ᾱ_500
 so ``step`` ranges over ``[0, 999]``; ``step = 0`` already applies one step of noise (ᾱ_0 = 1 - β_0 ≈ 0.99998).
 
 Where to apply it: TPO and POVID noise the image in PIXEL space (a ``[0, 1]`` tensor, then the processor resizes and
-normalizes it) — the default here. SPEC's other options (the normalized ``pixel_values``, or the projected image
-features) are the same call with ``clip="none"``, which also skips the ``[0, 1]`` value check.
+normalizes it) — the default here. docs/methods.md's other options (the normalized ``pixel_values``, or the projected
+image features) are the same call with ``clip="none"``, which also skips the ``[0, 1]`` value check.
 
 Back to ``[0, 1]`` (``clip``): the noised values leave the range (at step 500, ``0.505 ε`` spreads a white pixel
 from about 0.35 to 1.4).
@@ -100,7 +100,8 @@ def add_diffusion_noise(
     Args:
         images: float tensor ``[..., C, H, W]`` with values in ``[0, 1]`` (pixel space, before the processor's resize
             and normalization). With ``clip="none"`` any float tensor of rank ≥ 1 is accepted and its values are not
-            checked (SPEC's options: normalized ``pixel_values`` or projected image features ``[..., N_p, D]``).
+            checked (the other documented options: normalized ``pixel_values`` or projected image features
+            ``[..., N_p, D]``).
         step: 0-based noise step ``k`` in ``[0, 999]``; TPO uses 500 (``ᾱ ≈ 0.7448``, ``v_c ≈ 0.863 v + 0.505 ε``).
         generator: a ``torch.Generator`` on ``images.device`` to draw ``ε ~ N(0, I)`` from (the global RNG if ``None``).
             Draw ε per training step from a seeded generator for reproducible runs.

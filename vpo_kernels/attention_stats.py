@@ -1,7 +1,7 @@
 """Head-averaged attention of query rows on the image keys from post-RoPE ``q`` and ``k``, never materializing [T, T].
 
-SPEC.md, Cat-PO and "Kernel contracts", image-attention stats route (b). For batch row ``b``, query head ``h`` (kv head
-``h // G`` with ``G = Hq // Hkv``), query position ``i = qpos[b, t]`` and key position ``j``::
+docs/methods.md, Cat-PO and "Kernel contracts", image-attention stats route (b). For batch row ``b``, query head ``h``
+(kv head ``h // G`` with ``G = Hq // Hkv``), query position ``i = qpos[b, t]`` and key position ``j``::
 
     s_h(i, j)  = scale · q[b, h, i] · k[b, h // G, j]
     vis(i, j)  = (j <= i if causal) and key_padding_mask[b, j]

@@ -1,4 +1,4 @@
-"""Per-token log-probs under a linear LM head without materializing the logits (SPEC.md, "linear log-probs").
+"""Per-token log-probs under a linear LM head without materializing the logits (docs/methods.md, "linear log-probs").
 
 Inputs (flat): ``h [N, D]``, ``W [V, D]``, ``labels [N]`` (``ignore_index`` = no target), optional ``bias [V]``;
 h, W, bias share one dtype (fp32 / fp16 / bf16). Outputs, all fp32 ``[N]`` and 0 on ignored rows::

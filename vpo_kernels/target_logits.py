@@ -1,4 +1,4 @@
-"""Target logits ``z_n[y_n] = W[y_n] · h_n + b[y_n]`` as an O(N·D) gather-dot (SPEC.md, "target logits").
+"""Target logits ``z_n[y_n] = W[y_n] · h_n + b[y_n]`` as an O(N·D) gather-dot (docs/methods.md, "target logits").
 
 TPO's noised pass needs only the raw logit of the target token, so there is no sweep over the vocabulary: each row reads
 its hidden state and ONE row of the LM head. Ignored rows (``labels == ignore_index``) read nothing and give 0.

@@ -1,5 +1,5 @@
 """Per-token KL between the policy's and the reference's next-token distributions under linear LM heads, without
-materializing either ``[N, V]`` logits tensor (SPEC.md, Cat-PO and "token KL"). The math is derived once in
+materializing either ``[N, V]`` logits tensor (docs/methods.md, Cat-PO and "token KL"). The math is derived once in
 :mod:`vpo.ops.token_kl`; in short, with ``z = W h + b`` (policy), ``r = W_ref h_ref + b_ref`` (reference),
 ``d = z − r``, ``p = softmax(z)``::
 

@@ -1,5 +1,5 @@
-"""CSR's preference data (SPEC.md, CSR; paper 003): sentence-level beam search under a calibrated reward, and the
-iterative loop.
+"""CSR's preference data (docs/methods.md, CSR; paper 003): sentence-level beam search under a calibrated reward, and
+the iterative loop.
 
 The search (the paper's Algorithm 1). A response grows one sentence per round. In each round every active path (beam)
 proposes ``num_candidates`` next sentences — a token-level DIVERSE beam search (CSR App. A.1 and its code: the

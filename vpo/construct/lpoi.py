@@ -1,4 +1,5 @@
-"""LPOI's image lists (SPEC.md, LPOI; paper 004): progressively masked copies of an image, and the dataset writer.
+"""LPOI's image lists (docs/methods.md, LPOI; paper 004): progressively masked copies of an image, and the dataset
+writer.
 
 Given an image and the critical object's box, :func:`build_lpoi_list` returns ``L`` images ranked from most to least
 positive: ``x_1`` is the original; ``x_k`` (k >= 2) masks ``(k-1)/(L-1)`` of the box, growing from the box side

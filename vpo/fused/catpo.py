@@ -1,4 +1,4 @@
-"""Fused Cat-PO (cross-modal adaptive token rewards; SPEC.md, Cat-PO), without vocab logits.
+"""Fused Cat-PO (cross-modal adaptive token rewards; docs/methods.md, Cat-PO), without vocab logits.
 
     π^(w) = Σ_t w⁺_t logp(y⁺_t) − Σ_t w⁻_t logp(y⁻_t)             for policy and reference
     L_wDPO = −log σ(β (π^(w)_θ − π^(w)_ref))                       = DPO on the weighted per-sequence sums
@@ -68,7 +68,7 @@ def fused_catpo_loss(
         ref_hidden: ``[2B, T, D]`` reference last hidden states; required when ``kl_coef > 0``.
         ref_weight, ref_bias: the reference head (default: the policy's, detached).
         ref_logps: ``[2B]`` precomputed ``Σ_t w_t logp_ref``, instead of ``ref_hidden`` (only with ``kl_coef == 0``).
-        beta: β > 0. kl_coef: λ ≥ 0 (SPEC: 0.03).
+        beta: β > 0. kl_coef: λ ≥ 0 (docs/methods.md: 0.03).
         impl: ``"auto"``/``"torch"`` (the engine) or ``"triton"`` (composed from the Triton ops).
         loss_type, loss_weights, label_smoothing: DPO loss types on the weighted terms (module docstring).
         chunking: :class:`vpo.fused.Chunking`.
@@ -121,7 +121,7 @@ def fused_catpo_loss(
         tok = _composed.token_terms(hidden, weight, bias, labels, ignore_index=ignore_index, ref=ref_arg,
                                     kl_grad=kl_coef > 0)
         loss = _composed.composed_loss(pair_loss, tok, B)
-        extra = {}
+        extra = token_metrics(tok, mask, B)
     else:
         need = wanted_grads(hidden=hidden, weight=weight, bias=bias)
         with torch.no_grad():

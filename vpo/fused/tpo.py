@@ -1,4 +1,4 @@
-"""Fused TPO (Token Preference Optimization with self-calibrated visual-anchored rewards; SPEC.md, TPO).
+"""Fused TPO (Token Preference Optimization with self-calibrated visual-anchored rewards; docs/methods.md, TPO).
 
 Per response token ``i`` of a row, from the clean pass (image ``v``) and the noised pass (image ``v_c``):
 
@@ -81,7 +81,7 @@ def fused_tpo_loss(
         ref_hidden, ref_hidden_noised: the reference model's two passes (both or neither).
         ref_weight, ref_bias: reference head, default ``weight``/``bias`` detached.
         ref_logps: ``[2B]`` precomputed ``Σ_i (logp_ref + log c_ref)`` instead of the reference passes.
-        beta: β. a: calibration offset (SPEC: 0.5; ablations 0 and 1).
+        beta: β. a: calibration offset (docs/methods.md: 0.5; ablations 0 and 1).
         reward_grad: let gradients flow through ``c_θ`` (paper default); ``False`` detaches it, and no gradient
             reaches ``hidden_noised``.
         rewards: ``"both"``; ablations ``"only_win"`` (c on chosen tokens only, c ≡ 1 on rejected),
@@ -150,7 +150,7 @@ def fused_tpo_loss(
         tok = _composed.token_terms(hidden, weight, bias, labels, ignore_index=ignore_index, noised=hidden_noised,
                                     reward_grad=reward_grad)
         loss = _composed.composed_loss(pair_loss, tok, B)
-        extra = {}
+        extra = token_metrics(tok, mask, B)
     else:
         need = wanted_grads(hidden=hidden, weight=weight, bias=bias,
                             noised=hidden_noised if reward_grad else None)

@@ -1,6 +1,6 @@
 """Cat-PO image-attention statistics captured inside an ordinary ``transformers`` forward (no ``output_attentions``).
 
-Cat-PO (SPEC.md, Cat-PO) needs ``a[b, t, j]``: the attention of each query (response) token ``t`` on the ``N_p``
+Cat-PO (docs/methods.md, Cat-PO) needs ``a[b, t, j]``: the attention of each query (response) token ``t`` on the ``N_p``
 image tokens ``j`` of the LANGUAGE model, averaged over heads and a set of layers. ``output_attentions=True`` would
 force eager attention and return ``L`` tensors of ``[B, H, T, T]``; instead this module registers wrapped attention
 functions in transformers' attention registry and points only the language model at them while a capture is active:
@@ -357,7 +357,7 @@ def capture_image_attention(
         image_positions: ``[B, N_p]`` int64 positions of the image tokens in each row (:func:`image_token_positions`);
             ``a[b, :, j]`` is the attention on ``image_positions[b, j]``.
         query_positions: optional ``[B, Tq]`` int64 query positions to keep; ``None`` = all ``T`` positions.
-        layers: language-model layer indices to average over (negative allowed); ``None`` = all (SPEC's choice).
+        layers: language-model layer indices to average over (negative allowed); ``None`` = all (docs/methods.md).
         impl: passed to ``vpo.ops.attention_stats.image_attention_from_qk`` (``"auto"`` picks by device).
 
     Returns:
@@ -402,7 +402,7 @@ def catpo_weights_for_batch(
     - ``u_j``: the language model's input embeddings at the image positions, i.e. the projected image features after
       the VLM merged them into ``inputs_embeds`` (read by a forward pre-hook on ``model.get_decoder()``, the language
       model, which every transformers-5 VLM calls with ``inputs_embeds=``). This is the "projected image features fed
-      to the LM" of SPEC (same space as ``e``), whatever projector/resampler the architecture uses.
+      to the LM" of docs/methods.md (same space as ``e``), whatever projector/resampler the architecture uses.
 
     Args:
         model: the reference model (its weights are not changed; it is run under ``torch.no_grad()``).
@@ -413,7 +413,7 @@ def catpo_weights_for_batch(
         is_chosen: ``None`` = the preference-batch convention (``R = 2B``, chosen rows first, then rejected); a bool for
             all rows; a ``[R]`` or ``[R, T]`` bool tensor.
         image_token_id: the image placeholder id; defaults to ``model.config.image_token_id``.
-        layers: LM layers to average over (``None`` = all, SPEC's choice). alpha, lambda_ref: Cat-PO's α and λ_ref.
+        layers: LM layers to average over (``None`` = all, docs/methods.md). alpha, lambda_ref: Cat-PO's α and λ_ref.
         query_at: which query represents ``y_t = labels[:, t]``: ``"input"`` (default, as in
             ``vpo.oracle.image_attention_stats``: the position ``t + 1`` where ``y_t`` is the input token) or
             ``"prediction"`` (the position ``t`` whose hidden state predicts ``y_t``).

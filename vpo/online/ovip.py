@@ -1,4 +1,5 @@
-"""OViP's online loop (SPEC.md, OViP; paper 002, Sec. 2.2, Algorithm 1, App. F): sample, judge, pair, negate, buffer.
+"""OViP's online loop (docs/methods.md, OViP; paper 002, Sec. 2.2, Algorithm 1, App. F): sample, judge, pair, negate,
+buffer.
 
 One online step over ``B`` (image ``I⁺``, prompt ``Q``, ground truth ``A*``) examples:
 

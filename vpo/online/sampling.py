@@ -1,7 +1,7 @@
 """Sample ``k`` responses per prompt from a vision-language model with ``generate``, reproducibly.
 
-OViP's first stage (SPEC.md, OViP; paper 002, Sec. 2.2): the current policy answers each (image, prompt) ``k`` times
-by stochastic sampling (k = 16, temperature 1.2 in the paper's analysis).
+OViP's first stage (docs/methods.md, OViP; paper 002, Sec. 2.2): the current policy answers each (image, prompt) ``k``
+times by stochastic sampling (k = 16, temperature 1.2 in the paper's analysis).
 
 How a call runs:
 

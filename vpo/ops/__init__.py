@@ -1,4 +1,4 @@
-"""Fast paths for the kernel contracts of SPEC.md, one module per op, each with an ``impl=`` choice:
+"""Fast paths for the kernel contracts of docs/methods.md, one module per op, each with an ``impl=`` choice:
 
 - :mod:`vpo.ops.linear_logprobs` — per-token log-prob and target logit under the LM head without ``[N, V]`` logits
   (``linear_logprobs``, ``target_logits``; chunked PyTorch Functions; Triton in ``vpo_kernels``).

@@ -1,12 +1,12 @@
 """Cat-PO image attention: how much each query (response) token attends to each image token, averaged over heads.
 
-SPEC.md, Cat-PO: ``a_{t,j}`` is the attention probability of response token ``t`` on image token ``j``, averaged over
-heads and over a configurable set of layers. Per layer this module computes
+docs/methods.md, Cat-PO: ``a_{t,j}`` is the attention probability of response token ``t`` on image token ``j``,
+averaged over heads and over a configurable set of layers. Per layer this module computes
 
     a[b, t, n] = (1 / H) Σ_h P_h[b, i, p_n],       i = query_positions[b, t],   p_n = image_positions[b, n]
 
 and :class:`ImageAttentionAccumulator` averages the per-layer results over the selected layers. Two routes
-(SPEC.md, "Kernel contracts", image-attention stats):
+(docs/methods.md, "Kernel contracts", image-attention stats):
 
 (a) :func:`image_attention_from_probs` — from one layer's materialized probabilities ``P [B, H, T, T]`` (eager
     attention with ``output_attentions=True``): a gather of ``Tq × N_p`` entries per head. ``impl="cpp"`` (vpo._C, CPU;
@@ -375,7 +375,8 @@ def image_attention_from_qk(
 
 
 class ImageAttentionAccumulator:
-    """Averages per-layer ``[B, Tq, N_p]`` image-attention results over a chosen set of layers (SPEC: all by default).
+    """Averages per-layer ``[B, Tq, N_p]`` image-attention results over a chosen set of layers (docs/methods.md: all by
+    default).
 
     Args:
         layers: indices of the layers to keep; ``None`` (default) keeps every layer added. Negative indices count from

@@ -1,6 +1,6 @@
 """Per-token log-probs and target logits under a linear LM head, without materializing the logits.
 
-SPEC.md, "Kernel contracts": for ``h [N, D]``, ``W [V, D]``, optional ``b [V]`` and ``labels [N]``,
+docs/methods.md, "Kernel contracts": for ``h [N, D]``, ``W [V, D]``, optional ``b [V]`` and ``labels [N]``,
 
     z_i       = W h_i + b                                   (never held as a whole [N, V] tensor)
     lse_i     = logsumexp_v z_i[v]
@@ -285,7 +285,7 @@ def target_logits(
 ) -> torch.Tensor:
     """Raw target logit ``z[y] = weight[y] · hidden + bias[y]``: a gather-dot, O(N·D), no sweep over the vocabulary.
 
-    This is all the TPO noised-image pass needs (SPEC.md, TPO step 2).
+    This is all the TPO noised-image pass needs (docs/methods.md, TPO step 2).
 
     Args:
         hidden: ``[..., D]`` last hidden states, float16/bfloat16/float32/float64.

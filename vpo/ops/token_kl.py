@@ -1,7 +1,7 @@
 """Per-token KL between the policy's and the reference's next-token distributions, without ``[N, V]`` logits.
 
-SPEC.md, Cat-PO and "Kernel contracts / token KL": for policy ``h [N, D]``, ``W [V, D]``, ``b [V]?`` and reference
-``h_ref [N, D]``, ``W_ref [V, D]``, ``b_ref [V]?``,
+docs/methods.md, Cat-PO and "Kernel contracts / token KL": for policy ``h [N, D]``, ``W [V, D]``, ``b [V]?`` and
+reference ``h_ref [N, D]``, ``W_ref [V, D]``, ``b_ref [V]?``,
 
     z = W h + b,   r = W_ref h_ref + b_ref,   p = softmax(z),   q = softmax(r)        (never held as [N, V])
     KL(p ‖ q) = Σ_v p_v (log p_v − log q_v) = Σ_v p_v ((z_v − lse_z) − (r_v − lse_r))
@@ -179,8 +179,8 @@ def linear_token_kl(
     """Per-position ``KL(π_θ(·|h) ‖ π_ref(·|h_ref))`` over the full vocabulary, never materializing ``[N, V]`` logits.
 
     ``π_θ = softmax(hidden @ weight.T + bias)``, ``π_ref = softmax(ref_hidden @ ref_weight.T + ref_bias)``; the Cat-PO
-    KL term (SPEC.md). The reference is frozen: gradients flow to ``hidden``, ``weight`` and ``bias`` only (reference
-    tensors may require grad, they receive none).
+    KL term (docs/methods.md). The reference is frozen: gradients flow to ``hidden``, ``weight`` and ``bias`` only
+    (reference tensors may require grad, they receive none).
 
     Args:
         hidden: ``[..., D]`` the policy's last hidden states, float16/bfloat16/float32/float64.

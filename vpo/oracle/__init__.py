@@ -1,4 +1,4 @@
-"""The oracle: plain, readable PyTorch for every item of SPEC.md.
+"""The oracle: plain, readable PyTorch for every item of docs/methods.md.
 
 Everything here materializes whatever it needs (full ``[N, V]`` logits, full attention maps) and works in float64, so
 the fast paths (``vpo.ops``, ``vpo_kernels``, ``csrc``) can be tested against it. Nothing here is meant to be fast.

@@ -1,4 +1,4 @@
-"""Oracle for Cat-PO (SPEC.md, Cat-PO; paper 001): image-attention stats, token KL, weighted DPO + weighted KL.
+"""Oracle for Cat-PO (docs/methods.md, Cat-PO; paper 001): image-attention stats, token KL, weighted DPO + weighted KL.
 
 Token weights ``w_t`` come from ``vpo.catpo.catpo_token_weights`` (computed once from the reference model, held fixed).
 With ``logp`` the per-token log-probs and rows ``[2B, T]`` (chosen first)::
@@ -48,7 +48,8 @@ def image_attention_stats(
             number ``N_p`` of image tokens; ``a[b, :, j]`` is the attention on the ``j``-th image token of row ``b`` in
             position order (the order of the projected image features ``u_j``).
         response_mask: optional ``[B, T]`` bool; query positions where it is False get ``a = 0``.
-        layers: indices (negative allowed) of the layers to average over; ``None`` = all layers (SPEC's choice).
+        layers: indices (negative allowed) of the layers to average over; ``None`` = all layers (docs/methods.md's
+        choice).
 
     Returns:
         ``a``, ``[B, T, N_p]``, in ``promote_types(attn dtype, float32)``.

@@ -1,4 +1,4 @@
-"""Oracle for DPO from last hidden states (SPEC.md "DPO"), and the pieces the other method oracles share.
+"""Oracle for DPO from last hidden states (docs/methods.md "DPO"), and the pieces the other method oracles share.
 
 Logits are materialized in full by :func:`vpo.oracle.logprobs.token_logprobs`, summed per sequence by
 :func:`vpo.oracle.logprobs.sequence_logps`, and the per-sequence values go through the loss head

@@ -1,4 +1,4 @@
-"""Oracle for per-token log-probs under a linear LM head (SPEC.md, Notation and "linear log-probs").
+"""Oracle for per-token log-probs under a linear LM head (docs/methods.md, Notation and "linear log-probs").
 
 ``z = h @ W.T + b`` is materialized in full (``[N, V]``); ``logp(y) = z[y] - logsumexp(z)``.
 """

@@ -1,4 +1,4 @@
-"""Oracle for LPOI's loss from last hidden states (SPEC.md "LPOI"; paper 004, Algorithm 1 and eq. 1).
+"""Oracle for LPOI's loss from last hidden states (docs/methods.md "LPOI"; paper 004, Algorithm 1 and eq. 1).
 
 ``L_LPOI = L_DPO + L_anchor + L_list``. The list scores the chosen response w under L images ranked best first:
 x_1 the original image, x_2 … x_L the interpolated (progressively masked, visually prompted) negatives. x_1's pass is

@@ -1,4 +1,4 @@
-"""Oracle for mDPO's loss from last hidden states (SPEC.md "mDPO", the baseline the other methods compare to).
+"""Oracle for mDPO's loss from last hidden states (docs/methods.md "mDPO", the baseline the other methods compare to).
 
 ``L_mDPO = L_DPO + L_cond + L_anchor``: ``L_cond`` prefers the chosen response given the full image over given a
 corrupted one (a random crop removing 0–20% of the image; ONE crop for policy and reference **[choice]**: the caller

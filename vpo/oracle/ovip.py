@@ -1,4 +1,4 @@
-"""Oracle for OViP's loss from last hidden states (SPEC.md "OViP"; paper 002, eqs. 4–6 and appendix B.1).
+"""Oracle for OViP's loss from last hidden states (docs/methods.md "OViP"; paper 002, eqs. 4–6 and appendix B.1).
 
 ``L_OViP = L_text + L_image``: ``L_text`` is DPO on (A⁺, A⁻) given (I⁺, Q); ``L_image`` compares A⁺ across three
 passes — with the image I⁺, image-free (the image tokens removed from the input, not a blank image) and with the

@@ -1,4 +1,4 @@
-"""Oracle for TPO (SPEC.md, TPO; paper 000): self-calibrated visual-anchored token rewards + token-level DPO.
+"""Oracle for TPO (docs/methods.md, TPO; paper 000): self-calibrated visual-anchored token rewards + token-level DPO.
 
 For each response token ``y_i`` the policy runs twice, on the clean image ``v`` and on the noised one ``v_c``
 (``vpo.noise.add_diffusion_noise``), and so does the reference::
@@ -124,7 +124,7 @@ def tpo_sequence_logps(
     """One model's clean and noised passes → ``Σ_i (logp(y_i) + log c_i)`` per row, plus the token-level terms.
 
     Use it on the reference, under ``torch.no_grad()``, to precompute ``ref_logps`` for :func:`tpo_loss` (valid as long
-    as the noise ε is fixed per example, SPEC's option).
+    as the noise ε is fixed per example, docs/methods.md's option).
 
     Args:
         weight: ``[V, D]`` LM-head weight; bias: optional ``[V]``.

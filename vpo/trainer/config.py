@@ -72,8 +72,8 @@ class VPOConfig(TrainingArguments):
     catpo_alpha: float = field(default=0.5, metadata={"help": "Cat-PO α (attention vs semantic branch)"})
     catpo_lambda_ref: float = field(default=0.5, metadata={"help": "Cat-PO λ_ref offset of the token weights"})
     catpo_token_weights: str = field(default="reference", metadata={
-        "help": "Cat-PO token weights: reference (computed from the reference model's attention, SPEC) or batch "
-                "(the data's precomputed weights, batch['token_weights'])"})
+        "help": "Cat-PO token weights: reference (computed from the reference model's attention, docs/methods.md) "
+                "or batch (the data's precomputed weights, batch['token_weights'])"})
     catpo_layers: Optional[str] = field(default=None, metadata={
         "help": "Cat-PO: comma-separated LM layers to average attention over (default: all)"})
     # OViP

@@ -245,8 +245,8 @@ class Passes:
         """``[2B, L-1]`` Cat-PO token weights aligned with :meth:`labels`.
 
         ``source="batch"``: ``batch["token_weights"]`` (aligned with the unshifted labels; the data's precomputed
-        weights). ``source="reference"`` (SPEC): the precomputed reference table's, when it holds weights, else
-        computed from the reference model with :func:`vpo.integrations.catpo_weights_for_batch` (whose forward also
+        weights). ``source="reference"`` (docs/methods.md): the precomputed reference table's, when it holds weights,
+        else computed from the reference model with :func:`vpo.integrations.catpo_weights_for_batch` (whose forward also
         yields the reference's hidden states, so the reference runs once).
         """
         if self._token_weights is not None:
