@@ -15,7 +15,8 @@ The configuration is a :class:`vpo.trainer.VPOConfig` read by ``transformers.HfA
 (``parse_yaml_file``; with extra flags the file's values become the parser's defaults): every
 ``TrainingArguments`` field (``output_dir``, ``max_steps``, ``learning_rate``, ``bf16``, ``gradient_checkpointing``,
 ``report_to``, ``save_steps``, ``resume_from_checkpoint``, ...) plus vpo's. ``resume_from_checkpoint: last`` resumes
-from the newest COMPLETE checkpoint in ``output_dir`` (none: an error naming the folder). Examples: ``examples/configs/*.yaml``.
+from the newest COMPLETE checkpoint in ``output_dir`` (none: an error naming the folder).
+Examples: ``examples/configs/*.yaml``.
 
 Entry points for ``vpo/cli.py``: :func:`add_subcommands` (adds both subcommands to an argparse subparsers object),
 or :func:`train_main` / :func:`precompute_ref_main` called with the remaining argv.
