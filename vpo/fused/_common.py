@@ -99,12 +99,14 @@ def wanted_grads(**tensors) -> tuple:
 
 def token_metrics(tok, mask: torch.Tensor, B: int) -> Dict[str, torch.Tensor]:
     """``entropy/chosen``, ``entropy/rejected``: the policy's mean per-token entropy (nats) over the chosen / rejected
-    response tokens; ``num_tokens/chosen``, ``num_tokens/rejected``: their counts in the batch (float)."""
+    response tokens (when ``tok`` has it: the engine's sweep; ``impl="triton"`` does not compute it);
+    ``num_tokens/chosen``, ``num_tokens/rejected``: their counts in the batch (float)."""
     with torch.no_grad():
-        m = mask.to(tok["entropy"].dtype)
+        m = mask.to(tok["logp"].dtype)
         out = {}
         for name, sl in (("chosen", slice(0, B)), ("rejected", slice(B, 2 * B))):
             n = m[sl].sum()
-            out[f"entropy/{name}"] = (tok["entropy"][sl] * m[sl]).sum() / n.clamp_min(1)
+            if "entropy" in tok:
+                out[f"entropy/{name}"] = (tok["entropy"][sl] * m[sl]).sum() / n.clamp_min(1)
             out[f"num_tokens/{name}"] = n
         return out

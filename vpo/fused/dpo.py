@@ -99,7 +99,7 @@ def fused_dpo_loss(
     if path == "triton":
         tok = _composed.token_terms(hidden, weight, bias, labels, ignore_index=ignore_index)
         loss = _composed.composed_loss(pair_loss, tok, B)
-        extra = {}
+        extra = token_metrics(tok, mask, B)
     else:
         need = wanted_grads(hidden=hidden, weight=weight, bias=bias)
         with torch.no_grad():
