@@ -3,8 +3,9 @@
 ``compute_loss`` builds a :class:`vpo.trainer.passes.Passes` over the batch and calls the method's function
 (:mod:`vpo.trainer.methods`); the fused losses read the backbone's post-norm last hidden states and
 ``lm_head.weight``, so no ``[tokens × vocab]`` logits are built. Everything else — optimizer, schedule, gradient
-accumulation, mixed precision, gradient checkpointing, DDP, checkpoints and resuming, progress bars, ``report_to`` —
-is the Trainer's own.
+accumulation, mixed precision, gradient checkpointing, DDP, progress bars, ``report_to`` — is the Trainer's own.
+Checkpoints, resuming and batches without a usable record go through :class:`vpo.trainer.resume.ResumeMixin`: atomic
+checkpoints, resume from the newest complete one with every RNG and the data position restored, no phantom steps.
 
 Metrics: each step's metrics (TRL's names plus the method's, :mod:`vpo.trainer.methods`) are stored, and averaged
 over the steps since the last log (and over processes) when the Trainer logs, as TRL's ``DPOTrainer`` does with
