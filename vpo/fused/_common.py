@@ -100,7 +100,8 @@ def wanted_grads(**tensors) -> tuple:
 def token_metrics(tok, mask: torch.Tensor, B: int) -> Dict[str, torch.Tensor]:
     """``entropy/chosen``, ``entropy/rejected``: the policy's mean per-token entropy (nats) over the chosen / rejected
     response tokens (when ``tok`` has it: the engine's sweep; ``impl="triton"`` does not compute it);
-    ``num_tokens/chosen``, ``num_tokens/rejected``: their counts in the batch (float)."""
+    ``num_tokens/chosen``, ``num_tokens/rejected``: the mean number of response tokens per chosen / rejected row
+    (float; as the trainer's ``token_count_metrics``)."""
     with torch.no_grad():
         m = mask.to(tok["logp"].dtype)
         out = {}
@@ -108,5 +109,5 @@ def token_metrics(tok, mask: torch.Tensor, B: int) -> Dict[str, torch.Tensor]:
             n = m[sl].sum()
             if "entropy" in tok:
                 out[f"entropy/{name}"] = (tok["entropy"][sl] * m[sl]).sum() / n.clamp_min(1)
-            out[f"num_tokens/{name}"] = n
+            out[f"num_tokens/{name}"] = n / (sl.stop - sl.start)
         return out
