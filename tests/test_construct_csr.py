@@ -99,7 +99,7 @@ def all_sentences(lm, prefix, max_new_tokens):
 
 
 def brute_force(lm, cfg):
-    """All responses ``(text, R(y))`` by exhaustive enumeration, computed from the definitions (SPEC.md, CSR)."""
+    """All responses ``(text, R(y))`` by exhaustive enumeration, computed from the definitions (docs/methods.md, CSR)."""
     lam = cfg.lam
     out = []
 

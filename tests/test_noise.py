@@ -1,4 +1,4 @@
-"""TPO's DDPM noise schedule and corrupted images (vpo.noise) against SPEC.md's numbers and plain-Python arithmetic."""
+"""TPO's DDPM noise schedule and corrupted images (vpo.noise) against the numbers of docs/methods.md and plain-Python arithmetic."""
 import math
 
 import pytest
@@ -131,7 +131,7 @@ def test_dtype_and_shape_preserved():
 
 
 def test_features_without_clamp():
-    # SPEC's option: noise on projected features [N_p, D] (any values, rank 2) with clamp=False
+    # the documented option: noise on projected features [N_p, D] (any values, rank 2) with clamp=False
     feats = torch.randn(5, 8) * 10
     out = add_diffusion_noise(feats, noise=torch.zeros_like(feats), clamp=False)
     torch.testing.assert_close(out, feats * math.sqrt(_alpha_bar_py(500)))

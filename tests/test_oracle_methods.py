@@ -1,5 +1,5 @@
 """Method oracles (``vpo.oracle``: DPO, OViP, LPOI, mDPO from hidden states) against values worked out by hand from
-SPEC.md's formulas, float64 gradcheck, no gradient through the reference, and argument validation."""
+The formulas of docs/methods.md, float64 gradcheck, no gradient through the reference, and argument validation."""
 import math
 
 import pytest
