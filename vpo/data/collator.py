@@ -21,7 +21,7 @@ that does not end with a special token (a template without an end-of-turn) the t
 tokens are therefore exactly the labels. Special-token strings (and a literal ``<image>``) are removed from the
 record's text first, so a prompt such as ``"<image>\\nWhat is this?"`` cannot inject a second image placeholder.
 
-TPO noise (SPEC.md, TPO step 1, pixel space): the decoded image as a ``[3, H, W]`` tensor in ``[0, 1]`` ->
+TPO noise (docs/methods.md, TPO step 1, pixel space): the decoded image as a ``[3, H, W]`` tensor in ``[0, 1]`` ->
 :func:`vpo.add_diffusion_noise` (``step=noise_step``, clamped to ``[0, 1]``) with a ``torch.Generator`` seeded from
 ``(seed, record id)`` when ``fixed_noise`` (one ε per example for the whole run, so ``c_ref`` can be cached), else from
 ``(seed, record id, draw)`` (``draw`` = the collator's call counter: a fresh ε per call) -> rounded to 8 bits (the PIL
