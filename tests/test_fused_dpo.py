@@ -284,3 +284,25 @@ def test_engine_grad_output_scaling_and_backward_twice():
         l2, _ = vpo.fused_dpo_loss(W, h, x.labels, ref_hidden=ref_h)
     assert not l2.requires_grad
     torch.testing.assert_close(l2, loss.detach())
+
+
+@pytest.mark.parametrize("which", ["dpo", "tpo", "catpo"])
+def test_every_fused_loss_calls_the_unshard_hook(monkeypatch, which):
+    """vpo.distributed.unshard_head is called on the policy's head and, when given, the reference's."""
+    seen = []
+
+    def hook(weight, bias=None):
+        seen.append((weight, bias))
+        return weight, bias
+
+    monkeypatch.setattr(vpo.distributed, "unshard_head", hook)
+    x, ref_h = _pair("torch", torch.float32, bias=True)
+    ref_w, ref_b = x.weight.detach() + 0.1, x.bias.detach()
+    if which == "dpo":
+        vpo.fused_dpo_loss(x.weight, x.hidden, x.labels, x.bias, ref_h, ref_w, ref_b)
+    elif which == "tpo":
+        vpo.fused_tpo_loss(x.weight, x.hidden, x.hidden, x.labels, x.bias, ref_h, ref_h, ref_w, ref_b)
+    else:
+        vpo.fused_catpo_loss(x.weight, x.hidden, x.labels, torch.ones_like(ref_h[..., 0]), x.bias, ref_h, ref_w, ref_b)
+    assert [(w is x.weight, b is x.bias) for w, b in seen[:1]] == [(True, True)]
+    assert len(seen) == 2 and seen[1][0] is ref_w and seen[1][1] is ref_b
