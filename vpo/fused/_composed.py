@@ -1,7 +1,8 @@
 """``impl="triton"``: the fused losses composed from the ops (:func:`vpo.linear_logprobs`, :func:`vpo.target_logits`,
 :func:`vpo.linear_token_kl`) with ``impl="triton"``, autograd through them. Each op recomputes its logits in its own
-backward, so this costs the policy 4 GEMM passes (5 for Cat-PO's KL) instead of the engine's 3; it holds less memory
-(no chunk of logits). The per-sequence terms and the loss head are the engine's (the math lives once)."""
+backward, so fwd+bwd costs 5 GEMM passes over N·D·V for DPO/TPO (policy 4 + reference 1) and 11 for Cat-PO (the
+KL op sweeps both models again and recomputes both in its backward), against the engine's 4; it holds less memory (no
+chunk of logits). The per-sequence terms and the loss head are the engine's (the math lives once)."""
 from __future__ import annotations
 
 import torch
