@@ -165,3 +165,12 @@ def test_rotation_keeps_complete_checkpoints_and_never_deletes_a_partial_one(run
     names = sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))
     assert names == ["checkpoint-4", "checkpoint-5", "checkpoint-9"]
     assert (partial / "weights.tmp").read_bytes() == b"x"
+
+
+def test_save_only_model_rotates_but_is_not_resumable(tmp_path):
+    trainer, *_ = make_trainer(tmp_path, n=4, **dict(RUN, save_only_model=True, save_total_limit=1))
+    trainer.train()
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("checkpoint-")) == ["checkpoint-3"]
+    assert checkpoint_problem(str(tmp_path / "checkpoint-3"), resumable=False) is None
+    with pytest.raises(CheckpointError, match=r"checkpoint-3: no optimizer state"):
+        resolve_resume("last", str(tmp_path))

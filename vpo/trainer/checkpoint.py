@@ -52,8 +52,9 @@ class CheckpointError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------------ validation
-def checkpoint_problem(path: str) -> Optional[str]:
+def checkpoint_problem(path: str, *, resumable: bool = True) -> Optional[str]:
     """Why ``path`` is not a complete, resumable checkpoint, or ``None`` if it is (module docstring lists the checks).
+    ``resumable=False`` does not ask for the optimizer and scheduler states (a ``save_only_model`` checkpoint).
 
     Example:
         >>> checkpoint_problem("/nonexistent/checkpoint-3")
@@ -79,7 +80,7 @@ def checkpoint_problem(path: str) -> Optional[str]:
     problem = _weights_problem(path, names, deepspeed)
     if problem:
         return problem
-    if not deepspeed:
+    if resumable and not deepspeed:
         optimizer = ("optimizer.pt" in names or "optimizer.bin" in names
                      or any(n.startswith("optimizer") and os.path.isdir(os.path.join(path, n)) for n in names))
         if not optimizer:
@@ -250,12 +251,14 @@ def publish_checkpoint(staged: str, final: str) -> Optional[str]:
     return displaced
 
 
-def rotate_complete(run_dir: str, limit: Optional[int], keep: Sequence[str] = ()) -> List[str]:
+def rotate_complete(run_dir: str, limit: Optional[int], keep: Sequence[str] = (), *, resumable: bool = True
+                    ) -> List[str]:
     """Delete the oldest COMPLETE checkpoints beyond ``limit`` (``save_total_limit``), never one in ``keep`` (the
-    newest, the best); incomplete folders are neither counted nor touched. Returns the deleted paths."""
+    newest, the best); incomplete folders are neither counted nor touched. ``resumable=False``: checkpoints without
+    optimizer state count as complete (``save_only_model``). Returns the deleted paths."""
     if not limit or limit <= 0:
         return []
-    complete = [p for _, p in list_checkpoints(run_dir) if checkpoint_problem(p) is None]
+    complete = [p for _, p in list_checkpoints(run_dir) if checkpoint_problem(p, resumable=resumable) is None]
     protected = {os.path.abspath(p) for p in keep if p}
     excess = len(complete) - max(limit, len(protected & {os.path.abspath(p) for p in complete}))
     deleted = []

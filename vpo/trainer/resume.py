@@ -314,7 +314,8 @@ class ResumeMixin:
             os.rmdir(stage_root)
             if displaced:
                 _say(f"vpo: WARNING: {final} already existed; moved it to {displaced} before saving this step")
-            rotate_complete(run_dir, self.args.save_total_limit, keep=(final, self.state.best_model_checkpoint))
+            rotate_complete(run_dir, self.args.save_total_limit, keep=(final, self.state.best_model_checkpoint),
+                            resumable=not self.args.save_only_model)
         self.accelerator.wait_for_everyone()
 
     def _vpo_write_state(self, folder: str) -> None:
