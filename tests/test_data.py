@@ -299,14 +299,15 @@ def test_tpo_noise_reproduces_add_diffusion_noise_and_is_seeded(processors, tmp_
 # --------------------------------------------------------------------------------------------------------- mDPO
 def test_mdpo_crop_removes_up_to_crop_max_frac_and_is_one_crop_per_example(processors, tmp_path):
     proc = processors["qwen2_vl"]
-    c = PreferenceCollator(proc, "qwen2_vl", method="mdpo", seed=1)
+    c = PreferenceCollator(proc, "qwen2_vl", method="mdpo", seed=1, crop_max_frac=0.2)  # the older crop
     removed = []
     for i in range(300):
         x0, y0, x1, y1 = c.crop_box(f"id{i}", 48, 32, draw=i % 7)
         assert 0 <= x0 < x1 <= 48 and 0 <= y0 < y1 <= 32
         removed.append(1 - (x1 - x0) * (y1 - y0) / (48 * 32))
     assert 0.0 <= min(removed) < 0.03 and 0.15 < max(removed) <= 0.2
-    assert c.crop_box("a", 48, 32, draw=0) == PreferenceCollator(proc, "qwen2_vl", seed=1).crop_box("a", 48, 32, 0)
+    assert c.crop_box("a", 48, 32, draw=0) == PreferenceCollator(proc, "qwen2_vl", seed=1,
+                                                                 crop_max_frac=0.2).crop_box("a", 48, 32, 0)
     no_crop = PreferenceCollator(proc, "qwen2_vl", method="mdpo", crop_max_frac=0.0)
     assert no_crop.crop_box("a", 48, 32) == (0, 0, 48, 32)
 

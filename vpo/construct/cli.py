@@ -115,7 +115,7 @@ def lpoi_main(args: argparse.Namespace) -> int:
 def mdpo_main(args: argparse.Namespace) -> int:
     from vpo.construct.mdpo import write_mdpo_dataset
 
-    summary = write_mdpo_dataset(args.data, args.out, seed=args.seed, max_frac=args.max_frac,
+    summary = write_mdpo_dataset(args.data, args.out, seed=args.seed, max_frac=args.max_frac, keep=tuple(args.keep),
                                  save_images=args.save_images, limit=args.limit)
     print(json.dumps(summary.as_dict(), indent=2))
     return 0
@@ -190,11 +190,14 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=lpoi_main)
 
-    m = sub.add_parser("mdpo-crops", help="mDPO: record each example's crop (0-20%% of the area removed)")
+    m = sub.add_parser("mdpo-crops", help="mDPO: record each example's crop (keeping 1-20%% of the area)")
     m.add_argument("--data", required=True, help="preference data: a .jsonl or a folder with train.jsonl")
     m.add_argument("--out", required=True)
     m.add_argument("--seed", type=int, default=0, help="use the training collator's seed")
-    m.add_argument("--max-frac", type=float, default=0.2)
+    m.add_argument("--keep", type=float, nargs=2, default=[0.01, 0.2], metavar=("LO", "HI"),
+                   help="the fraction of the area a crop keeps, drawn uniformly in [LO, HI] (mDPO's code: 0.01 0.2)")
+    m.add_argument("--max-frac", type=float, default=None,
+                   help="the older crop instead: remove at most this fraction of the area")
     m.add_argument("--save-images", action="store_true", help="also save the cropped-and-resized images")
     m.add_argument("--limit", type=int, default=None)
     m.set_defaults(func=mdpo_main)

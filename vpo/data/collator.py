@@ -28,8 +28,9 @@ TPO noise (docs/methods.md, TPO step 1, pixel space): the decoded image as a ``[
 image the processor's resize needs; the PIL image processors round float images the same way) -> the processor's
 resize and normalization.
 
-mDPO crop: a box keeping ``1 - f`` of the area (``f ~ U(0, crop_max_frac)``, aspect ratio kept, the box sides rounded
-up so at most ``f`` is removed) at a uniform position, drawn from ``(seed, record id, draw)`` (:func:`crop_box`; draw 0
+mDPO crop: a box keeping a fraction ``a ~ U(crop_keep)`` of the area (default 1-20%, mDPO's
+``RandomResizedCrop(scale=(0.01, 0.2))``; aspect ratio kept, the box sides rounded up so at least ``a`` is kept) —
+or, with ``crop_max_frac`` set, the older box removing ``f ~ U(0, crop_max_frac)`` — at a uniform position, drawn from ``(seed, record id, draw)`` (:func:`crop_box`; draw 0
 on every call when ``fixed_noise``), then resized back to the image's size (so the image-token count does not change).
 A record carrying ``extra["mdpo"]["crop_box"]`` (written by ``vpo mdpo-crops``) uses that box on every call instead.
 One crop per example and call: the trainer runs policy and reference on the same sub-batch.
@@ -102,18 +103,25 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-def crop_box(record_id: str, width: int, height: int, *, seed: int = 0, max_frac: float = 0.2,
-             draw: int = 0) -> Tuple[int, int, int, int]:
+MDPO_CROP_KEEP = (0.01, 0.2)  # mDPO's code: RandomResizedCrop(scale=(0.01, 0.2)), the fraction of the area kept
+
+
+def crop_box(record_id: str, width: int, height: int, *, seed: int = 0, max_frac: Optional[float] = None,
+             draw: int = 0, keep: Tuple[float, float] = MDPO_CROP_KEEP) -> Tuple[int, int, int, int]:
     """mDPO's random crop: ``(left, top, right, bottom)`` pixels (end-exclusive) of a ``width x height`` image.
 
-    ``f ~ U(0, max_frac)`` and two uniforms for the position come from a generator seeded with
-    ``(seed, record id, draw)``; the box keeps the aspect ratio with sides ``ceil(W·√(1−f))``, ``ceil(H·√(1−f))``
-    (so it removes between 0 and ``f`` of the area) at a uniform position. :meth:`PreferenceCollator.crop_box` and
-    :func:`vpo.construct.mdpo_crop_box` are this function.
+    The kept fraction of the area ``a ~ U(keep)`` (default 1-20%, mDPO's ``RandomResizedCrop(scale=(0.01, 0.2))``)
+    and two uniforms for the position come from a generator seeded with ``(seed, record id, draw)``; the box keeps
+    the aspect ratio with sides ``ceil(W·√a)``, ``ceil(H·√a)`` (so it keeps at least ``a``) at a uniform position.
+    With ``max_frac`` set, the older crop: ``a = 1 - f``, ``f ~ U(0, max_frac)`` (removes at most ``f``).
+    :meth:`PreferenceCollator.crop_box` and :func:`vpo.construct.mdpo_crop_box` are this function.
     """
     g = torch.Generator().manual_seed(derive_seed("vpo-mdpo-crop", seed, str(record_id), draw))
     u = torch.rand(3, generator=g, dtype=torch.float64).tolist()
-    keep = math.sqrt(1.0 - u[0] * max_frac)  # side scale; area kept >= 1 - f after rounding up
+    if max_frac is None:  # the kept fraction a ~ U(keep); side scale sqrt(a), area kept >= a after rounding up
+        keep = math.sqrt(keep[0] + u[0] * (keep[1] - keep[0]))
+    else:  # the older crop: removes f ~ U(0, max_frac)
+        keep = math.sqrt(1.0 - u[0] * max_frac)  # side scale; area kept >= 1 - f after rounding up
     cw = min(width, max(1, math.ceil(width * keep - 1e-9)))
     ch = min(height, max(1, math.ceil(height * keep - 1e-9)))
     left = min(int(u[1] * (width - cw + 1)), width - cw)
@@ -159,7 +167,10 @@ class PreferenceCollator:
         seed: seeds the TPO noise and the mDPO crops, together with each record's id.
         fixed_noise: TPO: one fixed ε per example for the whole run (else a fresh ε per call); mDPO: one fixed crop
             per example (draw 0's) for the whole run (else a fresh crop per call).
-        crop_max_frac: mDPO: the crop removes a fraction of the area drawn uniformly in ``[0, crop_max_frac]``.
+        crop_keep: mDPO: the crop keeps a fraction of the area drawn uniformly in ``crop_keep`` (default
+            ``(0.01, 0.2)``, the mDPO code's).
+        crop_max_frac: mDPO, the older crop: when set, it removes a fraction drawn uniformly in
+            ``[0, crop_max_frac]`` instead (``crop_keep`` is then unused).
         list_size: LPOI: the list length ``L``.
         ovip_rejected: OViP: give ``noimg`` and ``negimg`` ``2B`` rows (the chosen rows, then the rejected rows: the
             symmetric image loss and the bi-anchor variant need them) instead of the ``B`` chosen rows.
@@ -197,7 +208,8 @@ class PreferenceCollator:
         noise_step: int = 500,
         seed: int = 0,
         fixed_noise: bool = False,
-        crop_max_frac: float = 0.2,
+        crop_max_frac: Optional[float] = None,
+        crop_keep: Tuple[float, float] = MDPO_CROP_KEEP,
         list_size: int = 5,
         ovip_rejected: bool = False,
     ):
@@ -216,7 +228,13 @@ class PreferenceCollator:
         self.seed = _check_int("seed", seed, None, None)
         if not isinstance(fixed_noise, bool):
             raise ValueError(f"fixed_noise must be a bool, got {type(fixed_noise).__name__}")
-        check_range("crop_max_frac", crop_max_frac, 0.0, 1.0, hi_open=True)
+        if crop_max_frac is not None:
+            check_range("crop_max_frac", crop_max_frac, 0.0, 1.0, hi_open=True)
+        if not (isinstance(crop_keep, (tuple, list)) and len(crop_keep) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in crop_keep)
+                and 0.0 < crop_keep[0] <= crop_keep[1] <= 1.0):
+            raise ValueError(f"crop_keep must be (lo, hi) with 0 < lo <= hi <= 1 (the fraction of the area a crop "
+                             f"keeps), got {crop_keep!r}")
         self.list_size = _check_int("list_size", list_size, 2, None)
         if not isinstance(ovip_rejected, bool):
             raise ValueError(f"ovip_rejected must be a bool, got {type(ovip_rejected).__name__}")
@@ -228,7 +246,8 @@ class PreferenceCollator:
         self.method = method
         self.max_length = max_length
         self.fixed_noise = fixed_noise
-        self.crop_max_frac = float(crop_max_frac)
+        self.crop_max_frac = None if crop_max_frac is None else float(crop_max_frac)
+        self.crop_keep = (float(crop_keep[0]), float(crop_keep[1]))
         self.draw = 0
         self.stats = DataStats()
 
@@ -266,11 +285,13 @@ class PreferenceCollator:
         self, record_id: str, width: int, height: int, draw: Optional[int] = None
     ) -> Tuple[int, int, int, int]:
         """mDPO's crop of ``record_id`` at call ``draw``: ``(left, top, right, bottom)`` in pixels of a
-        ``width x height`` image, removing a fraction of the area in ``[0, crop_max_frac]``
+        ``width x height`` image, keeping a fraction of the area in ``crop_keep`` (or removing one in
+        ``[0, crop_max_frac]`` when that is set)
         (:func:`crop_box`). With ``fixed_noise`` the draw is ignored: every call uses the crop of draw 0 (the one
         ``vpo mdpo-crops`` records)."""
         draw = 0 if self.fixed_noise else (self.draw if draw is None else draw)
-        return crop_box(record_id, width, height, seed=self.seed, max_frac=self.crop_max_frac, draw=draw)
+        return crop_box(record_id, width, height, seed=self.seed, max_frac=self.crop_max_frac, draw=draw,
+                        keep=self.crop_keep)
 
     def example_crop_box(self, rec: PreferenceRecord, width: int, height: int, draw: int) -> Tuple[int, int, int, int]:
         """The crop the ``crop`` pass of ``rec`` uses: the record's ``extra["mdpo"]["crop_box"]`` when present (written
