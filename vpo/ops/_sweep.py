@@ -109,6 +109,28 @@ def mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b
 
 
+def mm_acc_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` in the accumulation dtype and ``a``, ``b`` in the input dtype, without an
+    ``acc``-sized temporary where possible: ``addmm(out=acc)`` when the dtypes agree; on CUDA for bf16/fp16 inputs cuBLAS
+    accumulating straight into the fp32 ``acc`` (``torch.addmm(..., out_dtype=torch.float32, out=acc)``, where
+    supported); otherwise in row blocks of at most 2**22 elements of ``acc``."""
+    if a.dtype == acc.dtype:
+        torch.addmm(acc, a, b, out=acc)  # (not addmm_, which dispatch-level FLOP counters do not see)
+        return
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        key = ("addmm", a.device.type, a.dtype)
+        if _OUT_DTYPE_MM.get(key, True):
+            try:
+                torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+                _OUT_DTYPE_MM[key] = True
+                return
+            except (RuntimeError, TypeError, NotImplementedError):
+                _OUT_DTYPE_MM[key] = False
+    rows = max(1, (1 << 22) // max(acc.shape[1], 1))
+    for r0 in range(0, acc.shape[0], rows):
+        acc[r0:r0 + rows] += mm_acc(a[r0:r0 + rows], b)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The sweep
 # ----------------------------------------------------------------------------------------------------------------------
@@ -129,6 +151,7 @@ def forward_sweep(heads: Sequence[Head], C: int, step: Callable) -> None:
     for v0, v1 in _chunks(V, C):
         tiles = [mm_acc(h, W[v0:v1].T) for h, W, _ in heads]  # [N, D] @ [D, C] -> [N, C] each
         step(tiles, [_bias_slice(b, v0, v1) for _, _, b in heads], v0)
+        del tiles  # before the next chunk's GEMMs allocate theirs
 
 
 def backward_sweep(heads: Sequence[Head], C: int, grad_step: Callable, *, need_h: bool, need_W: bool,
@@ -150,11 +173,12 @@ def backward_sweep(heads: Sequence[Head], C: int, grad_step: Callable, *, need_h
         dz = grad_step(tiles, [_bias_slice(bb, v0, v1) for _, _, bb in heads], v0)  # [N, C], input dtype
         del tiles
         if need_h:
-            dh += mm_acc(dz, W[v0:v1])  # [N, C] @ [C, D] -> [N, D]
+            mm_acc_into(dh, dz, W[v0:v1])  # dh += [N, C] @ [C, D] -> [N, D]
         if need_W:
             dW[v0:v1] = mm_acc(dz.T, h)  # [C, N] @ [N, D] -> [C, D]: the whole chunk of dW in one GEMM
         if need_b:
             db[v0:v1] = dz.sum(0, dtype=acc)
+        del dz  # before the next chunk's GEMMs
     return dh, dW, db
 
 
