@@ -306,3 +306,16 @@ def test_every_fused_loss_calls_the_unshard_hook(monkeypatch, which):
         vpo.fused_catpo_loss(x.weight, x.hidden, x.labels, torch.ones_like(ref_h[..., 0]), x.bias, ref_h, ref_w, ref_b)
     assert [(w is x.weight, b is x.bias) for w, b in seen[:1]] == [(True, True)]
     assert len(seen) == 2 and seen[1][0] is ref_w and seen[1][1] is ref_b
+
+
+def test_engine_plan_at_lm_shapes(monkeypatch):
+    """The default budget keeps a 2 × 2048-token pair's bf16 logits at V = 152064 (3 policy passes); longer pairs
+    recompute their tiles; a smaller vocab packs several pairs per chunk."""
+    from vpo.fused._engine import plan
+
+    monkeypatch.delenv("VPO_FUSED_BUDGET_MB", raising=False)
+    assert plan(Chunking(), 8, 2048, 152064, 2, 1) == (1, 8192, True)
+    assert plan(Chunking(), 8, 4096, 152064, 2, 1)[2] is False
+    assert plan(Chunking(), 8, 512, 32064, 2, 1)[0] > 1
+    monkeypatch.setenv("VPO_FUSED_BUDGET_MB", "8192")
+    assert plan(Chunking(), 8, 4096, 152064, 2, 1)[2] is True

@@ -55,7 +55,7 @@ Extra memory (bytes; e = element size of the input dtype, m = 2 for Cat-PO with 
     held:    N·D·e (dh, and dh_n for TPO) + V·D·e (+ V·e) (dW, db) from the forward until the backward
     during the forward, for fp16/bf16 inputs: V·D·4 (the fp32 dW accumulator)
 
-Nothing is O(N·V). ``Chunking`` holds the knobs; the default budget is 1 GiB (env ``VPO_FUSED_BUDGET_MB``).
+Nothing is O(N·V). ``Chunking`` holds the knobs; the default budget is 2 GiB (env ``VPO_FUSED_BUDGET_MB``).
 """
 from __future__ import annotations
 
@@ -65,9 +65,11 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-DEFAULT_BUDGET = 1 << 30  # bytes: one pair of 2×2048 tokens × 152064 vocab in bf16 is ~1.2 GiB stored, so long
-#                           sequences at that vocab recompute; raise it (VPO_FUSED_BUDGET_MB) when memory allows
-DEFAULT_VOCAB_TILE = 32768  # columns per tile: big enough for GEMM efficiency, small fp32 temporaries
+DEFAULT_BUDGET = 2 << 30  # bytes. One pair of 2 × 2048 positions at V = 152064 in bf16 needs 2·2048·(152064·2 +
+#                           16·8192) B ≈ 1.65 GiB (logits kept + tile temporaries), so it still keeps its logits; longer
+#                           pairs recompute (one more pass) unless VPO_FUSED_BUDGET_MB allows more
+DEFAULT_VOCAB_TILE = 8192  # columns per tile: [R, D] @ [D, 8192] is a large GEMM; fp32 temporaries (16·C B per row)
+#                            stay below the kept bf16 logits (2·V B per row) at LM vocabularies
 
 
 @dataclass(frozen=True)
@@ -76,9 +78,9 @@ class Chunking:
 
     Attributes:
         memory_budget: bytes for one chunk's logits and tile temporaries (see :mod:`vpo.fused._engine`). Default:
-            ``VPO_FUSED_BUDGET_MB`` MiB from the environment, else 1 GiB.
+            ``VPO_FUSED_BUDGET_MB`` MiB from the environment, else 2 GiB.
         pairs: pairs per chunk; overrides the budget (the logits are then kept unless ``store=False``).
-        vocab: columns per vocab tile (default 32768).
+        vocab: columns per vocab tile (default 8192).
         store: keep the chunk's logits between the sweep and the gradient (None: when the budget allows).
         compact: sweep only the scored positions (``labels != ignore_index``) instead of every position. Costs one
             host sync per chunk (their count); pays off when prompts (image tokens) dominate the sequence — the GEMMs
