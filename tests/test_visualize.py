@@ -80,6 +80,37 @@ def test_png_valid(tmp_path):
         token_rewards_png(TOKENS, VALUES, str(tmp_path / "x.png"), width_chars=2)
 
 
+def test_picture_shows_the_image_and_the_htmls_legend(tmp_path):
+    from vpo.visualize import legend_text
+    from vpo.worlds import shapes
+
+    scene = shapes.Scene((shapes.Obj("circle", "red", "large", "center", (24, 24, 40, 40)),))
+    image = shapes.render(scene)  # a red circle on white
+    img_path = str(tmp_path / "scene.png")
+    image.save(img_path)
+    notes = ["record r1 · prompt: 'describe the image.'", "* = hallucinated word"]
+    page = token_rewards_html(TOKENS, VALUES, title="c", image=img_path, notes=notes)
+    assert '<img class="img"' in page and "data:image/png;base64," in page
+    lo, hi = value_range(VALUES, 1.0)
+    for part in legend_text("c", lo, hi, 1.0):
+        assert part in page
+    for n in notes:
+        assert html.escape(n) in page
+    plain = Image.open(token_rewards_png(TOKENS, VALUES, str(tmp_path / "plain.png"), width_chars=40))
+    pic = Image.open(token_rewards_png(TOKENS, VALUES, str(tmp_path / "pic.png"), width_chars=40, image=image,
+                                       notes=notes))
+    assert pic.size[0] > plain.size[0] and pic.size[1] > plain.size[1]  # an image panel and two note lines
+    px = np.asarray(pic.convert("RGB")).reshape(-1, 3).astype(int)
+    red = np.asarray(shapes.PALETTE["red"])
+    # the circle's exact palette red is drawn (nearest-neighbour scaling keeps it), and not in the picture without
+    assert (np.abs(px - red).sum(1) == 0).sum() > 50
+    assert not (np.abs(np.asarray(plain.convert("RGB")).reshape(-1, 3).astype(int) - red).sum(1) == 0).any()
+    with pytest.raises(ValueError, match="notes"):
+        token_rewards_html(TOKENS, VALUES, notes="a single string")
+    with pytest.raises(ValueError, match="image"):
+        token_rewards_png(TOKENS, VALUES, str(tmp_path / "bad.png"), image=42)
+
+
 STATE = {
     "global_step": 4,
     "log_history": [

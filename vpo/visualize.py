@@ -8,7 +8,9 @@ above it are blue, below it red, at it white. The scale is symmetric around ``ce
 value is drawn gray.
 
 Several responses (e.g. the chosen and the rejected one, or before and after training) go into one picture: pass a
-list of token lists, a list of value lists and ``labels``.
+list of token lists, a list of value lists and ``labels``. ``image`` (a PIL image or a path) puts the image the
+responses are about into the picture, and ``notes`` (lines such as ``"* = hallucinated word"``) go into the legend;
+the HTML page and the PNG show the same image and the same legend (:func:`legend_text`).
 
 Matplotlib (the ``Agg`` backend, no display needed) is imported only by the PNG functions.
 
@@ -101,6 +103,33 @@ def _hex(rgb) -> str:
     return "#%02x%02x%02x" % tuple(rgb)
 
 
+def legend_text(value_name: str, lo: float, hi: float, center: float) -> Tuple[str, str, str]:
+    """The legend both pictures print around the color bar: ``("c = 0.5", "1.5", "(white = 1)")``."""
+    return f"{value_name} = {lo:.3g}", f"{hi:.3g}", f"(white = {center:.3g})"
+
+
+def _load_image(image):
+    """``image`` (a PIL image or a path) as an RGB PIL image; None stays None."""
+    if image is None:
+        return None
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"image must be a PIL.Image or a path, got {type(image).__name__}")
+    return image.convert("RGB")
+
+
+def _check_notes(notes) -> List[str]:
+    if notes is None:
+        return []
+    if isinstance(notes, str) or not all(isinstance(n, str) for n in notes):
+        raise ValueError(f"notes must be a sequence of strings (legend lines), got {notes!r}")
+    return list(notes)
+
+
 def token_rewards_html(
     tokens: Tokens,
     values: Values,
@@ -111,6 +140,8 @@ def token_rewards_html(
     vmin: Optional[float] = None,
     vmax: Optional[float] = None,
     value_name: str = "c",
+    image=None,
+    notes: Optional[Sequence[str]] = None,
 ) -> str:
     """A self-contained HTML page showing each token on a background colored by its value, with a legend.
 
@@ -120,10 +151,14 @@ def token_rewards_html(
         title: page heading. labels: a heading per sequence.
         center, vmin, vmax: the color scale (module docstring).
         value_name: the name shown in each token's tooltip and the legend.
+        image: the image the responses describe (a PIL image or a path), embedded as a PNG data URI, drawn
+            pixelated at up to 4x. notes: extra legend lines (e.g. ``"* = hallucinated word"``).
 
-    Every token, label and title is HTML-escaped; whitespace inside tokens is kept (``white-space: pre``).
+    Every token, label, note and title is HTML-escaped; whitespace inside tokens is kept (``white-space: pre``).
     """
     rows = _as_rows(tokens, values, labels)
+    notes = _check_notes(notes)
+    img = _load_image(image)
     lo, hi = value_range([v for _, _, vs in rows for v in vs], center, vmin, vmax)
     esc = html.escape
     parts = [
@@ -134,10 +169,20 @@ def token_rewards_html(
         ".seq{font-family:monospace;font-size:15px;line-height:2.0;margin:0.3em 0 1em 0}"
         ".tok{white-space:pre;padding:2px 1px;margin:0 1px;border-radius:3px}"
         ".legend{display:flex;align-items:center;gap:0.5em;font-size:13px}"
-        ".bar{width:16em;height:0.9em;border:1px solid #999}</style></head><body>",
+        ".bar{width:16em;height:0.9em;border:1px solid #999}.note{font-size:13px;margin:0.2em 0}"
+        ".img{image-rendering:pixelated;border:1px solid #999}</style></head><body>",
     ]
     if title:
         parts.append(f"<h2>{esc(title)}</h2>")
+    if img is not None:
+        import base64
+        import io
+
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        scale = max(1, min(4, 256 // max(img.size)))
+        parts.append(f'<img class="img" alt="the image" width="{img.width * scale}" height="{img.height * scale}" '
+                     f'src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode("ascii")}">')
     for label, toks, vals in rows:
         if label is not None:
             parts.append(f"<h4>{esc(label)}</h4>")
@@ -149,11 +194,13 @@ def token_rewards_html(
                          f'title="{tip}">{esc(t)}</span>')
         parts.append('<div class="seq">' + "".join(spans) + "</div>")
     stops = ",".join(_hex(value_color(lo + (hi - lo) * i / 8, lo, center, hi)) for i in range(9))
+    left, right, white = legend_text(value_name, lo, hi, center)
     parts.append(
-        f'<div class="legend"><span>{esc(value_name)} = {lo:.3g}</span>'
+        f'<div class="legend"><span>{esc(left)}</span>'
         f'<span class="bar" style="background:linear-gradient(to right,{stops})"></span>'
-        f"<span>{hi:.3g}</span><span>(white = {center:.3g})</span></div>"
+        f"<span>{esc(right)}</span><span>{esc(white)}</span></div>"
     )
+    parts.extend(f'<p class="note">{esc(n)}</p>' for n in notes)
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -200,12 +247,18 @@ def token_rewards_png(
     width_chars: int = 60,
     fontsize: float = 11.0,
     dpi: int = 120,
+    image=None,
+    notes: Optional[Sequence[str]] = None,
 ) -> str:
-    """A PNG of the tokens on colored boxes, wrapped at ``width_chars`` characters per line, with a colorbar
-    (TPO's Figure 1 style). Arguments as :func:`token_rewards_html`. Returns ``path``."""
+    """A PNG of the tokens on colored boxes, wrapped at ``width_chars`` characters per line, with the image on the
+    left (when given) and the HTML page's legend below: the color bar between ``value_name = lo`` and ``hi``,
+    ``(white = center)`` and the ``notes`` (TPO's Figure 1 style). Arguments as :func:`token_rewards_html`. Returns
+    ``path``."""
     if width_chars < 8:
         raise ValueError(f"width_chars must be >= 8, got {width_chars}")
     rows = _as_rows(tokens, values, labels)
+    notes = _check_notes(notes)
+    img = _load_image(image)
     lo, hi = value_range([v for _, _, vs in rows for v in vs], center, vmin, vmax)
     plt = _pyplot()
     from matplotlib.colors import LinearSegmentedColormap, Normalize, TwoSlopeNorm
@@ -225,11 +278,21 @@ def token_rewards_png(
     n_lines = max(y - 0.5, 1.0)
     char_w = fontsize / 72 * _MONO_ADVANCE  # inches per character
     line_h = fontsize / 72 * 1.9  # inches per line
-    head, foot, margin = (0.45 if title else 0.1), 0.85, 0.25
-    fig_w = width_chars * char_w + 2 * margin
-    fig_h = n_lines * line_h + head + foot
+    note_h = fontsize / 72 * 1.5  # inches per note line
+    head, foot, margin = (0.45 if title else 0.1), 0.85 + note_h * len(notes), 0.25
+    img_w = 1.6 if img is not None else 0.0  # inches of the image panel (plus a margin)
+    fig_w = width_chars * char_w + 2 * margin + (img_w + margin if img is not None else 0.0)
+    fig_h = max(n_lines * line_h, img_w if img is not None else 0.0) + head + foot
     fig = plt.figure(figsize=(fig_w, fig_h), dpi=dpi)
-    ax = fig.add_axes([margin / fig_w, foot / fig_h, 1 - 2 * margin / fig_w, 1 - (head + foot) / fig_h])
+    x0 = margin + (img_w + margin if img is not None else 0.0)
+    body_h = fig_h - head - foot
+    ax = fig.add_axes([x0 / fig_w, (foot + body_h - n_lines * line_h) / fig_h, 1 - (x0 + margin) / fig_w,
+                       n_lines * line_h / fig_h])
+    if img is not None:
+        iax = fig.add_axes([margin / fig_w, (foot + body_h - img_w) / fig_h, img_w / fig_w, img_w / fig_h])
+        iax.imshow(img, interpolation="nearest")
+        iax.set_xticks([])
+        iax.set_yticks([])
     ax.set_xlim(0, width_chars)
     ax.set_ylim(n_lines, 0)
     ax.axis("off")
@@ -247,10 +310,16 @@ def token_rewards_png(
         fig.suptitle(title, y=1 - 0.05 / fig_h * 2, va="top", fontsize=fontsize + 1)
     cmap = LinearSegmentedColormap.from_list("vpo_div", [tuple(c / 255 for c in x) for x in (_LOW, _MID, _HIGH)])
     norm = TwoSlopeNorm(vcenter=center, vmin=lo, vmax=hi) if lo < center < hi else Normalize(lo, hi)
-    cax = fig.add_axes([0.25, 0.42 / fig_h, 0.5, 0.14 / fig_h])
+    bar_y = (0.42 + note_h * len(notes)) / fig_h
+    cax = fig.add_axes([0.3, bar_y, 0.4, 0.14 / fig_h])
     cb = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), cax=cax, orientation="horizontal")
-    cb.set_label(value_name, fontsize=fontsize - 2, labelpad=1)
     cb.ax.tick_params(labelsize=fontsize - 3)
+    left, right, white = legend_text(value_name, lo, hi, center)
+    fig.text(0.3 - 0.01, bar_y + 0.07 / fig_h, left, ha="right", va="center", fontsize=fontsize - 2)
+    fig.text(0.7 + 0.01, bar_y + 0.07 / fig_h, f"{right}  {white}", ha="left", va="center", fontsize=fontsize - 2)
+    for k, note in enumerate(notes):
+        fig.text(margin / fig_w, (0.12 + note_h * (len(notes) - 1 - k)) / fig_h, note, ha="left", va="bottom",
+                 fontsize=fontsize - 2)
     _makedirs_for(path)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)

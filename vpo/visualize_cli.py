@@ -140,16 +140,20 @@ def reward_pictures(models: Sequence[Tuple[str, Any]], processor, rec: Mapping[s
             dump.append({"model": label, "response": which, "tokens": toks, "values": v})
     name = "c" if kind == "tpo" else "w"
     what = "TPO calibrated reward c = a + σ(±s)" if kind == "tpo" else "Cat-PO token weight w = λ_ref + T"
-    title = title or f"{what} · record {rec.get('id')} · prompt: {rec.get('prompt')!r}" + (
-        " · * = hallucinated word" if marks is not None else "")
+    notes = [f"record {rec.get('id')} · prompt: {rec.get('prompt')!r}"]
+    if marks is not None:
+        notes.append("* = hallucinated word")
+    title = title or what
+    image = rec.get("image") if isinstance(rec.get("image"), str) and os.path.isfile(rec["image"]) else None
     stem = f"rewards_{kind}" + (f"_{index}" if index is not None else "")
     os.makedirs(out_dir, exist_ok=True)
     paths = {"html": os.path.join(out_dir, stem + ".html"), "png": os.path.join(out_dir, stem + ".png"),
              "json": os.path.join(out_dir, stem + ".json")}
     with open(paths["html"], "w", encoding="utf-8") as f:
-        f.write(token_rewards_html(rows_t, rows_v, title=title, labels=labels, value_name=name))
-    token_rewards_png(rows_t, rows_v, paths["png"], title=title if len(title) < 90 else what, labels=labels,
-                      value_name=name)
+        f.write(token_rewards_html(rows_t, rows_v, title=title, labels=labels, value_name=name, image=image,
+                                   notes=notes))
+    token_rewards_png(rows_t, rows_v, paths["png"], title=title, labels=labels, value_name=name, image=image,
+                      notes=notes)
     with open(paths["json"], "w", encoding="utf-8") as f:
         json.dump({"kind": kind, "record": {k: rec.get(k) for k in ("id", "prompt", "chosen", "rejected")},
                    "rows": dump}, f, indent=1)
