@@ -156,6 +156,8 @@ def reference_of(bench: str, impl: str) -> Dict[str, Optional[Tuple[str, str]]]:
         out["materialized"] = (bench, "eager")
     elif bench == "attention_e2e":
         out["materialized"] = (bench, "eager-output-attentions")
+    elif bench == "train_step":
+        out["materialized"] = (bench, f"{loss}/materialized")
     return {k: (None if v == (bench, impl) else v) for k, v in out.items()}
 
 

@@ -13,7 +13,7 @@ The machinery lives in its seams and is re-exported here, so ``bench_*.py`` writ
 
 Timing: pytest-benchmark's ``pedantic`` mode, after one untimed warm-up step (Triton JIT, cuBLAS workspaces,
 ``torch.compile`` in Liger) and the peak-memory step: ``rounds`` = what fits ``VPO_BENCH_ROUND_S`` seconds
-(1 s on CUDA, 1.5 s on CPU) at the warm-up's speed, at least 2 (3 on CUDA) and at most 20. Speed is measured, never
+(default 1 s) at the warm-up's speed, at least 2 (3 on CUDA) and at most 20. Speed is measured, never
 asserted.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from _shapes import (ATTN_CPU_SHAPES, ATTN_GPU_SHAPES, ATTN_SHAPES, CPU_SHAPES, 
                      GPU_SHAPES, MEMORY_SHAPE, MEMORY_TARGET_RATIO, SHAPE_ORDER, SHAPES, AttnShape, MiB, Shape,
                      _short)
 
-ROUND_S = float(os.environ.get("VPO_BENCH_ROUND_S", "1.0" if DEVICE == "cuda" else "1.5"))
+ROUND_S = float(os.environ.get("VPO_BENCH_ROUND_S", "1.0"))
 REPORTER = None  # pytest's terminal reporter (conftest.py sets it): progress lines while the run goes
 
 

@@ -66,6 +66,13 @@ def _reset_peak_rss() -> bool:
     return hwm is not None and rss is not None and hwm <= rss + 1024  # the mark really dropped to ~RSS
 
 
+_PROCESS_PEAK_KIB = [0]  # the worker's own peak RSS over its whole life (VmHWM is reset before every step)
+
+
+def _note_peak() -> None:
+    _PROCESS_PEAK_KIB[0] = max(_PROCESS_PEAK_KIB[0], _proc_status_kib("VmHWM") or 0)
+
+
 def _measure(case: Case) -> dict:
     """In the worker: one step of ``case`` on CPU; the peak-RSS rise over the post-input baseline."""
     from _harness import prepare
@@ -73,18 +80,21 @@ def _measure(case: Case) -> dict:
     prepare(Case(case.bench, case.impl, case.shape.tiny()), "cpu", cache=False)()  # kernels, threads, lazy state
     step = prepare(case, "cpu")
     gc.collect()
+    _note_peak()
     reset = _reset_peak_rss()
     base = _proc_status_kib("VmRSS") if reset else _proc_status_kib("VmHWM")
     t0 = time.perf_counter()
     step()
     seconds = time.perf_counter() - t0
     peak = _proc_status_kib("VmHWM")
+    _note_peak()
     del step
     gc.collect()
     return {
         "peak_mib": (peak - base) / 1024.0,
         "baseline_rss_mib": base / 1024.0,
         "seconds": seconds,
+        "worker_peak_rss_mib": _PROCESS_PEAK_KIB[0] / 1024.0,
         "method": ("VmHWM rise in a worker process (clear_refs reset)" if reset
                    else "VmHWM rise in a worker process (no reset possible: under-reports)")
         + (f"; MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}"
@@ -109,6 +119,7 @@ def _serve() -> None:
 
 class _Worker:
     proc: Optional[subprocess.Popen] = None
+    peak_rss_mib = 0.0  # the largest peak RSS any worker reported (the whole run's child side)
 
     @classmethod
     def ask(cls, case: Case) -> dict:
@@ -120,7 +131,9 @@ class _Worker:
         cls.proc.stdin.flush()
         for line in cls.proc.stdout:
             if line.startswith(_RESULT):
-                return json.loads(line[len(_RESULT):])
+                r = json.loads(line[len(_RESULT):])
+                cls.peak_rss_mib = max(cls.peak_rss_mib, r.get("worker_peak_rss_mib", 0.0))
+                return r
         rc = cls.proc.wait()
         cls.proc = None
         raise RuntimeError(f"peak-RSS worker for {case.id} exited (rc {rc}) without a result")
@@ -148,6 +161,11 @@ def cpu_peak_rss(case: Case) -> dict:
 
 def close_worker() -> None:
     _Worker.close()
+
+
+def worker_peak_rss_mib() -> float:
+    """The memory worker's peak RSS over the session (0 if none ran), MiB."""
+    return _Worker.peak_rss_mib
 
 
 def peak_memory_mib(case: Case, step: Callable[[], None]) -> Tuple[float, str]:

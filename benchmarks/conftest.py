@@ -9,6 +9,7 @@ by a time limit still leaves what it measured.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import time
@@ -21,6 +22,12 @@ import _report
 from _memory import close_worker
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+try:  # as the memory worker does (MALLOC_MMAP_THRESHOLD_): big blocks are unmapped on free, so this process's RSS
+    _LIBC = ctypes.CDLL("libc.so.6")  # follows its live tensors instead of keeping every freed GiB of the run
+    _LIBC.mallopt(-3, 131072)  # M_MMAP_THRESHOLD
+except (OSError, AttributeError):
+    _LIBC = None
 
 
 def pytest_addoption(parser):
@@ -66,11 +73,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _free_device_memory():
+def _free_memory():
     yield
-    if torch.cuda.is_available():  # keep only the cached inputs between benchmarks
-        gc.collect()
+    gc.collect()  # keep only the cached inputs between benchmarks
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    elif _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -359,7 +359,8 @@ def report(args) -> int:
     L = [f"# vpo GPU A/B on {m.get('device', 'unknown device')}", ""]
     if m.get("smoke"):
         L += ["**CPU smoke test of the driver: tiny shapes, timings meaningless.**", ""]
-    L += [f"{m.get('device')}; {m.get('capability', '')} {m.get('memory_gib', '')} GiB; torch {m.get('torch')} "
+    hw = f"{m['capability']}, {m['memory_gib']} GiB; " if m.get("capability") else ""
+    L += [f"{m.get('device')}; {hw}torch {m.get('torch')} "
           f"(CUDA {m.get('cuda')}), triton {m.get('triton')}, vpo {m.get('vpo')} at commit {m.get('git_commit')}; "
           f"python {m.get('python')}; started {m.get('started')}.", ""]
     if data.get("notes"):
@@ -373,6 +374,21 @@ def report(args) -> int:
                          f"{st['mean_target_logp']:.2f}, top-1 prob {st['mean_top1_prob']:.2f}, "
                          f"KL(policy ‖ reference) {st.get('ref_kl', float('nan')):.3g}")
         L.append("")
+    head = []
+    for fam, label in (("linear_logprobs", "log-probs"), ("fused_losses", "fused losses")):
+        Ns = sorted({r["N"] for r in res if r["family"] == fam})
+        for N in Ns[-1:]:
+            floor = by.get((fam, N, "floor" if fam == "linear_logprobs" else "dpo/floor"), {}).get("median_ms")
+            for r in res:
+                if r["family"] != fam or r["N"] != N or "median_ms" not in r or r["impl"].endswith(("floor", "naive")):
+                    continue
+                mat = by.get((fam, N, "naive" if fam == "linear_logprobs" else r["impl"].split("/")[0] + "/naive"), {})
+                head.append(f"- {label}, N={N}, {r['impl']}: {r['median_ms']:.4g} ms = {_ratio(r['median_ms'], floor)} "
+                            f"the GEMM floor, {_ratio(r['median_ms'], mat.get('median_ms'))} materialized time, "
+                            f"{_ratio(r.get('peak_mib'), mat.get('peak_mib'))} materialized memory, "
+                            f"{_f(r.get('tflops'))} TFLOP/s")
+    if head:
+        L += ["## Headline (largest N)", ""] + head + [""]
     L += ["## Results", "",
           "fwd+bwd of one step (attention statistics: forward only), median of CUDA-event-timed repetitions after "
           "a first call. FLOPs: 6·N·D·V for log-probs (3 GEMMs of 2·N·D·V), 8·N·D·V for the losses and the token KL "
