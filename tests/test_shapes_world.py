@@ -369,3 +369,94 @@ def test_make_sft_and_eval_datasets(tmp_path):
     assert all(os.path.exists(tmp_path / c["image"]) for c in caps)
     # held out: the test split's scenes are not the sft split's
     assert [c["objects"] for c in caps[:4]] != [r["objects"] for r in rows if r["id"].endswith("caption")]
+
+
+# ------------------------------------------------------------------------------------------- the language prior
+def _scenes(path):
+    seen, out = set(), []
+    for r in S.read_jsonl(path):
+        if r["image"] not in seen:  # the SFT file has three rows per image
+            seen.add(r["image"])
+            out.append(S.Scene.from_dict(r))
+    return out
+
+
+def test_prior_holds_in_the_sft_split_and_is_broken_in_the_held_out_splits(tmp_path):
+    """The world's statistics: P(partner | trigger) = 0.95 where the prior is learned (SFT), 0.5 in the preference
+    pairs and the held-out validation and test splits; the partner alone keeps its base rate everywhere."""
+    prior = S.DEFAULT_PRIOR
+    root = str(tmp_path)
+    sft = S.make_sft_dataset(root, 600, seed=0, prior=prior)
+    pairs = S.make_dataset(root, 400, seed=0, prior=prior)
+    test = S.make_eval_dataset(root, 600, seed=0, split="test", prior=prior, pope_per_scene=1)["captions"]
+    plain = [S.random_scene(S.record_rng(0, "sft", i)) for i in range(600)]
+    for name, path, want in (("sft", sft, 0.95), ("train", pairs, 0.5), ("test", test, 0.5)):
+        stats = S.cooccurrence(_scenes(path))
+        for pair, st in stats.items():
+            n = st["n_trigger"]
+            se = (want * (1 - want) / n) ** 0.5
+            assert n > 150, (name, pair, n)
+            assert abs(st["p_partner_given_trigger"] - want) < 4 * se + 0.01, (name, pair, st)
+            assert 0.3 < st["p_partner_given_no_trigger"] < 0.7, (name, pair, st)  # the base rate, ~0.5
+    # the prior is a real edit: without it P(partner | trigger) is the base rate
+    for st in S.cooccurrence(plain).values():
+        assert 0.3 < st["p_partner_given_trigger"] < 0.7
+    # the held-out records carry the pairs the metrics read
+    row = S.read_jsonl(test)[0]
+    assert row["scene"]["prior"]["pairs"] == [list(p) for p in prior.pairs] and row["scene"]["prior"]["p"] == 0.5
+
+
+def test_prior_apply_adds_in_the_triggers_color_or_removes_every_partner():
+    prior = S.CooccurrencePrior((("circle", "square"),), strength=1.0, held_out_p=0.0)
+    base = S.Scene((S.Obj("circle", "red", "small", "center", (25, 25, 33, 33)),
+                    S.Obj("triangle", "blue", "small", "top", (25, 2, 33, 10))))
+    rng = np.random.default_rng(0)
+    added = prior.apply(base, rng, 1.0)
+    new = [o for o in added.objects if o not in base.objects]
+    assert len(new) == 1 and new[0].kind == ("red", "square") and new[0].position not in ("center", "top")
+    assert prior.cases(base) == [("circle", "square")] and prior.cases(added) == []
+    removed = prior.apply(added, rng, 0.0)
+    assert set(removed.objects) == set(base.objects) and len(removed.objects) == 2
+    lonely = S.Scene((S.Obj("square", "red", "small", "center", (25, 25, 33, 33)),))
+    assert prior.apply(lonely, rng, 0.0) is lonely  # no trigger: unchanged, whatever p
+    for bad, match in ((dict(pairs=(("circle", "circle"),)), "share"), (dict(pairs=(("circle", "star"),)), "pairs"),
+                       (dict(strength=1.5), "strength"), (dict(held_out_p=-0.1), "held_out_p"),
+                       (dict(pairs=()), "pairs")):
+        with pytest.raises(ValueError, match=match):
+            S.CooccurrencePrior(**bad)
+    with pytest.raises(ValueError, match="p must be a probability"):
+        prior.apply(base, rng, 2.0)
+    with pytest.raises(ValueError, match="prior_p needs prior"):
+        S.make_sft_dataset("/tmp/unused", 1, prior_p=0.5)
+
+
+def test_prior_pairs_carry_the_priors_hallucination(tmp_path):
+    prior = S.DEFAULT_PRIOR
+    path = S.make_dataset(str(tmp_path), 200, seed=1, prior=prior, kinds=("color", "count", "omission"))
+    rows = S.read_jsonl(path)
+    kinds = Counter(r["hallucination"]["kind"] for r in rows)
+    assert kinds["prior"] > 40 and kinds["omission"] > 40, kinds
+    for r in rows:
+        scene = S.Scene.from_dict(r)
+        h = r["hallucination"]
+        if h["kind"] == "prior":
+            count, color, shape = h["claimed"]
+            trigger = next(t for t, q in prior.pairs if q == shape)
+            assert shape not in scene.shapes() and trigger in scene.shapes()
+            assert (color, trigger) in scene.counts()  # in the trigger's color
+            said = S.mention_counts(S.parse_description(r["rejected"]))
+            assert said[(color, shape)] == 1 and said - Counter({(color, shape): 1}) == scene.counts()
+            assert h["words"] == [f"a {color} {shape}"]
+            assert scene.objects[h["object_index"]].kind == (color, trigger)
+        elif h["kind"] == "omission":
+            _, color, shape = h["truth"]
+            said = S.mention_counts(S.parse_description(r["rejected"]))
+            assert (color, shape) not in said and said == Counter(
+                {k: v for k, v in scene.counts().items() if k != (color, shape)})
+            assert h["spans"] == [] and scene.objects[h["object_index"]].kind == (color, shape)
+        if prior.cases(scene):
+            assert h["kind"] == "prior"  # prior_pair_prob = 1: every such scene gets the prior's error
+    with pytest.raises(ValueError, match="kind='prior' needs prior"):
+        S.make_pair(S.Scene.from_dict(rows[0]), np.random.default_rng(0), kind="prior")
+    with pytest.raises(ValueError, match="kinds"):
+        S.make_dataset(str(tmp_path / "x"), 1, kinds=("prior",))

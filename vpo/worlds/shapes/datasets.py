@@ -92,12 +92,15 @@ def make_dataset(
 
     ``bbox`` is the box of the object the hallucination concerns (:class:`Hallucination`), pixels, ``x1``/``y1``
     exclusive. ``neg_image`` is rendered from the rejected caption: ``"edit"`` = the minimal edit of the scene,
-    ``"random"`` = a fresh layout (:func:`scene_from_description`). ``kinds``: the hallucination kinds drawn from.
+    ``"random"`` = a fresh layout (:func:`scene_from_description`). ``kinds``: the kinds drawn from (of
+    :data:`PAIR_KINDS`, ``"prior"`` excepted: that one comes with ``prior``).
 
     With a ``prior`` (:class:`~vpo.worlds.shapes.prior.CooccurrencePrior`): each scene goes through
     ``prior.apply(scene, rng, prior_p)`` (``prior_p`` default ``prior.held_out_p``: the pairs are collected where the
-    prior fails), and a scene where the prior predicts an absent object gets the prior's hallucination (kind
-    ``"prior"``) with probability ``prior_pair_prob``, else a kind of ``kinds``. Without a prior the records are
+    prior fails); with probability ``prior_pair_prob`` a scene where the prior predicts an absent object gets the
+    prior's hallucination (kind ``"prior"``), and a scene with a trigger AND its partner gets the partner left out
+    of the rejected caption (kind ``"omission"``): together they reward mentioning the partner exactly when it is
+    seen. Other scenes get a kind of ``kinds``. Without a prior the records are
     byte-identical to what they were before priors existed. Returns the JSONL path.
     """
     check_choice("neg_image", neg_image, ("edit", "random"))
@@ -106,7 +109,7 @@ def make_dataset(
             or not 0.0 <= prior_pair_prob <= 1.0:
         raise ValueError(f"prior_pair_prob must be a probability in [0, 1], got {prior_pair_prob!r}")
     for k in kinds:
-        check_choice("kinds", k, HALLUCINATION_KINDS)
+        check_choice("kinds", k, ("absent", "color", "count", "omission"))
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     rows = []
@@ -114,8 +117,12 @@ def make_dataset(
         rng = record_rng(seed, split, i)
         scene = _scene(rng, image_size, max_objects, prior, prior_p)
         kind = kinds[int(rng.integers(len(kinds)))]
-        if prior is not None and prior.cases(scene) and rng.random() < prior_pair_prob:
-            kind = "prior"
+        if prior is not None and rng.random() < prior_pair_prob:
+            shapes = scene.shapes()
+            if prior.cases(scene):
+                kind = "prior"
+            elif any(t in shapes and q in shapes for t, q in prior.pairs) and len(scene.counts()) > 1:
+                kind = "omission"
         pair = make_pair(scene, rng, kind=kind, prior=prior)
         neg = scene_from_description(pair.rejected, rng, base=scene if neg_image == "edit" else None,
                                      image_size=image_size)

@@ -21,12 +21,13 @@ class Hallucination:
     """What the rejected caption of a :class:`PreferencePair` gets wrong.
 
     Attributes:
-        kind: ``"absent"``, ``"color"``, ``"count"`` or ``"prior"`` (an absent object the language prior predicts).
-        claimed: the wrong mention as the rejected caption states it.
+        kind: ``"absent"``, ``"color"``, ``"count"``, ``"prior"`` (an absent object the language prior predicts) or
+            ``"omission"`` (a present group left out: the chosen caption is the more complete one).
+        claimed: the wrong mention as the rejected caption states it (``"omission"``: count 0).
         truth: the true group it replaces (``None`` for ``"absent"`` and ``"prior"``).
         spans: ``(start, end)`` character spans in the rejected caption of the hallucinated words: the whole phrase
             for ``"absent"`` and ``"prior"``; the color word for ``"color"``; the count word, plus the shape word when its number
-            changes (``circle`` -> ``circles``), for ``"count"``.
+            changes (``circle`` -> ``circles``), for ``"count"``; none for ``"omission"``.
         words: the text of each span.
         object_index: index in ``scene.objects`` of the object the hallucination concerns (the first object of the
             changed group; for ``"prior"``, the trigger object; for ``"absent"``, a present object of the same shape
@@ -56,6 +57,17 @@ def _hallucinate(scene: Scene, rng: np.random.Generator, kind: str, prior: Optio
     admits no such error."""
     groups = _group_phrases(scene)
     present = scene.counts()
+    if kind == "omission":
+        if len(groups) < 2:
+            return None
+        pool = list(range(len(groups)))
+        if prior is not None:  # the prior's partner when its trigger is there too: "say it only when you see it"
+            shapes = scene.shapes()
+            partners = [i for i, g in enumerate(groups)
+                        if any(g[2] == q and t in shapes for t, q in prior.pairs)]
+            pool = partners or pool
+        gone = groups[pool[int(rng.integers(len(pool)))]]
+        return [g for g in groups if g != gone], gone, Mention(0, gone[1], gone[2]), Mention(*gone)
     if kind == "prior":
         cases = prior.cases(scene) if prior is not None else []
         if not cases:
@@ -102,7 +114,8 @@ def make_pair(scene: Scene, rng: np.random.Generator, kind: Optional[str] = None
     ``kind="prior"`` (needs ``prior``): the language prior's hallucination — the partner of a present trigger shape
     that the scene lacks, in the trigger's color (:class:`~vpo.worlds.shapes.prior.CooccurrencePrior`), e.g.
     ``"a red circle."`` -> ``"a red circle and a red square."``; a scene with no such case falls back to the other
-    kinds."""
+    kinds. ``kind="omission"``: the rejected caption leaves one group out (with ``prior``, a partner whose trigger is
+    present when there is one) — the counterweight that keeps preference training from simply saying less."""
     if not scene.objects:
         raise ValueError("scene must have at least one object to make a preference pair")
     if kind is not None:
@@ -122,10 +135,11 @@ def make_pair(scene: Scene, rng: np.random.Generator, kind: Optional[str] = None
         raise RuntimeError("no hallucination possible")
     groups, new, claimed, truth = res
     groups = sorted(groups, key=_canonical_key)
-    pos = groups.index(new)
     rejected, spans = _join([_count_words(*g) for g in groups])
-    ws = spans[pos]
-    if k in ("absent", "prior"):
+    ws = spans[groups.index(new)] if k != "omission" else []
+    if k == "omission":
+        hspans = ()
+    elif k in ("absent", "prior"):
         hspans = (ws[0][0], ws[-1][1]),
     elif k == "color":
         hspans = (ws[1],)

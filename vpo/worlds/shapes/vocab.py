@@ -39,8 +39,9 @@ SIZE_FRACTION: Dict[str, float] = {"small": 0.45, "large": 0.8}
 DESCRIBE_PROMPTS: Tuple[str, ...] = ("describe the image.", "what is in the image?")
 ANSWERS: Tuple[str, str] = ("yes", "no")
 HALLUCINATION_KINDS: Tuple[str, ...] = ("absent", "color", "count")
-# Every kind make_pair writes: the three above and the language prior's ("prior", vpo.worlds.shapes.prior).
-PAIR_KINDS: Tuple[str, ...] = HALLUCINATION_KINDS + ("prior",)
+# Every kind make_pair writes: the three above, the language prior's ("prior", vpo.worlds.shapes.prior) and
+# "omission" (the rejected caption leaves a present object out: a coverage pair, nothing hallucinated).
+PAIR_KINDS: Tuple[str, ...] = HALLUCINATION_KINDS + ("prior", "omission")
 CAPTION_STYLES: Tuple[str, ...] = ("count", "detailed")
 POPE_MODES: Tuple[str, ...] = ("random", "popular", "adversarial")
 
