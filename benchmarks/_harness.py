@@ -37,6 +37,7 @@ from _shapes import (ATTN_CPU_SHAPES, ATTN_GPU_SHAPES, ATTN_SHAPES, CPU_SHAPES, 
 
 ROUND_S = float(os.environ.get("VPO_BENCH_ROUND_S", "1.0"))
 REPORTER = None  # pytest's terminal reporter (conftest.py sets it): progress lines while the run goes
+CAPTURE = None  # pytest's capture manager: progress lines bypass the output capture of the running test
 
 
 def prepare(case: Case, device: str = DEVICE, *, cache: bool = True) -> Callable[[], None]:
@@ -55,8 +56,13 @@ def prepare(case: Case, device: str = DEVICE, *, cache: bool = True) -> Callable
 
 def progress(text: str) -> None:
     """One line on the terminal now (not captured), when running under pytest."""
-    if REPORTER is not None:
+    if REPORTER is None:
+        return
+    import contextlib
+
+    with CAPTURE.global_and_fixture_disabled() if CAPTURE is not None else contextlib.nullcontext():
         REPORTER.write_line(text)
+        REPORTER.flush()  # stdout may be a file or a pipe: show it now
 
 
 def rounds_for(seconds: float) -> int:

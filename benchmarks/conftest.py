@@ -46,6 +46,12 @@ def pytest_configure(config):
 
 def pytest_sessionstart(session):
     H.REPORTER = session.config.pluginmanager.get_plugin("terminalreporter")  # registered after our configure
+    H.CAPTURE = session.config.pluginmanager.get_plugin("capturemanager")
+    global _ROOT
+    _ROOT = str(session.config.rootpath)
+
+
+_ROOT = ""  # pytest's rootdir: reports name their file relative to it
 
 
 def _in_benchmarks(item) -> bool:
@@ -88,7 +94,8 @@ def _free_memory():
 
 
 def pytest_runtest_logreport(report):
-    if report.skipped and str(report.fspath).startswith(HERE + os.sep) and report.when in ("setup", "call"):
+    where = os.path.join(_ROOT, str(report.fspath))
+    if report.skipped and where.startswith(HERE + os.sep) and report.when in ("setup", "call"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         reason = reason.removeprefix("Skipped: ")
         _report.SKIPS.append({"test": report.nodeid, "reason": reason})
