@@ -258,6 +258,9 @@ class PreferenceCollator:
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
         self._special_ids = set(tokenizer.all_special_ids)
+        if family == GENERIC:  # e.g. Gemma's <end_of_turn>: an added special token that ends the turn, no eos after it
+            added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+            self._special_ids |= {i for i, t in added.items() if getattr(t, "special", False)}
         scrub = set(tokenizer.all_special_tokens) | {"<image>"}
         for attr in ("image_token", "video_token", "fake_image_token", "image_boundary_token"):
             tok = getattr(processor, attr, None)

@@ -39,7 +39,7 @@ def _tokenizer(specials: Dict[int, str], *, bos=None, eos: str, extra=None, prep
     from vpo.data.processors import TINY_WORDS
 
     vocab = {"<pad>": 0}
-    for i, w in enumerate(dict.fromkeys([*(w.lower() for w in TINY_WORDS), "model"]), start=1):
+    for i, w in enumerate(dict.fromkeys(["model", *(w.lower() for w in TINY_WORDS)]), start=1):
         if i >= V - 16:
             break
         vocab[w] = i
