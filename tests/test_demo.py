@@ -39,9 +39,13 @@ def quick(tmp_path_factory):
 def test_quick_demo_writes_every_artifact(quick):
     out = quick["out"]
     for rel in ("data/sft.jsonl", "data/train.jsonl", "data/test_captions.jsonl", "data/test_pope.jsonl",
-                "sft/model/config.json", "sft/model/model.safetensors", "sft/model/processor_config.json",
-                "sft/trainer_state.json", "sft/curves.png", "sft/eval.json", "summary.json", "summary.txt"):
+                "data/val_captions.jsonl", "data/val_pope.jsonl", "sft/curves.png", "sft/eval.json", "summary.json",
+                "summary.txt"):
         assert os.path.isfile(os.path.join(out, rel)), rel
+    sft_model = quick["summary"]["sft"]["model"]  # in the cache, under the SFT spec hash
+    assert sft_model.startswith(quick["cache"])
+    for rel in ("config.json", "model.safetensors", "processor_config.json"):
+        assert os.path.isfile(os.path.join(sft_model, rel)), rel
     for method in ("tpo", "dpo"):
         for rel in ("model/config.json", "model/model.safetensors", "trainer_state.json", "curves.png", "eval.json"):
             assert os.path.isfile(os.path.join(out, method, rel)), (method, rel)
@@ -63,9 +67,23 @@ def test_quick_demo_prints_the_before_after_table_and_curve_end_points(quick):
         assert f"[{stage}/7]" in text
     for row in ("sft (before)", "tpo (after)", "dpo (after)"):
         assert row in text
-    for col in ("CHAIR_i", "CHAIR_s", "POPE acc", "POPE F1", "coverage", "loss start -> end", "margin start -> end"):
+    for col in ("CHAIR_i", "CHAIR_s", "CHAIR_prior", "POPE F1", "coverage", "loss start -> end",
+                "margin start -> end", "CHAIR_i standard error", "language prior: circle -> square"):
         assert col in text
     assert quick["summary"]["pictures"]["html"] in text
+
+
+def test_summary_holds_every_number_before_and_after(quick):
+    s = quick["summary"]
+    keys = {"CHAIR_i", "CHAIR_i_se", "CHAIR_s", "coverage", "mentions", "CHAIR_prior", "prior_rate", "POPE acc",
+            "POPE F1"}
+    rows = [s["before"]] + [r["after"] for r in s["methods"].values()]
+    for row in rows:
+        assert keys <= set(row) and all(math.isfinite(row[k]) for k in keys), row
+        p, n = row["CHAIR_i"], row["mentions"]
+        assert row["CHAIR_i_se"] == pytest.approx(math.sqrt(p * (1 - p) / n))
+    assert s["before"]["mentions"] > 0 and s["prior"]["pairs"] == [["circle", "square"], ["triangle", "cross"]]
+    assert s["eval_split"] == "test" and not s["sft"]["cached"]  # a fresh cache: SFT ran
 
 
 def test_trained_models_hallucinate_no_more_than_the_sft_model(quick):
@@ -78,6 +96,7 @@ def test_trained_models_hallucinate_no_more_than_the_sft_model(quick):
         mentions = json.load(f)["chair"]["num_mentions"]
     p = s["before"]["CHAIR_i"]
     tol = math.sqrt(max(p * (1 - p), 1e-12) / max(mentions, 1))
+    assert tol == pytest.approx(s["before"]["CHAIR_i_se"])
     lines = ["SFT: " + ", ".join(f"{k} {v:.3f}" for k, v in s["before"].items()) + f" ({mentions} mentions)"]
     for method, res in s["methods"].items():
         lines.append(f"{method}: " + ", ".join(f"{k} {v:.3f}" for k, v in res["after"].items()))
@@ -118,7 +137,7 @@ def test_visualize_commands_on_the_demo_outputs(quick, tmp_path):
     out = quick["out"]
     torch.set_num_threads(1)
     pics = str(tmp_path / "pics")
-    rc = main(["visualize", "rewards", "--model", os.path.join(out, "sft", "model"), "--model",
+    rc = main(["visualize", "rewards", "--model", quick["summary"]["sft"]["model"], "--model",
                os.path.join(out, "tpo", "model"), "--data", os.path.join(out, "data"), "--index", "1", "--kind",
                "catpo", "--out", pics])
     assert rc == 0
@@ -151,6 +170,36 @@ def test_tpo_rewards_of_the_demo_pair_are_calibrated(quick):
         ("sft", "chosen"), ("sft", "rejected"), ("tpo", "chosen"), ("tpo", "rejected")]
     for r in dump["rows"]:
         assert r["values"] and all(0.5 < v < 1.5 for v in r["values"]), r
+
+
+def test_a_second_run_skips_sft(tmp_path, monkeypatch):
+    """The SFT model is cached under its spec hash: the same settings load it, other settings train anew."""
+    import dataclasses
+
+    import vpo.trainer.sft as sft_module
+    from vpo.demo import DemoSettings, make_world_data, prepare_sft, sft_cache_dir, sft_key
+
+    torch.set_num_threads(1)
+    settings = DemoSettings(sft_images=6, sft_steps=2, pair_images=4, pref_steps=1, eval_images=2, val_images=2,
+                            sft_batch=4, sft_warmup=0)
+    cache = str(tmp_path / "cache")
+    data = make_world_data(str(tmp_path / "data"), settings, 0)
+    first = prepare_sft(data, settings, 0, cache_dir=cache, progress=False)
+    assert not first["cached"] and first["model"] == os.path.join(sft_cache_dir(settings, 0, cache), "model")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("SFT ran again although its spec hash is cached")
+
+    monkeypatch.setattr(sft_module, "make_sft_trainer", no_training)
+    again = prepare_sft(data, settings, 0, cache_dir=cache, progress=False)
+    assert again["cached"] and again["model"] == first["model"] and again["curve"] == first["curve"]
+    # anything SFT depends on changes the hash: the prior, the steps, the seed
+    other = dataclasses.replace(settings, prior_strength=0.9)
+    assert len({sft_key(settings, 0), sft_key(other, 0), sft_key(settings, 1),
+                sft_key(dataclasses.replace(settings, sft_steps=3), 0)}) == 4
+    assert sft_key(dataclasses.replace(settings, pref_steps=7, pref_lr=1.0), 0) == sft_key(settings, 0)
+    with pytest.raises(AssertionError, match="SFT ran again"):
+        prepare_sft(data, other, 0, cache_dir=cache, progress=False)
 
 
 # --------------------------------------------------------------------------------------------------- the cache

@@ -36,9 +36,22 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
 METHODS = ("tpo", "dpo")
-METRICS = (("CHAIR_i", "chair", "chair_i", "lower"), ("CHAIR_s", "chair", "chair_s", "lower"),
-           ("POPE acc", "pope", "accuracy", "higher"), ("POPE F1", "pope", "f1", "higher"),
-           ("coverage", "chair", "coverage", "higher"))
+# (summary key, report section, report key, better): the numbers kept for `before` and every method's `after`.
+METRICS = (("CHAIR_i", "chair", "chair_i", "lower"), ("CHAIR_i_se", "chair", "chair_i_se", "-"),
+           ("CHAIR_s", "chair", "chair_s", "lower"), ("coverage", "chair", "coverage", "higher"),
+           ("mentions", "chair", "num_mentions", "-"), ("CHAIR_prior", "prior", "chair_prior", "lower"),
+           ("prior_rate", "prior", "prior_rate", "lower"), ("POPE acc", "pope", "accuracy", "higher"),
+           ("POPE F1", "pope", "f1", "higher"))
+# The preference pairs: additions (the prior's "prior" hallucination) and omissions ("omission") are kept about
+# even: the caption grammar ("a, b and c.") tells at every joint how many objects are left, so pairs whose rejected
+# caption is more often the longer one teach the model to stop early. Tuned on the validation split (module
+# docstring): with every prior case a "prior" pair and "absent" among the other kinds, DPO's coverage fell by 15
+# points; PAIR_KINDS is drawn (uniformly) for the scenes not given a prior pair, PRIOR_PAIR_PROB is the chance that a
+# scene where the prior fails (or holds) gets its "prior" (or "omission") pair.
+PAIR_KINDS = ("color", "count", "omission", "omission")
+PRIOR_PAIR_PROB = 0.6
+# The table's columns (the standard errors and counts stay in summary.json).
+TABLE = ("CHAIR_i", "CHAIR_s", "CHAIR_prior", "coverage", "POPE F1")
 
 
 @dataclass(frozen=True)
@@ -49,7 +62,8 @@ class DemoSettings:
     sft_steps: int
     pair_images: int  # preference pairs (one per image)
     pref_steps: int  # steps per preference method
-    eval_images: int  # held-out images (one caption each, plus the POPE questions)
+    eval_images: int  # held-out test images (one caption each, plus the POPE questions)
+    val_images: int = 0  # held-out validation images (tuning only: the test split is never tuned on)
     sft_batch: int = 32
     sft_lr: float = 1e-3
     sft_warmup: int = 30
@@ -58,12 +72,21 @@ class DemoSettings:
     beta: float = 0.1
     pope_per_scene: int = 1  # yes + no questions per scene and POPE setting
     logging_steps: int = 10
+    # The world's language prior (vpo.worlds.shapes.prior): P(partner | trigger) in the SFT split and in the others.
+    prior_strength: float = 0.95
+    prior_held_out_p: float = 0.5
+
+    def prior(self):
+        from vpo.worlds.shapes import DEFAULT_PRIOR_PAIRS, CooccurrencePrior
+
+        return CooccurrencePrior(DEFAULT_PRIOR_PAIRS, self.prior_strength, self.prior_held_out_p)
 
 
 PRESETS: Dict[str, DemoSettings] = {
-    "full": DemoSettings(sft_images=1500, sft_steps=1000, pair_images=1000, pref_steps=100, eval_images=300),
-    "quick": DemoSettings(sft_images=400, sft_steps=250, pair_images=300, pref_steps=30, eval_images=100,
-                          logging_steps=5),
+    "full": DemoSettings(sft_images=1500, sft_steps=1000, pair_images=1000, pref_steps=100, eval_images=600,
+                         val_images=300),
+    "quick": DemoSettings(sft_images=400, sft_steps=250, pair_images=300, pref_steps=30, eval_images=200,
+                          val_images=100, logging_steps=5),
 }
 
 
@@ -117,14 +140,42 @@ class _Log:
 
 # ---------------------------------------------------------------------------------------------------------- data
 def make_world_data(root: str, settings: DemoSettings, seed: int) -> Dict[str, str]:
-    """Write the three splits (module docstring, stage 1) under ``root``; returns their paths."""
+    """Write the four splits (module docstring, stage 1) under ``root``; returns their paths."""
     from vpo.worlds import shapes
 
-    sft = shapes.make_sft_dataset(root, settings.sft_images, seed=seed, split="sft", questions_per_image=1)
-    pairs = shapes.make_dataset(root, settings.pair_images, seed=seed, split="train")
-    ev = shapes.make_eval_dataset(root, settings.eval_images, seed=seed, split="test",
-                                  pope_per_scene=settings.pope_per_scene)
-    return {"sft": sft, "pairs": pairs, "eval_captions": ev["captions"], "eval_pope": ev["pope"], "root": root}
+    prior = settings.prior()
+    sft = shapes.make_sft_dataset(root, settings.sft_images, seed=seed, split="sft", questions_per_image=1,
+                                  prior=prior)
+    pairs = shapes.make_dataset(root, settings.pair_images, seed=seed, split="train", prior=prior, kinds=PAIR_KINDS,
+                                prior_pair_prob=PRIOR_PAIR_PROB)
+    out = {"sft": sft, "pairs": pairs, "root": root}
+    for split, n in (("val", settings.val_images), ("test", settings.eval_images)):
+        if n:
+            ev = shapes.make_eval_dataset(root, n, seed=seed, split=split, pope_per_scene=settings.pope_per_scene,
+                                          prior=prior)
+            out[f"{split}_captions"], out[f"{split}_pope"] = ev["captions"], ev["pope"]
+    return out
+
+
+def sft_key(settings: DemoSettings, seed: int, impl: str = "auto") -> str:
+    """The SFT model's spec hash: SHA-256 over the tiny model's spec hash and everything SFT depends on (the SFT
+    split's size, the prior, the SFT hyper-parameters, the seed). Equal keys -> the cached SFT model is reused."""
+    import hashlib
+
+    from vpo.models.cache import DEFAULT_SPEC, spec_hash
+
+    s = settings
+    payload = {"model": spec_hash(DEFAULT_SPEC), "sft_images": s.sft_images, "sft_steps": s.sft_steps,
+               "sft_batch": s.sft_batch, "sft_lr": s.sft_lr, "sft_warmup": s.sft_warmup,
+               "prior": s.prior().to_dict(), "seed": seed, "impl": impl, "format": 1}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def sft_cache_dir(settings: DemoSettings, seed: int, cache_dir: Optional[str] = None, impl: str = "auto") -> str:
+    """Where the SFT model of :func:`sft_key` is cached: ``<cache root>/sft-<key[:16]>``."""
+    from vpo.models.cache import cache_root
+
+    return os.path.join(cache_root(cache_dir), f"sft-{sft_key(settings, seed, impl)[:16]}")
 
 
 def pick_picture_pair(pairs_path: str) -> int:
@@ -141,10 +192,11 @@ def pick_picture_pair(pairs_path: str) -> int:
 
 # ---------------------------------------------------------------------------------------------------------- core
 def _metric(report: Dict[str, Any], section: str, key: str) -> float:
-    return float(report[section][key])
+    return float(report[section][key]) if section in report else float("nan")
 
 
-def _row_metrics(report: Dict[str, Any]) -> Dict[str, float]:
+def row_metrics(report: Dict[str, Any]) -> Dict[str, float]:
+    """The :data:`METRICS` of an evaluation report (NaN for a section the report lacks)."""
     return {name: _metric(report, sec, key) for name, sec, key, _ in METRICS}
 
 
@@ -166,24 +218,28 @@ def format_table(summary: Dict[str, Any]) -> str:
     """The before/after table and the curves' end points of a :func:`run_demo` summary."""
     before = summary["before"]
     lines = []
-    head = f"{'model':<12}" + "".join(f"{name:>20}" for name, *_ in METRICS)
-    lines.append(head)
-    lines.append(f"{'sft (before)':<12}" + "".join(f"{_fmt(before[name]):>20}" for name, *_ in METRICS))
+    lines.append(f"{'model':<12}" + "".join(f"{name:>20}" for name in TABLE))
+    lines.append(f"{'sft (before)':<12}" + "".join(f"{_fmt(before[name]):>20}" for name in TABLE))
     for method, res in summary["methods"].items():
-        cells = []
-        for name, *_rest in METRICS:
-            cells.append(f"{_fmt(before[name])} -> {_fmt(res['after'][name])}")
+        cells = [f"{_fmt(before[name])} -> {_fmt(res['after'][name])}" for name in TABLE]
         lines.append(f"{method + ' (after)':<12}" + "".join(f"{c:>20}" for c in cells))
-    arrows = "".join(f"{('(' + d + ' is better)'):>20}" for *_a, d in METRICS)
-    lines.append(f"{'':<12}{arrows}")
+    better = {name: d for name, _s, _k, d in METRICS}
+    lines.append(f"{'':<12}" + "".join(f"{('(' + better[name] + ' is better)'):>20}" for name in TABLE))
+    se = f"CHAIR_i standard error (binomial, {int(before['mentions'])} mentions before): {_fmt(before['CHAIR_i_se'])}"
+    for method, res in summary["methods"].items():
+        a = res["after"]
+        drop = (before["CHAIR_i"] - a["CHAIR_i"]) / before["CHAIR_i_se"] if before["CHAIR_i_se"] else float("nan")
+        se += f"; {method}: {drop:+.1f} SE"
+    lines.append(se)
     lines.append("")
     lines.append(f"{'curves':<8}{'steps':>7}{'loss start -> end':>22}{'margin start -> end':>24}"
                  f"{'accuracy end':>15}{'time':>8}")
     sft = summary.get("sft", {})
     if sft.get("curve", {}).get("loss"):
         c = sft["curve"]
+        cached = " (cached)" if sft.get("cached") else ""
         lines.append(f"{'sft':<8}{sft['steps']:>7}{_fmt(c['loss']['start']) + ' -> ' + _fmt(c['loss']['end']):>22}"
-                     f"{'':>24}{'':>15}{sft['seconds']:>7.0f}s")
+                     f"{'':>24}{'':>15}{sft['seconds']:>7.0f}s{cached}")
     for method, res in summary["methods"].items():
         c = res["curve"]
         loss = c.get("loss", {})
@@ -208,18 +264,24 @@ def run_demo(
     progress: bool = True,
     impl: str = "auto",
     log=None,
+    eval_split: str = "test",
 ) -> Dict[str, Any]:
     """Run the demo (module docstring) writing everything under ``out``; returns the summary (also
     ``out/summary.json``). ``settings`` overrides the preset (``PRESETS["quick" if quick else "full"]``);
-    ``impl``: the kernel choice of the fused losses; ``threads``: torch CPU threads during the run."""
+    ``impl``: the kernel choice of the fused losses; ``threads``: torch CPU threads during the run; ``eval_split``:
+    ``"test"`` (the report) or ``"val"`` (tuning: hyper-parameters are chosen on it, never on the test split)."""
+    if eval_split not in ("test", "val"):
+        raise ValueError(f"eval_split must be 'test' or 'val', got {eval_split!r}")
     import torch
+
+    from vpo.demo_methods import ALL_METHODS
 
     methods = list(methods)
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"methods must be drawn from {list(METHODS)}, got {m!r}")
+        if m not in ALL_METHODS:
+            raise ValueError(f"methods must be drawn from {list(ALL_METHODS)}, got {m!r}")
     if not methods:
-        raise ValueError("methods is empty: pass at least one of " + ", ".join(METHODS))
+        raise ValueError("methods is empty: pass at least one of " + ", ".join(ALL_METHODS))
     settings = settings or PRESETS["quick" if quick else "full"]
     log = log or _Log()
     from vpo.eval.cli import quiet_transformers
@@ -229,20 +291,53 @@ def run_demo(
         torch.set_num_threads(threads)
     try:
         with quiet_transformers():  # no weight loading / saving bars: the stages have their own
-            return _run(out, quick, seed, methods, settings, cache_dir, progress, impl, log)
+            return _run(out, quick, seed, methods, settings, cache_dir, progress, impl, log, eval_split)
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _run(out, quick, seed, methods, settings, cache_dir, progress, impl, log) -> Dict[str, Any]:
+def prepare_sft(data: Dict[str, str], settings: DemoSettings, seed: int, *, cache_dir: Optional[str] = None,
+                impl: str = "auto", progress: bool = True, log=None, work_dir: Optional[str] = None
+                ) -> Dict[str, Any]:
+    """The SFT model of ``settings``/``seed``: loaded from its cache folder (:func:`sft_cache_dir`) when a run with
+    the same :func:`sft_key` saved it, else trained (stage 3) and saved there. Returns ``{"model": folder, "steps",
+    "seconds" (of the training, also when cached), "curve", "cached": bool, "key", "log_history"}``."""
+    from vpo.models.cache import DEFAULT_SPEC, load_or_build, save_pretrained
+    from vpo.trainer.sft import make_sft_trainer, read_sft_jsonl
+
+    log = log or _Log()
+    folder = sft_cache_dir(settings, seed, cache_dir, impl)
+    info_path = os.path.join(folder, "sft_info.json")
+    if os.path.isfile(info_path) and os.path.isfile(os.path.join(folder, "model", "model.safetensors")):
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+        if info.get("key") == sft_key(settings, seed, impl):
+            return {**info, "cached": True}
+    model, processor, _ = load_or_build(DEFAULT_SPEC, cache_dir)
+    t = time.perf_counter()
+    trainer = make_sft_trainer(model, processor, read_sft_jsonl(data["sft"]),
+                               output_dir=work_dir or os.path.join(folder, "run"), max_steps=settings.sft_steps,
+                               batch_size=settings.sft_batch, learning_rate=settings.sft_lr,
+                               warmup_steps=settings.sft_warmup, seed=seed, logging_steps=settings.logging_steps,
+                               loss_impl=impl)
+    _quiet_trainer(trainer, "sft", progress).train()
+    model.eval()
+    secs = time.perf_counter() - t
+    history = trainer.state.log_history
+    model_dir = save_pretrained(model, processor, os.path.join(folder, "model"))
+    info = {"key": sft_key(settings, seed, impl), "model": model_dir, "steps": settings.sft_steps, "seconds": secs,
+            "curve": _curve_ends(history), "log_history": history}
+    _write_json(info_path, info)
+    return {**info, "cached": False}
+
+
+def _run(out, quick, seed, methods, settings, cache_dir, progress, impl, log, eval_split="test") -> Dict[str, Any]:
     import torch
 
-    from vpo.data import PreferenceCollator, PreferenceDataset
+    from vpo.demo_methods import train_method
     from vpo.eval.cli import display_text, evaluate
     from vpo.eval.metrics import format_report
-    from vpo.models.cache import DEFAULT_SPEC, cache_path, is_fresh, load_or_build, load_pretrained, save_pretrained
-    from vpo.trainer import VPOConfig, VPOTrainer
-    from vpo.trainer.sft import make_sft_trainer, read_sft_jsonl
+    from vpo.models.cache import DEFAULT_SPEC, cache_path, is_fresh, load_or_build, load_pretrained
     from vpo.visualize import training_curves_png
     from vpo.visualize_cli import reward_pictures
 
@@ -251,14 +346,21 @@ def _run(out, quick, seed, methods, settings, cache_dir, progress, impl, log) ->
     n_stages = 7
     summary: Dict[str, Any] = {"mode": "quick" if quick else "full", "seed": seed, "methods": {},
                                "settings": dataclasses.asdict(settings), "threads": torch.get_num_threads(),
-                               "out": out}
+                               "out": out, "eval_split": eval_split}
 
     # 1. data --------------------------------------------------------------------------------------------------
-    log.stage(1, n_stages, "world data: SFT captions + yes/no, preference pairs, held-out eval set")
+    log.stage(1, n_stages, "world data: SFT captions + yes/no (with the language prior), preference pairs, "
+                           "held-out validation and test sets (prior broken)")
     t = time.perf_counter()
     data = make_world_data(os.path.join(out, "data"), settings, seed)
+    prior = settings.prior()
+    summary["prior"] = prior.to_dict()
     log(f"      {settings.sft_images} SFT images (x3 examples), {settings.pair_images} preference pairs, "
-        f"{settings.eval_images} held-out images; {data['root']} ({time.perf_counter() - t:.1f}s)")
+        f"{settings.val_images} validation and {settings.eval_images} test images; {data['root']} "
+        f"({time.perf_counter() - t:.1f}s)")
+    log(f"      language prior: " + ", ".join(f"{a} -> {b}" for a, b in prior.pairs) +
+        f"; P(partner | trigger) = {prior.strength:g} in the SFT captions, {prior.held_out_p:g} in the pairs and "
+        f"the held-out sets")
 
     # 2. model -------------------------------------------------------------------------------------------------
     log.stage(2, n_stages, "tiny VLM (transformers LlavaForConditionalGeneration + LlavaProcessor)")
@@ -272,73 +374,51 @@ def _run(out, quick, seed, methods, settings, cache_dir, progress, impl, log) ->
         f"{n_params / 1e6:.2f}M parameters")
     log(f"      cache: {path} ({'loaded' if fresh else 'built and saved'})")
     summary["model"] = {"cache": path, "params": n_params, "vocab_size": vocab, "spec": dataclasses.asdict(s)}
+    del model
 
     # 3. SFT ---------------------------------------------------------------------------------------------------
     log.stage(3, n_stages, f"SFT: {settings.sft_steps} steps x {settings.sft_batch} examples, lr {settings.sft_lr:g}")
-    t = time.perf_counter()
+    sft = prepare_sft(data, settings, seed, cache_dir=cache_dir, impl=impl, progress=progress, log=log)
     sft_dir = os.path.join(out, "sft")
-    trainer = make_sft_trainer(model, processor, read_sft_jsonl(data["sft"]), output_dir=sft_dir,
-                               max_steps=settings.sft_steps, batch_size=settings.sft_batch,
-                               learning_rate=settings.sft_lr, warmup_steps=settings.sft_warmup, seed=seed,
-                               logging_steps=settings.logging_steps, loss_impl=impl)
-    _quiet_trainer(trainer, "sft", progress).train()
-    model.eval()
-    trainer.save_state()
-    sft_model_dir = save_pretrained(model, processor, os.path.join(sft_dir, "model"))
-    sft_secs = time.perf_counter() - t
-    curves = {"sft": training_curves_png(trainer.state.log_history, os.path.join(sft_dir, "curves.png"), ("loss",),
+    sft_model_dir = sft["model"]
+    curves = {"sft": training_curves_png(sft["log_history"], os.path.join(sft_dir, "curves.png"), ("loss",),
                                          title="SFT")}
-    summary["sft"] = {"steps": settings.sft_steps, "seconds": sft_secs, "model": sft_model_dir,
-                      "curve": _curve_ends(trainer.state.log_history)}
-    log(f"      loss {summary['sft']['curve']['loss']['start']:.3f} -> {summary['sft']['curve']['loss']['end']:.3f} "
-        f"({sft_secs:.0f}s); model: {sft_model_dir}")
-    del trainer
+    summary["sft"] = {"steps": sft["steps"], "seconds": sft["seconds"], "model": sft_model_dir,
+                      "curve": sft["curve"], "cached": sft["cached"], "key": sft["key"]}
+    how = (f"cached (spec hash {sft['key'][:16]}; trained in {sft['seconds']:.0f}s by an earlier run)"
+           if sft["cached"] else f"{sft['seconds']:.0f}s; cached as {sft['key'][:16]}")
+    log(f"      loss {sft['curve']['loss']['start']:.3f} -> {sft['curve']['loss']['end']:.3f} ({how}); "
+        f"model: {sft_model_dir}")
 
     # 4. measure -----------------------------------------------------------------------------------------------
-    log.stage(4, n_stages, f"measure the SFT model on {settings.eval_images} held-out images")
-    before = evaluate(model, processor, data["root"], "test", desc="eval sft", progress=progress)
+    model, processor = load_pretrained(sft_model_dir)
+    n_eval = settings.eval_images if eval_split == "test" else settings.val_images
+    log.stage(4, n_stages, f"measure the SFT model on {n_eval} held-out {eval_split} images")
+    before = evaluate(model, processor, data["root"], eval_split, desc="eval sft", progress=progress)
     _write_json(os.path.join(sft_dir, "eval.json"), before)
     log("      " + format_report(before).replace("\n", "\n      "))
     for sample in before["samples"][:2]:
         log(f"      e.g. {display_text(sample['response'])!r}  (truth: {_truth(sample)!r})")
-    summary["before"] = _row_metrics(before)
+    summary["before"] = row_metrics(before)
     del model
 
     # 5 + 6. preference optimization and measure again ----------------------------------------------------------
-    dataset = PreferenceDataset.from_jsonl(data["pairs"])
     for k, method in enumerate(methods):
         log.stage(5, n_stages, f"{method.upper()} ({k + 1}/{len(methods)}): {settings.pref_steps} steps x "
                                f"{settings.pref_batch} pairs, lr {settings.pref_lr:g}, beta {settings.beta:g}; "
                                f"reference = the SFT model")
-        t = time.perf_counter()
         mdir = os.path.join(out, method)
-        policy, _ = load_pretrained(sft_model_dir)
-        reference, _ = load_pretrained(sft_model_dir)
-        config = VPOConfig(
-            output_dir=mdir, method=method, max_steps=settings.pref_steps,
-            per_device_train_batch_size=settings.pref_batch, learning_rate=settings.pref_lr, beta=settings.beta,
-            warmup_steps=min(10, settings.pref_steps // 5), lr_scheduler_type="linear",
-            logging_steps=settings.logging_steps, save_strategy="no", report_to="none", use_cpu=True, seed=seed,
-            data_seed=seed, use_lora=False, ref_mode="model", freeze_vision=True, loss_impl=impl,
-        )
-        collator = PreferenceCollator(processor, "llava", method=method, seed=seed)
-        pt = VPOTrainer(policy, config, ref_model=reference, train_dataset=dataset, data_collator=collator)
-        _quiet_trainer(pt, method, progress).train()
-        pt.save_state()
-        policy.eval()
-        model_dir = save_pretrained(policy, processor, os.path.join(mdir, "model"))
-        secs = time.perf_counter() - t
-        curves[method] = training_curves_png(pt.state.log_history, os.path.join(mdir, "curves.png"),
+        policy, res, history = train_method(method, sft_model_dir, data, settings, seed, mdir, impl=impl,
+                                            progress=progress, bar=_quiet_trainer)
+        res["curve"] = _curve_ends(history)
+        curves[method] = training_curves_png(history, os.path.join(mdir, "curves.png"),
                                              ("loss", "rewards/margins", "rewards/accuracies"),
                                              title=f"{method.upper()} on the shapes world")
-        res: Dict[str, Any] = {"steps": settings.pref_steps, "seconds": secs, "model": model_dir,
-                               "curve": _curve_ends(pt.state.log_history)}
-        del pt, reference
         log.stage(6, n_stages, f"measure the {method.upper()} model")
-        after = evaluate(policy, processor, data["root"], "test", desc=f"eval {method}", progress=progress)
+        after = evaluate(policy, processor, data["root"], eval_split, desc=f"eval {method}", progress=progress)
         _write_json(os.path.join(mdir, "eval.json"), after)
         log("      " + format_report(after).split("\npope/")[0].replace("\n", "\n      "))
-        res["after"] = _row_metrics(after)
+        res["after"] = row_metrics(after)
         summary["methods"][method] = res
         if method == "tpo":
             # TPO's Figure 1: per-token c of one pair, by the SFT model and by the TPO model.
@@ -423,9 +503,15 @@ def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="fewer images and steps (CI; about 1.5 min on 2 cores)")
     p.add_argument("--out", default="vpo-demo", help="output folder (data, models, curves, pictures, summary)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated, from: tpo, catpo, ovip, csr, lpoi, mdpo, dpo; or 'all': every method over "
+                        "--seeds, with means and standard errors (vpo.compare)")
+    p.add_argument("--seeds", default="0,1,2", help="with --methods all: the preference-stage seeds")
     p.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default: the preset's)")
     p.add_argument("--steps", type=int, default=None, help="preference steps per method (default: the preset's)")
+    p.add_argument("--lr", type=float, default=None, help="preference learning rate (default: the preset's)")
+    p.add_argument("--eval-split", default="test", choices=("test", "val"),
+                   help="the held-out split measured (tune on val, report on test)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: at these sizes more threads only help on an idle machine)")
     p.add_argument("--cache-dir", default=None, help="model cache root (default $VPO_CACHE or ~/.cache/vpo)")
@@ -433,10 +519,14 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    from vpo.demo_methods import ALL_METHODS
+
+    compare = args.methods.strip() == "all"
+    methods = list(ALL_METHODS) if compare else [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ALL_METHODS]
     if bad or not methods:
-        print(f"vpo demo: --methods must be drawn from {', '.join(METHODS)}, got {args.methods!r}", file=sys.stderr)
+        print(f"vpo demo: --methods must be 'all' or drawn from {', '.join(ALL_METHODS)}, got {args.methods!r}",
+              file=sys.stderr)
         return 2
     settings = PRESETS["quick" if args.quick else "full"]
     changes = {}
@@ -447,10 +537,30 @@ def main(args) -> int:
                 print(f"vpo demo: --{name.replace('_', '-')} must be >= 1, got {v}", file=sys.stderr)
                 return 2
             changes[field] = v
+    if args.lr is not None:
+        if not args.lr > 0:
+            print(f"vpo demo: --lr must be > 0, got {args.lr}", file=sys.stderr)
+            return 2
+        changes["pref_lr"] = args.lr
     if args.threads is not None and args.threads < 1:
         print(f"vpo demo: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
     settings = dataclasses.replace(settings, **changes)
+    if compare:
+        from vpo.compare import run_compare
+
+        try:
+            seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+        except ValueError:
+            seeds = []
+        if not seeds:
+            print(f"vpo demo: --seeds must be comma-separated integers, got {args.seeds!r}", file=sys.stderr)
+            return 2
+        run_compare(args.out, quick=args.quick, seeds=seeds, methods=methods, settings=settings,
+                    threads=args.threads, cache_dir=args.cache_dir, progress=not args.no_progress,
+                    impl=getattr(args, "impl", "auto"), eval_split=args.eval_split, data_seed=args.seed)
+        return 0
     run_demo(args.out, quick=args.quick, seed=args.seed, methods=methods, settings=settings, threads=args.threads,
-             cache_dir=args.cache_dir, progress=not args.no_progress, impl=getattr(args, "impl", "auto"))
+             cache_dir=args.cache_dir, progress=not args.no_progress, impl=getattr(args, "impl", "auto"),
+             eval_split=args.eval_split)
     return 0

@@ -1,0 +1,193 @@
+"""``vpo demo --methods all``: every method on the same world, from the same SFT model, over several seeds.
+
+    vpo demo --methods all [--quick] [--seeds 0,1,2] [--out DIR] [--steps N] [--lr LR]
+
+One world (the demo's four splits, :func:`vpo.demo.make_world_data`, drawn with ``--seed``) and one SFT model (cached
+by its spec hash, :func:`vpo.demo.prepare_sft`); then, for every seed and every method of
+:data:`vpo.demo_methods.ALL_METHODS`, the preference stage (:func:`vpo.demo_methods.train_method`: same steps, batch,
+learning rate and β; the seed draws the data order, TPO's noise, mDPO's crops, OViP's samples) and the measurement on
+the held-out test images. The seeds vary the preference stage only: the standard errors are those of training noise
+(over seeds), not of the SFT model or the world.
+
+Outputs in ``--out``: ``compare.json`` (every run's numbers, the per-method means and standard errors, and each
+method's paired difference from DPO per seed), ``compare.md`` (the table), ``compare.png`` (a bar chart of CHAIR_i,
+the prior-triggered CHAIR and coverage with standard-error bars; the SFT model as a dashed line). ``compare.json`` is
+rewritten after every run, so an interrupted comparison keeps what it finished.
+
+"Beats DPO" in the table means: the mean paired difference in CHAIR_i (method - DPO, same seed) is negative and at
+least two of its standard errors away from zero, with coverage no more than 3 points below DPO's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+# Numbers aggregated over seeds (summary keys of vpo.demo.row_metrics).
+AGGREGATED = ("CHAIR_i", "CHAIR_s", "CHAIR_prior", "prior_rate", "coverage", "POPE F1", "mentions")
+
+
+def mean_se(values: Sequence[float]) -> Dict[str, float]:
+    """``{"mean", "se", "n"}``: the mean and its standard error (sample std / sqrt(n); 0 for one value)."""
+    vals = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    n = len(vals)
+    if n == 0:
+        return {"mean": float("nan"), "se": float("nan"), "n": 0}
+    m = sum(vals) / n
+    se = math.sqrt(sum((v - m) ** 2 for v in vals) / (n - 1) / n) if n > 1 else 0.0
+    return {"mean": m, "se": se, "n": n}
+
+
+def aggregate(runs: Dict[str, Dict[int, Dict[str, float]]]) -> Dict[str, Any]:
+    """Per method: :func:`mean_se` of each :data:`AGGREGATED` number over seeds, and (when DPO ran) the paired
+    differences from DPO's run of the same seed (``vs_dpo``) and the verdict ``beats_dpo`` (module docstring)."""
+    out: Dict[str, Any] = {}
+    dpo = runs.get("dpo", {})
+    for method, by_seed in runs.items():
+        agg: Dict[str, Any] = {k: mean_se([r[k] for r in by_seed.values()]) for k in AGGREGATED}
+        common = sorted(set(by_seed) & set(dpo))
+        if method != "dpo" and common:
+            agg["vs_dpo"] = {k: mean_se([by_seed[s][k] - dpo[s][k] for s in common])
+                             for k in ("CHAIR_i", "CHAIR_prior", "coverage")}
+            d, c = agg["vs_dpo"]["CHAIR_i"], agg["vs_dpo"]["coverage"]
+            agg["beats_dpo"] = bool(d["n"] > 1 and d["mean"] < 0 and -d["mean"] >= 2 * d["se"]
+                                    and c["mean"] >= -0.03)
+        out[method] = agg
+    return out
+
+
+def format_markdown(result: Dict[str, Any]) -> str:
+    """The comparison table (means ± standard errors over seeds) and the before row."""
+    before = result["before"]
+    agg = result["aggregate"]
+    seeds = result["seeds"]
+    lines = [f"Every method from the same SFT model on the same world; {len(seeds)} seeds ({', '.join(map(str, seeds))})"
+             f" of the preference stage; {result['settings']['pref_steps']} steps x {result['settings']['pref_batch']}"
+             f" pairs, lr {result['settings']['pref_lr']:g}, beta {result['settings']['beta']:g}; "
+             f"{result['eval_images']} held-out {result['eval_split']} images. Mean ± standard error over seeds "
+             f"(lower CHAIR is better, higher coverage / F1 is better).", ""]
+    head = "| method | CHAIR_i | CHAIR_s | CHAIR_prior | prior_rate | coverage | POPE F1 | CHAIR_i − DPO (paired) | beats DPO |"
+    lines += [head, "|---|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    lines.append("| SFT (before) | " + " | ".join(f"{before[k]:.3f}" for k in
+                                                   ("CHAIR_i", "CHAIR_s", "CHAIR_prior", "prior_rate", "coverage",
+                                                    "POPE F1")) + " | | |")
+    for method in result["methods"]:
+        a = agg.get(method)
+        if not a:
+            continue
+        cells = [f"{a[k]['mean']:.3f} ± {a[k]['se']:.3f}" for k in
+                 ("CHAIR_i", "CHAIR_s", "CHAIR_prior", "prior_rate", "coverage", "POPE F1")]
+        vs = a.get("vs_dpo", {}).get("CHAIR_i")
+        diff = f"{vs['mean']:+.3f} ± {vs['se']:.3f}" if vs else "—"
+        verdict = "—" if method == "dpo" else ("yes" if a.get("beats_dpo") else "no")
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {diff} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart_png(result: Dict[str, Any], path: str) -> str:
+    """Grouped bars (CHAIR_i, CHAIR_prior, coverage) per method with standard-error bars; dashed lines: SFT."""
+    from vpo.visualize import _makedirs_for, _pyplot
+
+    plt = _pyplot()
+    methods = [m for m in result["methods"] if m in result["aggregate"]]
+    keys = ("CHAIR_i", "CHAIR_prior", "coverage")
+    colors = ("#b2182b", "#ef8a62", "#2166ac")
+    fig, ax = plt.subplots(figsize=(1.2 * len(methods) + 2.5, 3.8), dpi=120)
+    width = 0.8 / len(keys)
+    for j, (k, col) in enumerate(zip(keys, colors)):
+        xs = [i + (j - 1) * width for i in range(len(methods))]
+        ms = [result["aggregate"][m][k]["mean"] for m in methods]
+        ses = [result["aggregate"][m][k]["se"] for m in methods]
+        ax.bar(xs, ms, width, yerr=ses, capsize=3, color=col, label=k)
+        ax.axhline(result["before"][k], color=col, linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(methods)))
+    ax.set_xticklabels(methods)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"shapes world, {len(result['seeds'])} seeds: mean ± s.e. (dashed: SFT before)", fontsize=10)
+    ax.legend(fontsize=8, ncol=3, loc="upper right")
+    fig.tight_layout()
+    _makedirs_for(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def run_compare(out: str, *, quick: bool = False, seeds: Sequence[int] = (0, 1, 2),
+                methods: Optional[Sequence[str]] = None, settings=None, threads: Optional[int] = 1,
+                cache_dir: Optional[str] = None, progress: bool = True, impl: str = "auto",
+                eval_split: str = "test", data_seed: int = 0, log=None) -> Dict[str, Any]:
+    """Run the comparison (module docstring); returns the result (also ``out/compare.json``)."""
+    import torch
+
+    from vpo.demo import PRESETS, _Log, _quiet_trainer, _write_json, make_world_data, prepare_sft, row_metrics
+    from vpo.demo_methods import ALL_METHODS, train_method
+    from vpo.eval.cli import evaluate, quiet_transformers
+    from vpo.models.cache import load_pretrained
+
+    methods = list(methods or ALL_METHODS)
+    for m in methods:
+        if m not in ALL_METHODS:
+            raise ValueError(f"methods must be drawn from {list(ALL_METHODS)}, got {m!r}")
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct integers, at least one, got {seeds!r}")
+    if eval_split not in ("test", "val"):
+        raise ValueError(f"eval_split must be 'test' or 'val', got {eval_split!r}")
+    settings = settings or PRESETS["quick" if quick else "full"]
+    log = log or _Log()
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    n_eval = settings.eval_images if eval_split == "test" else settings.val_images
+    result: Dict[str, Any] = {"mode": "quick" if quick else "full", "seeds": seeds, "methods": methods,
+                              "settings": dataclasses.asdict(settings), "eval_split": eval_split,
+                              "eval_images": n_eval, "data_seed": data_seed, "runs": {}, "seconds": {}}
+    try:
+        with quiet_transformers():
+            log.stage(1, 3, f"world data and the SFT model (cached by its spec hash)")
+            data = make_world_data(os.path.join(out, "data"), settings, data_seed)
+            sft = prepare_sft(data, settings, data_seed, cache_dir=cache_dir, impl=impl, progress=progress, log=log)
+            log(f"      SFT {'cached' if sft['cached'] else 'trained'}: {sft['model']}")
+            model, processor = load_pretrained(sft["model"])
+            result["before"] = row_metrics(evaluate(model, processor, data["root"], eval_split, desc="eval sft",
+                                                    progress=progress))
+            result["sft"] = {"model": sft["model"], "cached": sft["cached"], "key": sft["key"]}
+            del model
+            total = len(seeds) * len(methods)
+            k = 0
+            for seed in seeds:
+                for method in methods:
+                    k += 1
+                    log.stage(2, 3, f"{method.upper()} seed {seed} ({k}/{total})")
+                    t = time.perf_counter()
+                    policy, res, _ = train_method(method, sft["model"], data, settings, seed,
+                                                  os.path.join(out, f"{method}-seed{seed}"), impl=impl,
+                                                  progress=progress, bar=_quiet_trainer)
+                    after = row_metrics(evaluate(policy, processor, data["root"], eval_split,
+                                                 desc=f"eval {method}", progress=progress))
+                    del policy
+                    result["runs"].setdefault(method, {})[str(seed)] = after
+                    result["seconds"].setdefault(method, {})[str(seed)] = time.perf_counter() - t
+                    log(f"      CHAIR_i {after['CHAIR_i']:.3f}  CHAIR_prior {after['CHAIR_prior']:.3f}  coverage "
+                        f"{after['coverage']:.3f}  ({time.perf_counter() - t:.0f}s)")
+                    result["aggregate"] = aggregate({m: {int(s): r for s, r in v.items()}
+                                                     for m, v in result["runs"].items()})
+                    _write_json(os.path.join(out, "compare.json"), result)
+    finally:
+        torch.set_num_threads(old_threads)
+    log.stage(3, 3, "report")
+    result["total_seconds"] = time.perf_counter() - log.start
+    table = format_markdown(result)
+    with open(os.path.join(out, "compare.md"), "w", encoding="utf-8") as f:
+        f.write(table)
+    result["png"] = bar_chart_png(result, os.path.join(out, "compare.png"))
+    _write_json(os.path.join(out, "compare.json"), result)
+    log()
+    log(table)
+    log(f"bar chart: {result['png']}   total {result['total_seconds']:.0f}s")
+    return result
