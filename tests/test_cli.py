@@ -72,6 +72,9 @@ def test_train_without_config_or_data_is_a_usage_error_and_writes_nothing(tmp_pa
     assert res.returncode == 2
     assert "usage: vpo train" in res.stderr and "Traceback" not in res.stderr
     assert list(tmp_path.iterdir()) == []  # no silent synthetic run, no ./trainer_output
+    res = subprocess.run([*VPO, "train", "--data", "d.jsonl"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert res.returncode == 2 and "--model_name_or_path" in res.stderr  # never a random tiny model on real data
 
 
 def _one_line_error(capsys):

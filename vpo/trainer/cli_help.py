@@ -104,6 +104,9 @@ def run(command: str, argv: Optional[Sequence[str]], fn: Callable[[List[str]], o
         if not _has(argv, "--config", "--data", "--data_path"):
             raise UsageError("no --config and no --data: nothing to train on (synthetic data only when named: "
                              "--data synthetic)")
+        if not _has(argv, "--config", "--model_name_or_path") and not _synthetic(argv):
+            raise UsageError("no --model_name_or_path: name the model folder to train (tiny:<family> for a tiny "
+                             "random model)")
         result = fn(argv)
         return result if isinstance(result, int) else 0
     except UsageError as e:
@@ -124,6 +127,17 @@ def run(command: str, argv: Optional[Sequence[str]], fn: Callable[[List[str]], o
             raise
         print(f"vpo {command}: error: {one_line(e)}  (--debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _synthetic(argv: Sequence[str]) -> bool:
+    """Whether the command line names the synthetic data (``--data synthetic[:N]``)."""
+    for i, a in enumerate(argv):
+        for flag in ("--data", "--data_path"):
+            if a == flag and i + 1 < len(argv):
+                return argv[i + 1].startswith("synthetic")
+            if a.startswith(flag + "="):
+                return a.split("=", 1)[1].startswith("synthetic")
+    return False
 
 
 def one_line(e: BaseException) -> str:
