@@ -281,3 +281,47 @@ def test_sft_collator_rows_are_the_preference_collators_chosen_rows(tmp_path):
         ours = sft_loss(model, batch, impl="torch")
         theirs = model(**batch).loss
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ the comparison
+def test_comparison_statistics_merge_table_and_chart(tmp_path):
+    """Means ± standard errors over seeds, the paired difference from DPO and its verdict, merging per-seed parts."""
+    from vpo.compare import aggregate, mean_se, merge_compare
+
+    assert mean_se([1.0, 2.0, 3.0]) == pytest.approx({"mean": 2.0, "se": 1 / math.sqrt(3), "n": 3})
+    assert mean_se([0.5]) == {"mean": 0.5, "se": 0.0, "n": 1}
+
+    def row(chair, cov):
+        return {"CHAIR_i": chair, "CHAIR_s": chair, "CHAIR_prior": chair, "prior_rate": chair, "coverage": cov,
+                "POPE F1": 0.8, "mentions": 100.0}
+
+    runs = {"dpo": {0: row(0.30, 0.60), 1: row(0.32, 0.61), 2: row(0.31, 0.59)},
+            "tpo": {0: row(0.25, 0.60), 1: row(0.26, 0.60), 2: row(0.27, 0.60)},   # lower by 0.05 every seed
+            "lpoi": {0: row(0.20, 0.40), 1: row(0.21, 0.41), 2: row(0.22, 0.42)},  # lower, but says much less
+            "mdpo": {0: row(0.33, 0.60), 1: row(0.30, 0.60), 2: row(0.31, 0.60)}}  # within noise
+    agg = aggregate(runs)
+    assert agg["tpo"]["vs_dpo"]["CHAIR_i"]["mean"] == pytest.approx(-0.05)
+    assert agg["tpo"]["beats_dpo"] and not agg["lpoi"]["beats_dpo"] and not agg["mdpo"]["beats_dpo"]
+    assert "vs_dpo" not in agg["dpo"] and agg["dpo"]["coverage"]["mean"] == pytest.approx(0.60)
+    parts = []
+    for seed in (0, 1, 2):
+        part = tmp_path / f"seed{seed}"
+        part.mkdir()
+        result = {"mode": "quick", "settings": {"pref_steps": 3, "pref_batch": 4, "pref_lr": 1e-4, "beta": 0.1},
+                  "eval_split": "test", "eval_images": 10, "data_seed": 0, "before": row(0.4, 0.6),
+                  "sft": {"key": "k", "model": "m", "cached": True}, "methods": list(runs), "seeds": [seed],
+                  "runs": {m: {str(seed): runs[m][seed]} for m in runs}, "seconds": {m: {str(seed): 1.0} for m in runs},
+                  "total_seconds": 5.0}
+        (part / "compare.json").write_text(json.dumps(result))
+        parts.append(str(part))
+    merged = merge_compare(str(tmp_path / "all"), parts)
+    assert merged["seeds"] == [0, 1, 2] and merged["aggregate"]["tpo"]["beats_dpo"]
+    table = open(tmp_path / "all" / "compare.md").read()
+    assert "| tpo | 0.260 ± 0.006" in table and "| lpoi |" in table and "| yes |" in table
+    with open(merged["png"], "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+    bad = json.loads((tmp_path / "seed2" / "compare.json").read_text())
+    bad["sft"]["key"] = "other"
+    (tmp_path / "seed2" / "compare.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="different SFT models"):
+        merge_compare(str(tmp_path / "x"), parts)

@@ -115,6 +115,45 @@ def bar_chart_png(result: Dict[str, Any], path: str) -> str:
     return path
 
 
+def merge_compare(out: str, parts: Sequence[str]) -> Dict[str, Any]:
+    """Merge comparisons run as separate processes (e.g. one seed each, on the same world and SFT model) into
+    ``out``: the runs of every ``parts`` folder's ``compare.json``, re-aggregated, with the table and the chart.
+    The parts must share the settings, the split and the SFT model."""
+    from vpo.demo import _write_json
+
+    results = []
+    for part in parts:
+        with open(os.path.join(part, "compare.json"), encoding="utf-8") as f:
+            results.append(json.load(f))
+    if not results:
+        raise ValueError("parts is empty: pass the folders of the comparisons to merge")
+    first = results[0]
+    for r in results[1:]:
+        for key in ("settings", "eval_split", "eval_images", "data_seed"):
+            if r[key] != first[key]:
+                raise ValueError(f"the parts differ in {key}: {first[key]!r} vs {r[key]!r}")
+        if r["sft"]["key"] != first["sft"]["key"]:
+            raise ValueError("the parts used different SFT models")
+    merged: Dict[str, Any] = {k: first[k] for k in ("mode", "settings", "eval_split", "eval_images", "data_seed",
+                                                    "before", "sft")}
+    merged["methods"] = [m for m in first["methods"]]
+    merged["runs"], merged["seconds"] = {}, {}
+    for r in results:
+        for m, by_seed in r["runs"].items():
+            merged["runs"].setdefault(m, {}).update(by_seed)
+            merged["seconds"].setdefault(m, {}).update(r["seconds"].get(m, {}))
+    merged["seeds"] = sorted({int(s) for by_seed in merged["runs"].values() for s in by_seed})
+    merged["parts"] = [os.path.abspath(p) for p in parts]
+    merged["part_seconds"] = [r.get("total_seconds") for r in results]
+    merged["aggregate"] = aggregate({m: {int(s): v for s, v in by_seed.items()} for m, by_seed in merged["runs"].items()})
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "compare.md"), "w", encoding="utf-8") as f:
+        f.write(format_markdown(merged))
+    merged["png"] = bar_chart_png(merged, os.path.join(out, "compare.png"))
+    _write_json(os.path.join(out, "compare.json"), merged)
+    return merged
+
+
 def run_compare(out: str, *, quick: bool = False, seeds: Sequence[int] = (0, 1, 2),
                 methods: Optional[Sequence[str]] = None, settings=None, threads: Optional[int] = 1,
                 cache_dir: Optional[str] = None, progress: bool = True, impl: str = "auto",
