@@ -210,3 +210,25 @@ def test_hf_table_rows_stay_undecoded_until_collation():
     got = open_preference_data(ds)
     rec = got[0]
     assert isinstance(rec.image, dict) and rec.image["bytes"]  # a {"bytes", "path"} cell, decoded by the collator
+
+
+def test_scan_reads_no_image_bytes_and_respects_views():
+    rows = trl_rows()
+    ds = datasets.Dataset.from_list(rows, features=_features())
+    broken = ds.cast_column("images", datasets.List(datasets.Image(decode=False)))
+    broken = broken.map(lambda r, i: {"images": [{"bytes": b"not an image" if i == 1 else r["images"][0]["bytes"],
+                                                  "path": None}]}, with_indices=True)
+    got = open_preference_data(broken)
+    assert len(got) == 4  # the scan never decoded the bad image: the collator skips it, with its reason
+    with pytest.warns(Warning, match="unreadable_image"):
+        batch = _batch(got)
+    assert batch["skipped"] == {"unreadable_image": 1} and len(batch["ids"]) == 3
+    view = ds.select([3, 1])  # an indices mapping over the Arrow table
+    assert [open_preference_data(view)[k].chosen for k in range(2)] == ["the cat is white .", "the cat is green ."]
+    single = datasets.Dataset.from_list(
+        [{"image": Image.new("RGB", (24, 24), "red"), "prompt": "q ?", "chosen": "a .", "rejected": "b ."},
+         {"image": None, "prompt": "q ?", "chosen": "a .", "rejected": "b ."}],
+        features=_features(images_list=False))
+    with pytest.warns(Warning, match="missing field 'image'"):
+        got = open_preference_data(single)
+    assert len(got) == 1 and got.stats.skipped == {"missing_field": 1}

@@ -98,10 +98,10 @@ class RowsPreferenceDataset(Dataset):
         self.name = name
         self.stats = DataStats()
         self.indices: List[int] = []
-        for i in range(len(self.table)):
+        for i, row in enumerate(_scan_rows(self.table, read_images=validate_images)):
             self.stats.seen += 1
             try:
-                rec = record_from_row(self.table[i], layout=layout, default_id=f"{name}:{i + 1}", base_dir=image_root)
+                rec = record_from_row(row, layout=layout, default_id=f"{name}:{i + 1}", base_dir=image_root)
                 if validate_images:
                     for img in rec.image if isinstance(rec.image, list) else [rec.image]:
                         try:
@@ -110,7 +110,7 @@ class RowsPreferenceDataset(Dataset):
                             raise SkipRecord("unreadable_image", str(e)) from None
             except SkipRecord as e:
                 self.stats.skipped[e.reason] += 1
-                row_id = self.table[i].get("id", self.table[i].get("idx", f"{name}:{i + 1}"))
+                row_id = row.get("id", row.get("idx", f"{name}:{i + 1}"))
                 warnings.warn(f"vpo.data: skipped record {row_id!r} ({e.reason}): {e.message}", DataWarning,
                               stacklevel=2)
                 continue
@@ -122,8 +122,70 @@ class RowsPreferenceDataset(Dataset):
 
     def __getitem__(self, i: int):
         j = self.indices[i]
-        return record_from_row(self.table[j], layout=self.layout, default_id=f"{self.name}:{j + 1}",
-                               base_dir=self.image_root)
+        row = self.table[j]
+        try:
+            return record_from_row(row, layout=self.layout, default_id=f"{self.name}:{j + 1}",
+                                   base_dir=self.image_root)
+        except SkipRecord:  # something the scan could not see (an empty cell inside an image list): the collator
+            return row      # reads the row again and skips it with the reason
+
+
+_SCAN_BATCH = 1024
+_PRESENT = "<image>"  # what an image cell reads as during the scan (its bytes are never touched)
+
+
+def _image_columns(table) -> dict:
+    """``{column: "one" | "list"}`` for the ``datasets.Image`` columns (or lists of them) of ``table``."""
+    try:
+        from datasets import Image
+        from datasets.features import List as HFList, Sequence as HFSequence
+    except ImportError:  # pragma: no cover
+        return {}
+    out = {}
+    for name, feature in table.features.items():
+        if isinstance(feature, Image):
+            out[name] = "one"
+        elif isinstance(feature, (HFList, HFSequence)) and isinstance(feature.feature, Image):
+            out[name] = "list"
+    return out
+
+
+def _image_presence(table, column: str, kind: str) -> List[int]:
+    """Per row: 1/0 (an image is there) for a single-image column, the list length for a list column — read from the
+    Arrow column's validity and offsets, not from the image bytes."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = table.data.column(column)
+    if kind == "list":
+        return [int(n) if n is not None else 0 for n in pc.list_value_length(col).to_pylist()]
+    has_bytes = pc.is_valid(pc.struct_field(col, "bytes"))
+    path = pc.struct_field(col, "path")
+    has_path = pc.and_(pc.is_valid(path), pc.not_equal(pc.fill_null(path, pa.scalar("", pa.string())), ""))
+    present = pc.and_(pc.is_valid(col), pc.or_(has_bytes, has_path))
+    return [int(bool(v)) for v in present.to_pylist()]
+
+
+def _scan_rows(table, *, read_images: bool):
+    """The rows of ``table`` for the validity scan: every column as it is, except image columns, which read as a
+    placeholder (one, or a list of the cell's length) or None — so the scan never reads image bytes."""
+    columns = _image_columns(table)
+    if read_images or not columns:
+        for i in range(len(table)):
+            yield table[i]
+        return
+    if getattr(table, "_indices", None) is not None:  # a select()/shuffle() view: Arrow columns hold other rows
+        table = table.flatten_indices()
+    presence = {c: _image_presence(table, c, kind) for c, kind in columns.items()}
+    text = table.select_columns([c for c in table.column_names if c not in columns])
+    for start in range(0, len(table), _SCAN_BATCH):
+        batch = text[start:start + _SCAN_BATCH]
+        for k in range(min(_SCAN_BATCH, len(table) - start)):
+            row = {c: values[k] for c, values in batch.items()}
+            for c, kind in columns.items():
+                n = presence[c][start + k]
+                row[c] = ([_PRESENT] * n if n else None) if kind == "list" else (_PRESENT if n else None)
+            yield row
 
 
 def _undecoded(table):
