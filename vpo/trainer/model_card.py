@@ -12,7 +12,7 @@ import os
 from typing import Dict, Optional
 
 KEY_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
-               "logps/rejected", "num_tokens/chosen", "num_tokens/rejected")
+               "logps/rejected", "num_tokens/chosen", "num_tokens/rejected", "entropy/chosen", "entropy/rejected")
 
 
 def _last_logged(history, key: str):
