@@ -26,7 +26,9 @@ SETUPS = {"full": dict(use_lora=False, ref_mode="model"), "lora": dict(use_lora=
 STEPS, PAIRS_PER_RANK = 3, 2
 
 
-def _run(out_dir: str, setup: str, *, world: int) -> dict:
+def _run(out_dir: str, setup: str, *, world: int, backend: str = "fsdp2") -> dict:
+    """One training run; ``backend``: ``fsdp2``, ``zero2`` or ``zero3`` (``tests/test_distributed_trainer_deepspeed.py``)
+    when ``world`` > 1."""
     import torch
     from transformers import TrainerCallback
 
@@ -35,15 +37,23 @@ def _run(out_dir: str, setup: str, *, world: int) -> dict:
     from vpo.trainer.modeling import lm_head
     from vpo.trainer.synthetic import TinyPreferenceCollator, synthetic_records
 
+    if backend.startswith("zero"):  # the previous run's config would build this tiny model under zero.Init
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     tiny = tiny_llava()
-    kw = dict(output_dir=os.path.join(out_dir, setup), method="dpo", use_cpu=True, max_steps=STEPS,
+    kw = dict(output_dir=os.path.join(out_dir, setup), method="dpo", use_cpu=world == 1, max_steps=STEPS,
               per_device_train_batch_size=PAIRS_PER_RANK * (2 // world), logging_steps=1, save_strategy="no",
               report_to="none", disable_tqdm=True, lora_dropout=0.0, lora_r=4, learning_rate=5e-2, seed=0,
               data_seed=0, loss_impl="torch", **SETUPS[setup])
-    if world > 1:
+    if world > 1 and backend == "fsdp2":
         layer = type(tiny.model.model.language_model.layers[0]).__name__
-        kw.update(ddp_backend="gloo", fsdp=True,
+        kw.update(use_cpu=True, ddp_backend="gloo", fsdp=True,
                   fsdp_config={"version": 2, "reshard_after_forward": True, "transformer_layer_cls_to_wrap": [layer]})
+    elif world > 1:
+        kw.update(deepspeed={"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                             "train_batch_size": "auto", "zero_allow_untested_optimizer": True,
+                             "zero_optimization": {"stage": int(backend[-1]), "stage3_param_persistence_threshold": 0}})
     trainer = VPOTrainer(tiny.model, VPOConfig(**kw), train_dataset=synthetic_records(16, tiny),
                          data_collator=TinyPreferenceCollator(tiny, "dpo"))
     seen_heads = []
