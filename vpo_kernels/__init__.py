@@ -1,6 +1,10 @@
 """Triton kernels for vpo. Each module holds one op: its kernels, host launchers and autograd Function.
 
 Importing this package imports Triton; set ``TRITON_INTERPRET=1`` before importing it to run on CPU.
+
+``epilogue`` holds the small elementwise kernels of the LM-head ops' ``impl="gemm"`` path (the GEMMs are cuBLAS).
+Every kernel is listed, with its configs, in ``_aot.KERNELS``: ``tests/test_aot_compile.py`` compiles each one for
+sm_80 and sm_90 without a GPU; a new kernel is one line there.
 """
 from vpo_kernels.linear_logprobs import (
     LinearLogprobsConfig,

@@ -77,10 +77,12 @@ def default_qk_stats_config(head_dim: int) -> QKStatsConfig:
         # ~2 ms per program iteration under the interpreter: few programs, few key steps. 16 is tl.dot's minimum.
         return QKStatsConfig(block_q=16, block_k=64, block_p=16, num_warps=1, num_stages=1)
     # flash-attention-forward-like tiles: [64, d] query tile and [64, d] key tile in fp16/bf16 are 16 KiB each at
-    # d = 128; 4 warps. Not measured (no GPU in this session): a starting point, not a tuned value.
+    # d = 128. Not timed (no GPU in this session): a starting point, not a tuned value. 8 warps: with 4 the kernels
+    # spilled (tests/test_aot_compile.py, Triton 3.9: _image_probs_kernel 504 B per thread on sm_90, _qk_lse_kernel 8 B
+    # on sm_80); with 8, _qk_lse_kernel is clean and _image_probs_kernel spills 16 B (listed in vpo_kernels/_aot.py).
     if head_dim > 128:
         return QKStatsConfig(block_q=64, block_k=32, block_p=32, num_warps=4, num_stages=2)
-    return QKStatsConfig(block_q=64, block_k=64, block_p=64, num_warps=4, num_stages=2)
+    return QKStatsConfig(block_q=64, block_k=64, block_p=64, num_warps=8, num_stages=2)
 
 
 @triton.jit
