@@ -21,7 +21,10 @@ Captions (:func:`describe`) follow one deterministic grammar. Style ``"count"`` 
     a red circle and two blue squares.
     a red circle, a green cross and two blue squares.
 
-Style ``"detailed"`` names every object with its size and position, in reading order (row-major over the grid)::
+Style ``"chain"`` is the same with every joint an "and" (``a red circle and a green cross and two blue squares.``): a
+joint then never tells how many objects are left, so a preference pair that adds or drops an object first differs at
+the object, not at a "," / "and" / "." (the demo's grammar; ``"count"``'s joints teach preference training to stop
+early). Style ``"detailed"`` names every object with its size and position, in reading order (row-major over the grid)::
 
     a large red circle at the top left and a small blue square in the center.
 

@@ -29,12 +29,13 @@ def _canonical_key(g: Tuple[int, str, str]) -> Tuple[int, int]:
     return (COLORS.index(g[1]), SHAPES.index(g[2]))
 
 
-def _join(phrases: Sequence[Sequence[str]]) -> Tuple[str, List[List[Tuple[int, int]]]]:
-    """Join word lists as ``"p1, p2 and p3."``; returns the text and, per phrase, each word's ``(start, end)``."""
+def _join(phrases: Sequence[Sequence[str]], chain: bool = False) -> Tuple[str, List[List[Tuple[int, int]]]]:
+    """Join word lists as ``"p1, p2 and p3."`` (``chain``: ``"p1 and p2 and p3."``); returns the text and, per
+    phrase, each word's ``(start, end)``."""
     text, spans = "", []
     for i, words in enumerate(phrases):
         if i:
-            text += " and " if i == len(phrases) - 1 else ", "
+            text += " and " if chain or i == len(phrases) - 1 else ", "
         ws = []
         for j, w in enumerate(words):
             if j:
@@ -54,8 +55,8 @@ def describe(scene: Scene, style: str = "count") -> str:
     check_choice("style", style, CAPTION_STYLES)
     if not scene.objects:
         return "nothing."
-    if style == "count":
-        return _join([_count_words(*g) for g in _group_phrases(scene)])[0]
+    if style in ("count", "chain"):
+        return _join([_count_words(*g) for g in _group_phrases(scene)], chain=style == "chain")[0]
     objs = sorted(scene.objects, key=lambda o: POSITIONS.index(o.position))
     return _join([["a", o.size, o.color, o.shape] + POSITION_PHRASES[o.position].split() for o in objs])[0]
 

@@ -77,6 +77,7 @@ def make_dataset(
     prior: Optional[CooccurrencePrior] = None,
     prior_p: Optional[float] = None,
     prior_pair_prob: float = 1.0,
+    style: str = "count",
 ) -> str:
     """Write ``n`` preference records to ``root/{split}.jsonl`` and their images to ``root/images/{split}/``.
 
@@ -100,7 +101,8 @@ def make_dataset(
     prior fails); with probability ``prior_pair_prob`` a scene where the prior predicts an absent object gets the
     prior's hallucination (kind ``"prior"``), and a scene with a trigger AND its partner gets the partner left out
     of the rejected caption (kind ``"omission"``): together they reward mentioning the partner exactly when it is
-    seen. Other scenes get a kind of ``kinds``. Without a prior the records are
+    seen. Other scenes get a kind of ``kinds``. ``style``: the captions' grammar (``"count"`` or ``"chain"``,
+    :func:`describe`). Without a prior the records are
     byte-identical to what they were before priors existed. Returns the JSONL path.
     """
     check_choice("neg_image", neg_image, ("edit", "random"))
@@ -123,7 +125,7 @@ def make_dataset(
                 kind = "prior"
             elif any(t in shapes and q in shapes for t, q in prior.pairs) and len(scene.counts()) > 1:
                 kind = "omission"
-        pair = make_pair(scene, rng, kind=kind, prior=prior)
+        pair = make_pair(scene, rng, kind=kind, prior=prior, style=style)
         neg = scene_from_description(pair.rejected, rng, base=scene if neg_image == "edit" else None,
                                      image_size=image_size)
         img_rel, neg_rel = f"images/{split}/{i:06d}.png", f"images/{split}/{i:06d}_neg.png"

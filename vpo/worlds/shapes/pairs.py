@@ -105,7 +105,8 @@ def _hallucinate(scene: Scene, rng: np.random.Generator, kind: str, prior: Optio
 
 
 def make_pair(scene: Scene, rng: np.random.Generator, kind: Optional[str] = None,
-              prompt: Optional[str] = None, *, prior: Optional[CooccurrencePrior] = None) -> PreferencePair:
+              prompt: Optional[str] = None, *, prior: Optional[CooccurrencePrior] = None,
+              style: str = "count") -> PreferencePair:
     """A preference pair for ``scene``: chosen = :func:`describe` (style ``"count"``), rejected = the same caption
     with one hallucination of ``kind`` (drawn uniformly from :data:`HALLUCINATION_KINDS` when None; a kind the scene
     cannot have, e.g. ``"color"`` when every color of every present shape is present, falls back to another).
@@ -114,10 +115,12 @@ def make_pair(scene: Scene, rng: np.random.Generator, kind: Optional[str] = None
     ``kind="prior"`` (needs ``prior``): the language prior's hallucination — the partner of a present trigger shape
     that the scene lacks, in the trigger's color (:class:`~vpo.worlds.shapes.prior.CooccurrencePrior`), e.g.
     ``"a red circle."`` -> ``"a red circle and a red square."``; a scene with no such case falls back to the other
-    kinds. ``kind="omission"``: the rejected caption leaves one group out (with ``prior``, a partner whose trigger is
+    kinds. ``style``: the caption grammar of both captions, ``"count"`` or ``"chain"`` (:func:`describe`).
+    ``kind="omission"``: the rejected caption leaves one group out (with ``prior``, a partner whose trigger is
     present when there is one) — the counterweight that keeps preference training from simply saying less."""
     if not scene.objects:
         raise ValueError("scene must have at least one object to make a preference pair")
+    check_choice("style", style, ("count", "chain"))
     if kind is not None:
         check_choice("kind", kind, PAIR_KINDS)
         if kind == "prior" and prior is None:
@@ -135,7 +138,7 @@ def make_pair(scene: Scene, rng: np.random.Generator, kind: Optional[str] = None
         raise RuntimeError("no hallucination possible")
     groups, new, claimed, truth = res
     groups = sorted(groups, key=_canonical_key)
-    rejected, spans = _join([_count_words(*g) for g in groups])
+    rejected, spans = _join([_count_words(*g) for g in groups], chain=style == "chain")
     ws = spans[groups.index(new)] if k != "omission" else []
     if k == "omission":
         hspans = ()
@@ -158,7 +161,7 @@ def make_pair(scene: Scene, rng: np.random.Generator, kind: Optional[str] = None
         obj_idx = pool[int(rng.integers(len(pool)))]
     return PreferencePair(
         prompt=prompt,
-        chosen=describe(scene),
+        chosen=describe(scene, style),
         rejected=rejected,
         hallucination=Hallucination(k, claimed, truth, tuple(hspans), tuple(rejected[a:b] for a, b in hspans),
                                     obj_idx),

@@ -42,7 +42,7 @@ HALLUCINATION_KINDS: Tuple[str, ...] = ("absent", "color", "count")
 # Every kind make_pair writes: the three above, the language prior's ("prior", vpo.worlds.shapes.prior) and
 # "omission" (the rejected caption leaves a present object out: a coverage pair, nothing hallucinated).
 PAIR_KINDS: Tuple[str, ...] = HALLUCINATION_KINDS + ("prior", "omission")
-CAPTION_STYLES: Tuple[str, ...] = ("count", "detailed")
+CAPTION_STYLES: Tuple[str, ...] = ("count", "detailed", "chain")
 POPE_MODES: Tuple[str, ...] = ("random", "popular", "adversarial")
 
 DEFAULT_IMAGE_SIZE = 64
