@@ -1,28 +1,38 @@
 """``vpo demo``: the package end to end on a CPU, in minutes.
 
-    vpo demo [--quick] [--out DIR] [--seed S] [--methods tpo,dpo] [--sft-steps N] [--steps N] [--threads T]
+    vpo demo [--quick] [--out DIR] [--seed S] [--methods tpo,dpo | all] [--seeds 0,1,2] [--sft-steps N] [--steps N]
+             [--lr LR] [--eval-split test|val] [--threads T]
 
-1. **World data** (:mod:`vpo.worlds.shapes`): supervised captions and yes/no answers for SFT, preference pairs
-   (chosen = the true caption, rejected = the caption with one hallucinated object, color or count) on other images,
-   and a held-out evaluation set (captions + POPE questions) on yet other images — three disjoint splits.
+1. **World data** (:mod:`vpo.worlds.shapes`) with a **language prior** (:mod:`vpo.worlds.shapes.prior`): circle ->
+   square and triangle -> cross. Four disjoint splits: SFT captions and yes/no answers where the partner is there
+   95% of the time its trigger is (the prior is learned: "a red circle" is followed by "a red square"); preference
+   pairs, a validation set and a test set where it is there 50% of the time (the prior is broken). The pairs'
+   rejected captions carry the prior's hallucination (the absent partner, in its trigger's color) or leave a
+   present partner out (:data:`PAIR_KINDS`: additions and omissions kept about even), or change a color or count.
 2. **Tiny VLM** (:mod:`vpo.models.cache`): a ``LlavaForConditionalGeneration`` (CLIP vision tower + MLP projector +
    Llama) with a word-level ``tokenizers`` tokenizer over the world's vocabulary and a real ``CLIPImageProcessor``,
    built from configs once and loaded from the local cache (``$VPO_CACHE`` or ``~/.cache/vpo``) afterwards.
 3. **SFT** (:mod:`vpo.trainer.sft`): every parameter, on the captions and yes/no answers, until the model describes
-   images (it starts from random weights).
-4. **Measure**: CHAIR_i / CHAIR_s, POPE accuracy / F1 and coverage on the held-out images (:mod:`vpo.eval`), greedy
-   decoding.
-5. **Preference optimization**: each method (TPO, and DPO as the baseline) with :class:`vpo.trainer.VPOTrainer` on the
-   fused losses, from the SFT model, the frozen SFT model as the reference (full fine-tuning of the language model;
-   the vision tower stays frozen).
+   images (it starts from random weights). The SFT model is cached under its spec hash (:func:`sft_key`: the tiny
+   model's spec, the SFT split, the prior, the SFT hyper-parameters, the seed), so a second ``vpo demo`` skips it.
+4. **Measure**: CHAIR_i (and its binomial standard error) / CHAIR_s, the prior-triggered CHAIR (partner mentions
+   where the trigger is present; :func:`vpo.eval.metrics.prior_chair`), POPE accuracy / F1 and coverage on the
+   held-out test images (:mod:`vpo.eval`), greedy decoding.
+5. **Preference optimization** (:mod:`vpo.demo_methods`): each method (TPO, and DPO as the baseline) with
+   :class:`vpo.trainer.VPOTrainer` on the fused losses, from the SFT model, the frozen SFT model as the reference
+   (full fine-tuning of the language model; the vision tower stays frozen).
 6. **Measure again**, and draw: the training curves (loss, reward margin, accuracy) as PNG, and TPO's per-token
    calibrated rewards ``c`` of one preference pair before and after TPO (HTML + PNG, like TPO's Figure 1).
-7. **Report**: a table of the metrics before and after for each method, the curves' end points, and where every
-   file is; ``summary.json`` holds the same numbers.
+7. **Report**: a table of the metrics before and after for each method, CHAIR_i's change in standard errors, the
+   curves' end points, and where every file is; ``summary.json`` holds the same numbers.
 
-``--quick`` (CI) runs the same stages with fewer images and steps (about a minute and a half on 2 busy cores); the
-full run takes a few minutes. Every random draw is seeded (``--seed``): the numbers are reproducible on the same
-machine and thread count. Progress bars go to stderr, the report to stdout.
+``--methods all`` runs every method over ``--seeds`` instead (:mod:`vpo.compare`). ``--eval-split val`` measures on the
+validation split: hyper-parameters are tuned there, never on the test split (the tuning record is in
+``benchmarks/results/demo-cpu.md``).
+
+``--quick`` (CI) runs the same stages with fewer images and steps; the full run takes a few minutes on 2 idle cores.
+Every random draw is seeded (``--seed``): the numbers are reproducible on the same machine and thread count.
+Progress bars go to stderr, the report to stdout.
 """
 from __future__ import annotations
 
@@ -50,6 +60,11 @@ METRICS = (("CHAIR_i", "chair", "chair_i", "lower"), ("CHAIR_i_se", "chair", "ch
 # scene where the prior fails (or holds) gets its "prior" (or "omission") pair.
 PAIR_KINDS = ("color", "count", "omission", "omission")
 PRIOR_PAIR_PROB = 0.6
+# The captions' grammar (SFT and pairs): "a and b and c." (vpo.worlds.shapes.describe, style "chain"). With "a, b and
+# c." the first token where an added or dropped object changes the caption is a joint ("," / "and" / "."), which
+# tells how many objects are left: DPO then learned to close the list early (coverage -11 points, CHAIR_i -0.01 on
+# the validation split) instead of checking the image.
+CAPTION_STYLE = "chain"
 # The table's columns (the standard errors and counts stay in summary.json).
 TABLE = ("CHAIR_i", "CHAIR_s", "CHAIR_prior", "coverage", "POPE F1")
 
@@ -145,9 +160,9 @@ def make_world_data(root: str, settings: DemoSettings, seed: int) -> Dict[str, s
 
     prior = settings.prior()
     sft = shapes.make_sft_dataset(root, settings.sft_images, seed=seed, split="sft", questions_per_image=1,
-                                  prior=prior)
+                                  prior=prior, style=CAPTION_STYLE)
     pairs = shapes.make_dataset(root, settings.pair_images, seed=seed, split="train", prior=prior, kinds=PAIR_KINDS,
-                                prior_pair_prob=PRIOR_PAIR_PROB)
+                                prior_pair_prob=PRIOR_PAIR_PROB, style=CAPTION_STYLE)
     out = {"sft": sft, "pairs": pairs, "root": root}
     for split, n in (("val", settings.val_images), ("test", settings.eval_images)):
         if n:
@@ -167,7 +182,7 @@ def sft_key(settings: DemoSettings, seed: int, impl: str = "auto") -> str:
     s = settings
     payload = {"model": spec_hash(DEFAULT_SPEC), "sft_images": s.sft_images, "sft_steps": s.sft_steps,
                "sft_batch": s.sft_batch, "sft_lr": s.sft_lr, "sft_warmup": s.sft_warmup,
-               "prior": s.prior().to_dict(), "seed": seed, "impl": impl, "format": 1}
+               "prior": s.prior().to_dict(), "seed": seed, "impl": impl, "style": CAPTION_STYLE, "format": 1}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
