@@ -267,6 +267,37 @@ def format_table(summary: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def summary_markdown(summary: Dict[str, Any]) -> str:
+    """The before/after numbers of a :func:`run_demo` summary as a markdown table (``summary.md``)."""
+    cols = ("CHAIR_i", "CHAIR_s", "CHAIR_prior", "prior_rate", "coverage", "mentions", "POPE acc", "POPE F1")
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+
+    def cells(r):
+        out = []
+        for k in cols:
+            if k == "CHAIR_i":
+                out.append(f"{r['CHAIR_i']:.3f} ± {r['CHAIR_i_se']:.3f}")
+            elif k == "mentions":
+                out.append(f"{int(r[k])}")
+            else:
+                out.append(_fmt(r[k]))
+        return out
+
+    lines.append("| SFT (before) | " + " | ".join(cells(summary["before"])) + " |")
+    for method, res in summary["methods"].items():
+        lines.append(f"| {method} (after) | " + " | ".join(cells(res["after"])) + " |")
+    b = summary["before"]
+    notes = [f"CHAIR_i ± its binomial standard error over the mentions; {summary['settings']['eval_images']} held-out "
+             f"{summary.get('eval_split', 'test')} images, seed {summary['seed']}, {summary['threads']} thread(s)."]
+    for method, res in summary["methods"].items():
+        a = res["after"]
+        d = a["CHAIR_i"] - b["CHAIR_i"]
+        notes.append(f"{method}: CHAIR_i {b['CHAIR_i']:.3f} -> {a['CHAIR_i']:.3f} ({d:+.3f}, {d / b['CHAIR_i_se']:+.1f} "
+                     f"SE of the SFT model's CHAIR_i); coverage {a['coverage'] - b['coverage']:+.3f}; "
+                     f"{res['steps']} steps in {res['seconds']:.0f}s.")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
 def run_demo(
     out: str = "vpo-demo",
     *,
@@ -475,6 +506,8 @@ def _run(out, quick, seed, methods, settings, cache_dir, progress, impl, log, ev
     _write_json(os.path.join(out, "summary.json"), summary)
     with open(os.path.join(out, "summary.txt"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
+    with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:
+        f.write(summary_markdown(summary))
     return summary
 
 
