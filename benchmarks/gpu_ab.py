@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -271,6 +272,7 @@ def run_stage(args) -> int:
                 entry = {"stage": args.stage, "family": family, "N": N, "impl": impl, "requested": impl,
                          "shape": shape.label, "flops": _cases.flops(case)}
                 t_case = time.time()
+                step = None
                 try:
                     if impl == os.environ.get(FAIL_ENV):
                         raise RuntimeError(f"injected failure ({FAIL_ENV}={impl})")
@@ -291,7 +293,7 @@ def run_stage(args) -> int:
                             entry.update(impl=impl.replace("/gemm", "/auto"), note=f"{e}; measured impl='auto'")
                             step = build(entry["impl"], x, device)
                     entry.update(measure(step, device, cfg["reps"], cfg["rep_s"]))
-                    del step
+                    step = None
                     entry["tflops"] = entry["flops"] / (entry["median_ms"] * 1e-3) / 1e12
                     # correctness at the first N: vpo's paths against the materialized one, same inputs
                     if N == cfg["Ns"][0] and family in ("linear_logprobs", "fused_losses"):
@@ -311,8 +313,10 @@ def run_stage(args) -> int:
                         entry["error"] += " [CUDA context poisoned: the stage restarts in a new process]"
                         record(entry)
                         return EXIT_POISONED
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
+                step = None  # free what a failed step held (the traceback is a string by now) before the next one
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
                 entry["wall_s"] = time.time() - t_case
                 last_cost = max(entry["wall_s"], 1e-3)
                 record(entry)
