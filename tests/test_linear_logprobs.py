@@ -393,6 +393,31 @@ def test_triton_target_logits_matches_oracle():
 
 
 @pytest.mark.gpu
+@needs_gemm
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gpu_gemm_realistic_shape(dtype):
+    """impl="gemm" on CUDA (cuBLAS in the input dtype + Triton epilogues) vs an fp32 oracle, values and every grad."""
+    n, d, v = (4096, 4096, 32064) if dtype != torch.float32 else (1024, 1024, 5003)
+    x = make_linear_head_inputs(1, n, d, v, dtype=dtype, bias=True, device="cuda", seed=5)
+    h, W, b, y = x.hidden[0].detach(), x.weight.detach(), x.bias.detach(), x.labels[0]
+    g = torch.Generator().manual_seed(6)
+    gl = torch.randn(n, generator=g, dtype=torch.float64).cuda()
+    gt = torch.randn(n, generator=g, dtype=torch.float64).cuda()
+
+    def run(fn, cast):
+        leaves = [t.to(cast).requires_grad_() for t in (h, W, b)]
+        logp, tgt = fn(*leaves[:2], y, leaves[2])[:2]
+        loss = (gl.to(logp.dtype) * logp).sum() + (gt.to(tgt.dtype) * tgt).sum()
+        return [logp.detach(), tgt.detach(), *torch.autograd.grad(loss, leaves)]
+
+    got = run(lambda *a: linear_logprobs(*a, impl="gemm"), dtype)
+    ref = run(_oracle, torch.float32)
+    same = run(_oracle, dtype)
+    for o, r, s_, n_ in zip(got, ref, same, ["logp", "target", "dh", "dW", "db"]):
+        assert_close_to_oracle(o, r, s_, k=2.0, atol={torch.float32: 1e-4}.get(dtype, 1e-2), name=f"{n_} ({dtype})")
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not _importable("vpo_kernels.linear_logprobs"),
                     reason="vpo_kernels.linear_logprobs (LinearLogprobsTriton) is not importable yet")
 def test_auto_is_gemm_on_cuda():

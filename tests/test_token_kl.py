@@ -434,11 +434,12 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
 
 @pytest.mark.gpu
 @needs_triton
+@pytest.mark.parametrize("impl", ["triton", "gemm"])
 @pytest.mark.parametrize("variant", ["shared_bias", "separate"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_gpu_realistic_shape(dtype, variant):
+def test_gpu_realistic_shape(dtype, variant, impl):
     """Error <= 2x PyTorch's own same-dtype error vs an fp32 oracle (float64 would be 1 GB of logits), every grad."""
     n, d, v = (4096, 4096, 32064) if dtype == torch.bfloat16 else (1024, 1024, 5003)
     c = _case(variant=variant, n=n, d=d, v=v, device="cuda", prompt_len=0, seed=9)
     c["ref_hidden"] = c["hidden"] + 0.3 * c["ref_hidden"]  # a reference near the policy, as in training
-    _check(c, dtype, _triton, atol={torch.float32: 1e-4}.get(dtype, ATOL[dtype]))
+    _check(c, dtype, _triton if impl == "triton" else _gemm, atol={torch.float32: 1e-4}.get(dtype, ATOL[dtype]))
