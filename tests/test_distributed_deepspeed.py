@@ -117,6 +117,12 @@ def test_step_context_only_under_zero3(stub_deepspeed):
     assert [e[0] for e in stub_deepspeed.events] == ["gather", "partition"]
 
 
+def test_zero3_reference_must_not_be_a_copy_of_the_partitioned_policy():
+    policy, ref = _Head(7), _Head(7)  # a deep copy keeps the partitioned policy's ds_id
+    with pytest.raises(ValueError, match="copy of the ZeRO-3-partitioned policy.*ref_model_path"):
+        vd.prepare_reference(_fake_trainer(stage=3, model=policy), ref)
+
+
 def test_setup_checks_refuse_fsdp1_and_tensor_parallel():
     vd.check_distributed_setup(_fake_trainer(fsdp_version=2))
     vd.check_distributed_setup(_fake_trainer(stage=3))

@@ -10,6 +10,8 @@ tolerance 1e-10 abs, i.e. equal up to reduction order):
 - the gathered gradients (``grad.full_tensor()``) of the head weight and bias and of the first block's weight equal
   the single-process gradients: the head's through :func:`vpo.distributed.unshard_head`'s backward, the block's
   through FSDP's own reduce-scatter — so FSDP neither skipped nor double-reduced the head;
+- with torch's default (the root not resharded after its forward) ``lm_head.weight`` is the unsharded plain
+  parameter after the forward: it passes through, and FSDP's own reduce-scatter gives the same gradient;
 - the naive ``weight.full_tensor()`` path gives a different head gradient (each rank's own): this test can fail;
 - ``vpo.linear_logprobs`` with the DTensor head: values and gradients equal the plain call on the full head;
 - bad setups raise ValueError: a head sharded along D, weight and bias with different placements, a tensor-parallel
@@ -148,6 +150,18 @@ def _worker(out_dir: str) -> None:
     result["block_grad"] = diff(model.layers[0].proj.weight.grad.full_tensor(), ref_model.layers[0].proj.weight.grad)
     result["grad_placements"] = str(tuple(model.lm_head.weight.grad.placements))
 
+    # -- torch's default: the root keeps its parameters unsharded from its forward to its backward --------------
+    model = _model()
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    h, _ = model(ids[rows])
+    result["default_root_head_type"] = type(model.lm_head.weight).__name__  # the unsharded plain parameter
+    loss, _ = vpo.fused_dpo_loss(model.lm_head.weight, h, labels[rows], model.lm_head.bias, ref_logps=ref[rows],
+                                 impl="torch")
+    loss.backward()  # FSDP's own reduce-scatter of the unsharded gradient
+    result["default_root_head_grad"] = diff(model.lm_head.weight.grad.full_tensor(), ref_model.lm_head.weight.grad)
+
     # -- the naive gather: each rank keeps its own gradient (the bug this module fixes) -------------------------
     naive = sharded_model()
     h, _ = naive(ids[rows])
@@ -221,8 +235,9 @@ def test_fsdp2_fused_dpo_and_ops_match_single_process(tmp_path):
     tol = 1e-10
     for rank, r in enumerate(run_two_ranks(os.path.abspath(__file__), tmp_path)):
         assert r["head_is_dtensor_after_forward"], r
+        assert r["default_root_head_type"] == "Parameter", r["default_root_head_type"]
         for key in ("loss", "head_weight_grad", "head_bias_grad", "block_grad", "op_value", "op_weight_grad",
-                    "op_bias_grad"):
+                    "op_bias_grad", "default_root_head_grad"):
             assert r[key] < tol, (rank, key, r[key])
         assert r["grad_placements"] == "(Shard(dim=0),)", r["grad_placements"]
         assert r["naive_head_grad"] > 1e-4, "the naive full_tensor() gather gave the right gradient: test is blind"

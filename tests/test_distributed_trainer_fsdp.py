@@ -135,7 +135,7 @@ def test_vpo_trainer_fsdp2_matches_single_process(tmp_path):
 ALL_METHODS = ("tpo", "catpo", "ovip", "lpoi", "mdpo", "csr")
 
 
-@pytest.mark.skipif(not os.environ.get("VPO_TEST_ALL_METHODS"), reason="~5 min on 2 cores: set VPO_TEST_ALL_METHODS=1")
+@pytest.mark.skipif(not os.environ.get("VPO_TEST_ALL_METHODS"), reason="~75 s more on 2 cores: set VPO_TEST_ALL_METHODS=1")
 def test_every_method_under_fsdp2_matches_single_process(tmp_path):
     """The other six methods, full fine-tuning and LoRA, 3 steps each (run: all equal, max |Δ| 4.8e-7)."""
     (tmp_path / "methods").write_text(" ".join(ALL_METHODS))

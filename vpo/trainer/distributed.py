@@ -122,6 +122,11 @@ def prepare_reference(trainer, ref_model: torch.nn.Module) -> torch.nn.Module:
     if zero3_enabled(trainer):
         import copy
 
+        policy_ids = {getattr(p, "ds_id", None) for p in trainer.model.parameters()} - {None}
+        if any(getattr(p, "ds_id", None) in policy_ids for p in ref_model.parameters()):
+            raise ValueError("the reference model is a copy of the ZeRO-3-partitioned policy (its parameters carry the "
+                             "policy's ds_id): a copy of partitions is not a model. Set ref_model_path (loaded and "
+                             "partitioned on its own), or pass ref_model=")
         import deepspeed
 
         config = copy.deepcopy(trainer.accelerator.state.deepspeed_plugin.deepspeed_config)
