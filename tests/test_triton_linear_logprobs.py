@@ -234,3 +234,26 @@ def test_gpu_more_than_65535_row_blocks():
     h, W, labels, b = _flat_inputs(torch.bfloat16, n=n, d=32, v=64, bias=True, device="cuda")
     cfg = LinearLogprobsConfig(sweep=TileConfig(16, 64, 32), bwd=TileConfig(16, 64, 32), gather=GatherConfig(16, 32))
     _check_all(torch.bfloat16, h, W, labels, b, config=cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_target_logits_bwd_into_caller_buffers(dtype):
+    """The TPO noised pass's scatter adds into the caller's fp32 dW / db (no second [V, D] buffer); the sparse rows
+    and the default (16-bit: sorted-segment sum, rounded once) give the same gradient."""
+    h, W, labels, b = (t.detach() if t is not None else None for t in _flat_inputs(dtype, bias=True))
+    labels[3] = labels[5]  # two rows sharing a target
+    g = torch.randn(N_)
+    dh_ref, dw_ref, db_ref = tl_mod.target_logits_bwd(g, h, W, labels, b)
+    dw_acc = torch.randn(V_, D_)
+    db_acc = torch.randn(V_)
+    dw0, db0 = dw_acc.clone(), db_acc.clone()
+    dh, dw, db = tl_mod.target_logits_bwd(g, h, W, labels, b, dw_acc=dw_acc, db_acc=db_acc)
+    assert dw is dw_acc and db is db_acc  # accumulated in place, returned as given
+    tol = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float16 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dw - dw0, dw_ref.float(), **tol)
+    torch.testing.assert_close(db - db0, db_ref.float(), **tol)
+    torch.testing.assert_close(dh, dh_ref)
+    rows, vals = tl_mod.target_logits_grad_rows(g, h, labels)
+    torch.testing.assert_close(torch.zeros(V_, D_).index_add_(0, rows, vals), dw_ref.float(), **tol)
+    with pytest.raises(ValueError, match="dw_acc must be a contiguous float32 tensor"):
+        tl_mod.target_logits_bwd(g, h, W, labels, b, dw_acc=dw_acc.half())
