@@ -26,7 +26,7 @@ SETUPS = {"full": dict(use_lora=False, ref_mode="model"), "lora": dict(use_lora=
 STEPS, PAIRS_PER_RANK = 3, 2
 
 
-def _run(out_dir: str, setup: str, *, world: int, backend: str = "fsdp2", method: str = "dpo") -> dict:
+def _run(out_dir: str, setup: str, *, world: int, backend: str = "fsdp2", method: str = "dpo", **overrides) -> dict:
     """One training run; ``backend``: ``fsdp2``, ``zero2`` or ``zero3`` (``tests/test_distributed_trainer_deepspeed.py``)
     when ``world`` > 1."""
     import torch
@@ -54,6 +54,7 @@ def _run(out_dir: str, setup: str, *, world: int, backend: str = "fsdp2", method
         kw.update(deepspeed={"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
                              "train_batch_size": "auto", "zero_allow_untested_optimizer": True,
                              "zero_optimization": {"stage": int(backend[-1]), "stage3_param_persistence_threshold": 0}})
+    kw.update(overrides)
     trainer = VPOTrainer(tiny.model, VPOConfig(**kw), train_dataset=synthetic_records(16, tiny),
                          data_collator=TinyPreferenceCollator(tiny, method))
     seen_heads = []
