@@ -37,10 +37,8 @@ One crop per example and call: the trainer runs policy and reference on the same
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import operator
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -51,7 +49,6 @@ from vpo._validate import check_choice, check_range
 from vpo.data.processors import FAMILIES
 from vpo.data.records import (
     BAD_FIELD,
-    BAD_IMAGE,
     BAD_IMAGE_LIST,
     BAD_TOKEN_WEIGHTS,
     MISSING_FIELD,
@@ -67,7 +64,8 @@ from vpo.data.records import (
     record_from_row,
     warn_skip,
 )
-from vpo.data.conversation import prompt_messages, with_response
+from vpo.data.augment import MDPO_CROP_KEEP, _bicubic, _to_pil, _to_unit_tensor, crop_box, derive_seed  # noqa: F401
+from vpo.data.encoding import GENERIC, ChatEncoding, _cat_vision
 from vpo.noise import NUM_DIFFUSION_STEPS, add_diffusion_noise
 
 METHODS = ("dpo", "csr", "tpo", "mdpo", "ovip", "lpoi", "catpo")
@@ -84,49 +82,14 @@ MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_t
                     "pixel_attention_mask", "token_type_ids", "image_sizes")
 # family="generic": any processor (vision keys = whatever it returns). Token-type keys it returns are rebuilt per row
 # from the image placeholder (1 on image tokens, 2 on video tokens).
-GENERIC = "generic"
 COLLATOR_FAMILIES = FAMILIES + (GENERIC,)
 # Methods whose passes take one image per example (the others accept several: record.image a list).
 SINGLE_IMAGE_METHODS = ("ovip", "lpoi", "mdpo")
-# Keys of a processor output that are text-side (rebuilt by the collator), not vision tensors.
-_TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
 def model_inputs(inputs: Mapping[str, Any]) -> Dict[str, Any]:
     """The keyword arguments of the model's ``forward`` in a batch or sub-batch (drops ``labels``, ``sub``, ...)."""
     return {k: v for k, v in inputs.items() if k in MODEL_INPUT_KEYS}
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts, stable across processes and Python versions (``hash()`` is not)."""
-    h = hashlib.sha256("\x1f".join(repr(p) for p in parts).encode("utf-8")).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
-MDPO_CROP_KEEP = (0.01, 0.2)  # mDPO's code: RandomResizedCrop(scale=(0.01, 0.2)), the fraction of the area kept
-
-
-def crop_box(record_id: str, width: int, height: int, *, seed: int = 0, max_frac: Optional[float] = None,
-             draw: int = 0, keep: Tuple[float, float] = MDPO_CROP_KEEP) -> Tuple[int, int, int, int]:
-    """mDPO's random crop: ``(left, top, right, bottom)`` pixels (end-exclusive) of a ``width x height`` image.
-
-    The kept fraction of the area ``a ~ U(keep)`` (default 1-20%, mDPO's ``RandomResizedCrop(scale=(0.01, 0.2))``)
-    and two uniforms for the position come from a generator seeded with ``(seed, record id, draw)``; the box keeps
-    the aspect ratio with sides ``ceil(W·√a)``, ``ceil(H·√a)`` (so it keeps at least ``a``) at a uniform position.
-    With ``max_frac`` set, the older crop: ``a = 1 - f``, ``f ~ U(0, max_frac)`` (removes at most ``f``).
-    :meth:`PreferenceCollator.crop_box` and :func:`vpo.construct.mdpo_crop_box` are this function.
-    """
-    g = torch.Generator().manual_seed(derive_seed("vpo-mdpo-crop", seed, str(record_id), draw))
-    u = torch.rand(3, generator=g, dtype=torch.float64).tolist()
-    if max_frac is None:  # the kept fraction a ~ U(keep); side scale sqrt(a), area kept >= a after rounding up
-        keep = math.sqrt(keep[0] + u[0] * (keep[1] - keep[0]))
-    else:  # the older crop: removes f ~ U(0, max_frac)
-        keep = math.sqrt(1.0 - u[0] * max_frac)  # side scale; area kept >= 1 - f after rounding up
-    cw = min(width, max(1, math.ceil(width * keep - 1e-9)))
-    ch = min(height, max(1, math.ceil(height * keep - 1e-9)))
-    left = min(int(u[1] * (width - cw + 1)), width - cw)
-    top = min(int(u[2] * (height - ch + 1)), height - ch)
-    return left, top, left + cw, top + ch
 
 
 @dataclass
@@ -148,7 +111,7 @@ class _Example:
     ref_logps: Optional[Tuple[float, float]] = None
 
 
-class PreferenceCollator:
+class PreferenceCollator(ChatEncoding):
     """Collate preference records into the batch contract of ``docs/data_format.md`` (``collate_fn`` of a loader).
 
     Args:
@@ -490,71 +453,6 @@ class PreferenceCollator:
             out.append([float(v) for v in w[:n_kept]])
         return out[0], out[1]
 
-    # -------------------------------------------------------------------------------------------------- tokenizing
-    def _messages(self, prompt: Any, num_images: int, response: Optional[str] = None) -> list:
-        """The conversation: ``prompt`` (text or messages) with ``num_images`` image parts, then the response."""
-        return with_response(prompt_messages(prompt, num_images), response)
-
-    def _render(self, msgs: list, add_generation_prompt: bool) -> str:
-        return self.processor.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=False)
-
-    def _render_prompt(self, prompt: Any, num_images: int) -> str:
-        return self._render(self._messages(prompt, num_images), True)
-
-    def _response_ids(self, prompt: Any, response: str, num_images: int) -> List[int]:
-        head = self._render_prompt(prompt, num_images)
-        full = self._render(self._messages(prompt, num_images, response), False)
-        ids = None
-        if full.startswith(head):
-            text = full[len(head):].rstrip()
-            # Tokenize the response in context (after the rendered prompt, image placeholder unexpanded) so a BPE /
-            # SentencePiece tokenizer splits its first word as it does inside the full conversation; fall back to the
-            # response alone if the prompt's tokens do not survive as a prefix.
-            tok = self.tokenizer
-            a = tok(head, add_special_tokens=False)["input_ids"]
-            b = tok(head + text, add_special_tokens=False)["input_ids"]
-            if len(b) > len(a) and b[: len(a)] == a:
-                ids = list(b[len(a):])
-        else:
-            if not self._warned_template:
-                warnings.warn(
-                    "vpo.data: the chat template's generation prompt is not a prefix of the rendered conversation; "
-                    "the response is tokenized as its raw text + eos",
-                    stacklevel=3,
-                )
-                self._warned_template = True
-            text = response
-        if ids is None:
-            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        eos = self.tokenizer.eos_token_id
-        if eos is not None and (not ids or ids[-1] not in self._special_ids):
-            ids.append(eos)
-        return ids
-
-    def _encode_prompt(self, text: str, images) -> Tuple[List[int], Optional[Dict[str, torch.Tensor]]]:
-        """``(prompt ids, vision tensors)`` of the rendered prompt ``text`` with ``images`` (a list, or None)."""
-        bos = self.tokenizer.bos_token
-        kwargs = {"add_special_tokens": not (bos is not None and text.startswith(bos))}
-        try:
-            out = self.processor(text=[text], images=[list(images)] if images else None, return_tensors="pt",
-                                 **kwargs)
-        except (ValueError, TypeError, OSError) as e:  # a degenerate image (too small, extreme aspect ratio, ...)
-            if not images:
-                raise
-            sizes = ", ".join(f"{im.width}x{im.height}" for im in images)
-            raise SkipRecord(BAD_IMAGE, f"the processor rejected the image(s) ({sizes}): {e}") from None
-        ids = out["input_ids"][0].tolist()
-        types = {}
-        if self.family == GENERIC:  # the processor's own token types of the prompt (the response's are 0)
-            types = {k: out[k][:1] for k in ("token_type_ids", "mm_token_type_ids") if isinstance(out.get(k),
-                                                                                               torch.Tensor)}
-            self._type_keys.update(types)
-        if not images:
-            return ids, None
-        vision = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
-        vision.update(types)
-        return ids, vision
-
     def _row(self, prompt_ids: List[int], resp_ids: List[int], vision) -> Tuple[_Row, int]:
         n = len(resp_ids)
         if self.max_length is not None:
@@ -630,48 +528,6 @@ class PreferenceCollator:
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
-def _cat_vision(visions: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """Concatenate per-row vision tensors on dim 0, zero-padding trailing dims that differ (Idefics2's image sizes;
-    a zero ``pixel_attention_mask`` marks the padding)."""
-    out = {}
-    for key in visions[0]:
-        ts = [v[key] for v in visions]
-        if any(t.shape[1:] != ts[0].shape[1:] for t in ts):
-            if any(t.dim() != ts[0].dim() for t in ts):
-                raise RuntimeError(f"cannot batch {key}: ranks differ across rows")
-            size = [max(t.shape[d] for t in ts) for d in range(1, ts[0].dim())]
-            padded = []
-            for t in ts:
-                p = t.new_zeros((t.shape[0], *size))
-                p[(slice(None),) + tuple(slice(0, s) for s in t.shape[1:])] = t
-                padded.append(p)
-            ts = padded
-        out[key] = torch.cat(ts, dim=0)
-    return out
-
-
-def _to_unit_tensor(image) -> torch.Tensor:
-    """A PIL image -> ``[3, H, W]`` float32 in ``[0, 1]``."""
-    import numpy as np
-
-    arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
-
-
-def _to_pil(x: torch.Tensor):
-    """``[3, H, W]`` in ``[0, 1]`` -> an 8-bit RGB PIL image (round to nearest)."""
-    from PIL import Image
-
-    arr = x.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-    return Image.fromarray(arr)
-
-
-def _bicubic():
-    from PIL import Image
-
-    return Image.Resampling.BICUBIC
-
-
 def _check_int(name: str, value, lo: Optional[int], hi: Optional[int]) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an int, got bool")

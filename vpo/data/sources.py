@@ -41,7 +41,6 @@ from vpo.data.records import (
     SkipRecord,
     UnreadableImageError,
     load_image,
-    read_preference_jsonl,
     record_from_row,
     records_from_rows,
 )
