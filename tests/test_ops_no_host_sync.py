@@ -2,7 +2,8 @@
 
 Every way a device value reaches the host from Python (``Tensor.item``, ``.tolist``, ``bool(tensor)``, ``int``/``float``
 of a tensor, ``nonzero``) is replaced by a function that raises when called from vpo's own code (``vpo.*``,
-``vpo_kernels.*``), and the public ops run forward and backward on the "torch" and "gemm" paths. On a GPU each of
+``vpo_kernels.*``), and the public ops run forward and backward on the "torch", "gemm" and "triton" paths (Triton's
+own interpreter may read values back; only vpo's code is checked). On a GPU each of
 those calls would stall the stream. A bad label is then a device-side assert, not a synchronous ValueError (which
 ``VPO_DEBUG_CHECKS=1`` brings back, and which CPU tensors always get: there, a failing assert raises at once).
 """
@@ -15,8 +16,8 @@ import torch
 from vpo import linear_logprobs, linear_token_kl, target_logits
 from vpo.testing import make_linear_head_inputs
 
-IMPLS = ["torch", pytest.param("gemm", marks=pytest.mark.skipif(not importlib.util.find_spec("triton"),
-                                                                reason="impl='gemm' needs triton"))]
+_needs_triton = pytest.mark.skipif(not importlib.util.find_spec("triton"), reason="needs triton")
+IMPLS = ["torch", pytest.param("gemm", marks=_needs_triton), pytest.param("triton", marks=_needs_triton)]
 
 
 class HostSync(AssertionError):
