@@ -23,8 +23,10 @@ nothing reads a count back to the host. Their hidden states must be finite (as a
 Chunk policy (:func:`vocab_chunk`): ``C = clamp(B // (T · N · (a + e)), 1, V)``, rounded down to a multiple of 128
 when ``C ≥ 128``, where ``B`` is the budget in bytes, ``T`` the number of logits tiles per chunk (1 for log-probs,
 2 for the KL's policy and reference), ``a`` the accumulation element size (4, 8 for float64) and ``e`` the input
-element size: the forward holds the ``T`` logits tiles (``T·N·C·a`` bytes at most) and the backward additionally one
-``dz`` tile (``N·C·e``). ``B`` is ``chunk_budget_mb`` (keyword of the public ops), else ``$VPO_CHUNK_BUDGET_MB``, else
+element size: on "gemm" the forward holds the ``T`` logits tiles (``T·N·C·a`` bytes at most) and the backward
+additionally one ``dz`` tile (``N·C·e``); the torch steps may add one ``[N, C]`` temporary (and an fp32 copy of a
+16-bit tile on CPU). Extra memory of a call is then ``≈ B`` plus ``dh`` in fp32 (``N·D·4``) and ``[N]`` statistics.
+``B`` is ``chunk_budget_mb`` (keyword of the public ops), else ``$VPO_CHUNK_BUDGET_MB``, else
 :data:`DEFAULT_BUDGET_MB` = 128 MiB; ``$VPO_TORCH_CHUNK`` (or ``chunk=``) fixes ``C`` directly.
 """
 from __future__ import annotations
