@@ -100,3 +100,16 @@ def test_rows_and_paths_as_train_dataset(tmp_path, proc):
     trainer.train()
     metrics = trainer.evaluate()
     assert "eval_rewards/accuracies" in metrics and metrics["eval_loss"] > 0
+
+
+def test_data_path_of_the_config_when_no_dataset_is_passed(tmp_path, proc):
+    import json
+
+    for i, c in enumerate(COLORS):
+        Image.new("RGB", (24, 24), c).save(tmp_path / f"{i}.png")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"image": f"{i}.png", "prompt": "what color ?",
+                                                          "chosen": f"{c} .", "rejected": "black ."}) + "\n"
+                                              for i, c in enumerate(COLORS)))
+    trainer = VPOTrainer(tiny_llava().model, args(tmp_path / "o", data_path=str(tmp_path / "d.jsonl")),
+                         processing_class=proc)
+    assert len(trainer.train_dataset) == 4 and trainer.eval_dataset is None

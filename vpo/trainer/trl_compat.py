@@ -8,8 +8,8 @@ TRL's ``DPOTrainer`` does:
   four families vpo knows (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, Idefics2), else the generic one driven by the
   processor's chat template (any model ``AutoModelForImageTextToText`` loads);
 - ``train_dataset`` / ``eval_dataset`` may be anything :func:`vpo.data.open_preference_data` reads (a
-  ``datasets.Dataset`` in TRL's layout, a path, rows): they are opened once, and a dataset whose records are all
-  skipped raises before training;
+  ``datasets.Dataset`` in TRL's layout, a path, rows; default: ``args.data_path`` / ``args.eval_data_path``): they
+  are opened once, and a dataset whose records are all skipped raises before training;
 - ``peft_config``: the model is wrapped with it (:func:`apply_peft_config`); the reference is then the policy with the
   adapter disabled;
 - full fine-tuning (no LoRA, no ``peft_config``) with ``ref_mode`` ``auto``/``model`` and no ``ref_model``: a frozen
@@ -69,8 +69,11 @@ def default_collator(processor, model, args):
 def open_dataset(data: Any, args, name: str, collator=None):
     """``data`` as a torch dataset of preference records (None and torch datasets pass through; a list of dicts is
     read as preference rows only for vpo's own collator, or none yet — other collators take their own rows)."""
-    if data is None:
-        return None
+    if data is None:  # VPOConfig's data_path / eval_data_path stand in for a dataset not passed
+        path = getattr(args, "data_path" if name == "train_dataset" else "eval_data_path", None)
+        if not path or str(path).startswith("synthetic") or getattr(args, "online", False):
+            return None
+        data = str(path)
     from torch.utils.data import Dataset, IterableDataset
 
     from vpo.data.sources import RowsPreferenceDataset, open_preference_data
