@@ -133,13 +133,19 @@ def debug_checks() -> bool:
 
 
 def assert_labels_in_range(name: str, labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Labels must lie in [0, V) or equal ignore_index, checked without a host sync: ``torch._assert_async`` (a
-    RuntimeError on CPU at once; on CUDA a device-side assert that surfaces at the next sync). With
-    ``VPO_DEBUG_CHECKS=1``: :func:`check_labels_in_range`, a ValueError naming the value (one sync)."""
-    if debug_checks():
-        check_labels_in_range(name, labels, vocab_size, ignore_index)
+    """Labels must lie in ``[0, V)`` or equal ``ignore_index``; the hot-path check of every LM-head entry.
+
+    CUDA: a device-side assert (``torch._assert_async``), no host sync; it surfaces at the next sync. CPU, or
+    ``VPO_DEBUG_CHECKS=1``: a ``ValueError`` naming the first bad value (the value is read only on the error path)."""
+    ok = ((labels == ignore_index) | ((labels >= 0) & (labels < vocab_size))).all()
+    msg = f"{name} contains a value outside [0, {vocab_size}) that is not ignore_index={ignore_index}"
+    if labels.is_cuda and not debug_checks():
+        torch._assert_async(ok, msg)
         return
-    valid = labels != ignore_index
-    ok = ~(valid & ((labels < 0) | (labels >= vocab_size))).any()
-    torch._assert_async(ok, f"{name} contains a value outside [0, {vocab_size}) that is not "
-                            f"ignore_index={ignore_index} (VPO_DEBUG_CHECKS=1 names it in a ValueError)")
+    try:
+        torch._assert_async(ok, msg)  # raises at once on CPU, without reading the flag through Python
+        if labels.is_cuda and not ok.item():  # VPO_DEBUG_CHECKS=1 on CUDA: the sync it asks for
+            raise RuntimeError(msg)
+    except RuntimeError:
+        check_labels_in_range(name, labels, vocab_size, ignore_index)
+        raise  # unreachable: check_labels_in_range raises for the same labels

@@ -4,8 +4,8 @@ in :mod:`vpo.ops._sweep`. The argument checks of a linear head ``(hidden [..., D
 are in :mod:`vpo._heads`, shared with the oracle and the fused losses.
 
 Nothing here reads a device value back to the host: no ``.item()``, ``.tolist()``, ``nonzero()`` or ``bool(tensor)``.
-The label-range check is a device-side assert (``torch._assert_async``); with ``VPO_DEBUG_CHECKS=1`` (and always on
-CPU, where a failing assert raises at once) a bad label is reported as a ``ValueError`` naming the value.
+The label-range check is :func:`vpo._validate.assert_labels_in_range` (one check for the ops and the fused losses):
+a device-side assert on CUDA, a ``ValueError`` naming the value on CPU or with ``VPO_DEBUG_CHECKS=1``.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import torch
 
 from vpo.ops._sweep import TorchEpilogue, acc_dtype  # noqa: F401  (acc_dtype: re-exported for the ops)
 
-DEBUG_ENV = "VPO_DEBUG_CHECKS"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -32,26 +31,6 @@ def row_targets(labels: Optional[torch.Tensor], ignore_index: int, N: int, devic
         return torch.ones(N, dtype=torch.bool, device=device), torch.zeros(N, dtype=torch.long, device=device)
     valid = labels != ignore_index
     return valid, torch.where(valid, labels, 0).long()
-
-
-def check_labels_in_range(name: str, labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Labels must lie in ``[0, V)`` or equal ``ignore_index``: a device-side assert (no host sync) on CUDA; a
-    ``ValueError`` naming the first bad value on CPU or with ``VPO_DEBUG_CHECKS=1`` (which syncs)."""
-    ok = ((labels == ignore_index) | ((labels >= 0) & (labels < vocab_size))).all()
-    msg = f"{name} contains a value outside [0, {vocab_size}) that is not ignore_index={ignore_index}"
-    if labels.is_cuda and os.environ.get(DEBUG_ENV) != "1":
-        torch._assert_async(ok, msg)
-        return
-    try:
-        torch._assert_async(ok, msg)  # raises at once on CPU; on CUDA, VPO_DEBUG_CHECKS=1 asks for the sync below
-        if labels.is_cuda and not ok.item():
-            raise RuntimeError(msg)
-    except RuntimeError:
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-        first = labels[bad].flatten()[0].item()  # the error path: a sync is fine here
-        raise ValueError(
-            f"{name} contains {first}: expected values in [0, {vocab_size}) or ignore_index={ignore_index}"
-        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ from torch.autograd.function import once_differentiable
 from vpo._heads import check_ignore_index, check_labels_like, check_linear_head
 from vpo.distributed import unshard_head
 from vpo.ops._common import acc_dtype as _acc_dtype
-from vpo.ops._common import check_labels_in_range, epilogue, resolve_impl, row_targets
+from vpo._validate import assert_labels_in_range
+from vpo.ops._common import epilogue, resolve_impl, row_targets
 from vpo.ops._sweep import (  # noqa: F401  (CHUNK_ENV, DEFAULT_BUDGET_MB: part of this module's documented policy)
     BUDGET_ENV,
     CHUNK_ENV,
@@ -216,7 +217,7 @@ def _validate(hidden, weight, labels, bias, ignore_index) -> None:
     check_linear_head(hidden, weight, bias)
     check_labels_like(labels, hidden)
     check_ignore_index(ignore_index)
-    check_labels_in_range("labels", labels, weight.shape[0], ignore_index)  # device-side assert: no host sync
+    assert_labels_in_range("labels", labels, weight.shape[0], ignore_index)  # device-side assert: no host sync
 
 
 def linear_logprobs(
