@@ -25,7 +25,7 @@ from vpo.trainer import (
 )
 from vpo.trainer.methods import compute
 from vpo.trainer.modeling import language_model_prefix
-from vpo.trainer.passes import model_inputs, select_rows, shift_labels_full
+from vpo.trainer.passes import forward_hidden, model_inputs, select_rows, shift_labels_full
 from vpo.trainer.synthetic import TinyPreferenceCollator, synthetic_records
 
 BUILDERS = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "idefics2": tiny_idefics2}
@@ -209,8 +209,33 @@ def test_reference_pass_changes_nothing_and_is_the_base_model(tmp_path, family):
     base = BUILDERS[family]().model  # same seed, never wrapped: the model the reference must be
     with torch.no_grad():
         expected = base.model(**model_inputs(batch), use_cache=False).last_hidden_state[:, :-1]
-    torch.testing.assert_close(ref, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ref, expected[:, passes.window()], rtol=0, atol=1e-6)
     assert (passes.hidden() - ref).abs().max() > 1e-3  # the adapter does change the policy
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_passes_cut_the_image_and_prompt_columns_before_the_head(tmp_path, family):
+    """The fused losses see only the columns where some row has a target: every target is kept, the image/prompt
+    columns in front are not (they would cost GEMM work for nothing); the loss is the full-length loss."""
+    trainer, tiny, collator, records = make_trainer(tmp_path, family, "dpo")
+    batch = collator(records[:2])
+    passes = Passes(batch, trainer.model, trainer.reference)
+    full = batch["labels"][:, 1:]
+    w = passes.window()
+    has = (full != -100).any(0).nonzero().flatten()
+    assert (w.start, w.stop) == (int(has[0]), int(has[-1]) + 1)
+    assert w.start > 0 and passes.labels().shape[1] < full.shape[1]
+    assert int((passes.labels() != -100).sum()) == int((full != -100).sum())
+    assert passes.hidden().shape[:2] == passes.labels().shape
+    import vpo
+    with torch.no_grad():
+        h_full = forward_hidden(trainer.model, model_inputs(batch))[:, :-1]
+        r_full = passes.ref_hidden()
+        cut, _ = vpo.fused_dpo_loss(passes.weight, passes.hidden(), passes.labels(), ref_hidden=r_full)
+        pad = torch.zeros(r_full.shape[0], full.shape[1], r_full.shape[2], dtype=r_full.dtype)
+        pad[:, w] = r_full
+        whole, _ = vpo.fused_dpo_loss(passes.weight, h_full, full, ref_hidden=pad)
+    torch.testing.assert_close(cut, whole, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))

@@ -5,8 +5,9 @@ A batch (the collator's contract, ``docs/data_format.md``) holds the main pass (
 method needs as a complete model-input dict. :class:`Passes` runs each pass at most once per model, on demand, and
 hands out what the fused losses take:
 
-- ``hidden(name)``: ``[R, L-1, D]`` the policy's last hidden states (post final norm), ``hidden[:, :-1]``;
-- ``labels(name)``: ``[R, L-1]`` the labels shifted to match, ``labels[:, 1:]`` (HF labels are unshifted);
+- ``hidden(name)``: ``[R, T, D]`` the policy's last hidden states (post final norm), ``hidden[:, :-1]`` cut to the
+  pass's label window (``window(name)``: the columns where some row has a target; T ≤ L-1);
+- ``labels(name)``: ``[R, T]`` the labels shifted to match, ``labels[:, 1:]`` (HF labels are unshifted), same window;
 - ``ref_hidden(name)``: the same for the reference (no grad), or None when the reference terms are precomputed;
 - ``logps(name)`` / ``ref_logps(name)``: ``[R]`` per-sequence ``Σ logp`` through :func:`vpo.linear_logprobs` (never
   ``[tokens × vocab]`` logits), or the precomputed reference values.
@@ -144,6 +145,7 @@ class Passes:
         self._hidden: Dict[str, torch.Tensor] = {}
         self._ref_hidden: Dict[str, torch.Tensor] = {}
         self._token_weights: Optional[torch.Tensor] = None
+        self._windows: Dict[str, slice] = {}
         config = unwrap_model(policy).config
         vision = getattr(config, "vision_config", None)
         self._merge = int(getattr(vision, "spatial_merge_size", 2) or 2)
@@ -181,21 +183,40 @@ class Passes:
         keep = torch.arange(rows, device=sub["input_ids"].device).reshape(B, L)[:, 1:].reshape(-1)
         return select_rows(sub, keep, merge_size=self._merge, image_token_id=self._image_token_id)
 
+    def window(self, name: str = MAIN) -> slice:
+        """The columns ``[t0, t1)`` of the shifted pass that hold any target (in any row); everything outside (image
+        tokens, the prompt, trailing padding) is cut off before the LM head, so the fused losses' GEMMs sweep only
+        ``R·(t1 − t0)`` positions instead of ``R·(L−1)``. One small host read per pass (the losses themselves never
+        sync); a pass without any target keeps all its columns."""
+        if name not in self._windows:
+            labels = self.pass_batch(name).get("labels")
+            if labels is None:
+                raise ValueError(f"pass {name!r} has no labels")
+            cols = (labels[:, 1:] != IGNORE_INDEX).any(0)  # [L-1]
+            n = cols.numel()
+            idx = torch.arange(n, device=cols.device)
+            first = torch.where(cols, idx, n).min()
+            last = torch.where(cols, idx, -1).max()
+            t0, t1 = torch.stack([first, last]).tolist()  # the one host read
+            self._windows[name] = slice(t0, t1 + 1) if t1 >= t0 else slice(0, n)
+        return self._windows[name]
+
     def labels(self, name: str = MAIN) -> torch.Tensor:
-        """``[R, L-1]`` labels aligned with :meth:`hidden` (``labels[:, 1:]``)."""
+        """``[R, T]`` labels aligned with :meth:`hidden`: ``labels[:, 1:]`` cut to :meth:`window`."""
         labels = self.pass_batch(name).get("labels")
         if labels is None:
             raise ValueError(f"pass {name!r} has no labels")
-        return labels[:, 1:]
+        return labels[:, 1:][:, self.window(name)]
 
     # -- policy ---------------------------------------------------------------------------------------------------
 
     def hidden(self, name: str = MAIN, *, grad: bool = True) -> torch.Tensor:
-        """``[R, L-1, D]`` the policy's last hidden states on pass ``name`` (under no_grad when ``grad`` is False)."""
+        """``[R, T, D]`` the policy's last hidden states on pass ``name`` (under no_grad when ``grad`` is False)."""
         if name not in self._hidden:
             with torch.set_grad_enabled(self.need_grad and grad and torch.is_grad_enabled()):
                 h = forward_hidden(self.policy, model_inputs(self.pass_batch(name)))
-            self._hidden[name] = h[:, :-1].to(self.weight.dtype)  # autocast may hand back another dtype
+            # autocast may hand back another dtype
+            self._hidden[name] = h[:, :-1][:, self.window(name)].to(self.weight.dtype)
         return self._hidden[name]
 
     def logps(self, name: str = MAIN) -> torch.Tensor:
@@ -210,12 +231,12 @@ class Passes:
         return self.reference.mode == "precomputed"
 
     def ref_hidden(self, name: str = MAIN) -> Optional[torch.Tensor]:
-        """``[R, L-1, D]`` the reference's last hidden states (no grad), or None when precomputed."""
+        """``[R, T, D]`` the reference's last hidden states (no grad), or None when precomputed."""
         if self.precomputed:
             return None
         if name not in self._ref_hidden:
             h = self.reference.hidden(self.policy, model_inputs(self.pass_batch(name)))
-            self._ref_hidden[name] = h[:, :-1].to(self._ref_dtype)
+            self._ref_hidden[name] = h[:, :-1][:, self.window(name)].to(self._ref_dtype)
         return self._ref_hidden[name]
 
     def ref_logps(self, name: str = MAIN) -> torch.Tensor:
@@ -242,7 +263,7 @@ class Passes:
     # -- Cat-PO ---------------------------------------------------------------------------------------------------
 
     def token_weights(self, *, alpha: float, lambda_ref: float, layers=None, source: str = "reference") -> torch.Tensor:
-        """``[2B, L-1]`` Cat-PO token weights aligned with :meth:`labels`.
+        """``[2B, T]`` Cat-PO token weights aligned with :meth:`labels`.
 
         ``source="batch"``: ``batch["token_weights"]`` (aligned with the unshifted labels; the data's precomputed
         weights). ``source="reference"`` (docs/methods.md): the precomputed reference table's, when it holds weights,
@@ -255,7 +276,7 @@ class Passes:
         if source == "batch":
             if self.batch.get("token_weights") is None:
                 raise ValueError("catpo_token_weights='batch' but the batch has no token_weights")
-            w = self.batch["token_weights"][:, 1:]
+            w = self.batch["token_weights"][:, 1:][:, self.window(MAIN)]
         elif source != "reference":
             raise ValueError(f"source must be 'reference' or 'batch', got {source!r}")
         elif self.reference.has_table_weights():
@@ -264,8 +285,8 @@ class Passes:
             full = shift_labels_full(self.batch["labels"])
             w, h = self.reference.catpo_weights(self.policy, model_inputs(self.batch), full, alpha=alpha,
                                                 lambda_ref=lambda_ref, layers=layers)
-            w = w[:, :-1]
+            w = w[:, :-1][:, self.window(MAIN)]
             if h is not None and MAIN not in self._ref_hidden and not self.precomputed:
-                self._ref_hidden[MAIN] = h[:, :-1].to(self._ref_dtype)
+                self._ref_hidden[MAIN] = h[:, :-1][:, self.window(MAIN)].to(self._ref_dtype)
         self._token_weights = w.to(self.weight.device, torch.float32).detach()
         return self._token_weights
