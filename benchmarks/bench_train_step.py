@@ -64,8 +64,8 @@ Reported (``benchmark.extra_info``; the results files' "End-to-end training step
 
 Run time (GPU, estimated, not yet measured): ~1 s per DPO step and ~2 s per TPO step (0.28 PFLOP counted per DPO
 step, 0.37 with the recomputation), 5 steps per case, plus ~20 s to build the model once: ~1-1.5 minutes in all.
-``run_gpu.sh`` leaves it out of its default stages (they use the whole ~9-minute budget);
-``OUT=... bash benchmarks/run_gpu.sh install train`` runs it.
+``run_gpu.sh`` leaves it out (its stages use the whole 6-minute budget); on a GPU with ~2 minutes to spare:
+``pytest benchmarks/bench_train_step.py --benchmark-only --vpo-results DIR``.
 """
 from __future__ import annotations
 
