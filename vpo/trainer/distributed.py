@@ -36,6 +36,10 @@ OViP online (:mod:`vpo.online.ovip`): under several processes a rank whose whole
 longer raises; its dataset yields placeholder records (ids starting with :data:`vpo.online.ovip.NO_PAIR_PREFIX`) and
 :func:`placeholder_batch` tells the trainer to scale that step's loss by zero: the forward and backward run as on every
 rank (so DDP's all-reduce and FSDP's all-gathers / reduce-scatters match), and the rank's gradient is zero.
+
+Tested on CPU with 2 gloo processes against one process on the same global batch: ``tests/test_distributed_*.py``
+(FSDP2 and, where ``deepspeed`` is installed, ZeRO-2/3 trainer runs; the gather logic against a stub of DeepSpeed's API
+everywhere).
 """
 from __future__ import annotations
 
