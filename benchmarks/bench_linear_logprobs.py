@@ -1,6 +1,6 @@
 """Per-token log-probs under the LM head, forward + backward: vpo's GEMM-bound (``impl="gemm"``), fused Triton and
-chunked-torch paths against the materializing PyTorch code (``naive``), Liger's fused linear cross-entropy, Cut Cross-Entropy (both when installed) and the floor,
-the three plain GEMMs every implementation must do (``h·Wᵀ``, ``dz·W``, ``dzᵀ·h``; 6·N·D·V FLOPs).
+chunked-torch paths against the materializing PyTorch code (``naive``), Liger's fused linear cross-entropy, Cut
+Cross-Entropy (both when installed) and the floor, the three plain GEMMs every implementation must do (``h·Wᵀ``, ``dz·W``, ``dzᵀ·h``; 6·N·D·V FLOPs).
 
 GPU: LLaVA-1.5 (D=4096, V=32064) and Qwen2-VL (D=3584, V=152064) heads, N ∈ {2048, 8192, 16384} tokens, bf16.
 CPU: small fp32 shapes (see ``_harness.CPU_SHAPES``). Each benchmark records ``tflops``, ``peak_mib`` (the step's peak

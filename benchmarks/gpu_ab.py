@@ -243,8 +243,11 @@ def run_stage(args) -> int:
         data["results"].append(entry)
         save(args.out, data)
         e = entry
-        what = (f"{e['median_ms']:.4g} ms median of {e['reps']}, peak {e['peak_mib'] if e['peak_mib'] is None else round(e['peak_mib'], 1)} MiB, "
-                f"first call {e['first_call_s']:.2f} s" if "median_ms" in e else f"ERROR {e.get('error', '')[:200]}")
+        if "median_ms" in e:
+            what = (f"{e['median_ms']:.4g} ms median of {e['reps']}, peak {_f(e['peak_mib'], '.1f')} MiB, "
+                    f"first call {e['first_call_s']:.2f} s")
+        else:
+            what = f"ERROR {e.get('error', '')[:200]}"
         print(f"[{args.stage}] {e['family']} N={e['N']} {e['impl']}: {what}", flush=True)
         if e.get("check_vs_materialized"):
             print(f"    vs materialized: {e['check_vs_materialized']}", flush=True)
@@ -422,9 +425,12 @@ def report(args) -> int:
     tpo_dpo = [(N, b) for (fam, N, impl) in by if fam == "fused_losses" and impl.startswith("tpo/")
                for b in [impl.split("/")[1]]]
     if tpo_dpo:
-        L += ["", "TPO over DPO on the same backend (target ≤ 1.15): " + ", ".join(
-            f"N={N} {b}: {_ratio(by[('fused_losses', N, 'tpo/' + b)].get('median_ms'), by.get(('fused_losses', N, 'dpo/' + b), {}).get('median_ms'))}"
-            for N, b in tpo_dpo)]
+        def tpo_over_dpo(N, b):
+            dpo = by.get(("fused_losses", N, "dpo/" + b), {})
+            return _ratio(by[("fused_losses", N, "tpo/" + b)].get("median_ms"), dpo.get("median_ms"))
+
+        L += ["", "TPO over DPO on the same backend (target ≤ 1.15): "
+              + ", ".join(f"N={N} {b}: {tpo_over_dpo(N, b)}" for N, b in tpo_dpo)]
     errors = [r for r in res if r.get("traceback")]
     if errors:
         L += ["", "## Errors", ""]
