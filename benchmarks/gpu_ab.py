@@ -68,7 +68,7 @@ LABELS = {"naive": "materialized", "floor": "GEMM floor"}
 SMOKE_SKIP = {"triton", "dpo/triton", "tpo/triton", "catpo/triton", "kl/triton", "qk/triton"}
 # Test hooks (tests/test_gpu_script.py): make one named path fail, or fail as if the CUDA context were poisoned
 # (once: the restarted stage must go on past it).
-FAIL_ENV, POISON_ENV = "VPO_GPU_AB_FAIL", "VPO_GPU_AB_POISON"
+FAIL_ENV, POISON_ENV, HANG_ENV = "VPO_GPU_AB_FAIL", "VPO_GPU_AB_POISON", "VPO_GPU_AB_HANG"
 
 
 def config(smoke: bool) -> dict:
@@ -234,12 +234,16 @@ def run_stage(args) -> int:
     if not data["meta"]:
         data["meta"] = meta(args.cpu_smoke)
         save(args.out, data)
+    if data.get("in_progress"):  # a case the previous stage process was killed in (its stage timeout): a hang
+        data.setdefault("interrupted", []).append(data.pop("in_progress"))
     done = {(r["family"], r["N"], r.get("requested", r["impl"])) for r in data["results"]}
+    done |= {(r["family"], r["N"], r["impl"]) for r in data.get("interrupted", [])}  # never retried
     deadline = args.deadline or (time.time() + 1e9)
     refs = {}
     last_cost = 10.0 if device == "cuda" else 1.0
 
     def record(entry: dict) -> None:
+        data.pop("in_progress", None)
         data["results"].append(entry)
         save(args.out, data)
         e = entry
@@ -276,7 +280,13 @@ def run_stage(args) -> int:
                          "shape": shape.label, "flops": _cases.flops(case)}
                 t_case = time.time()
                 step = None
+                data["in_progress"] = {"stage": args.stage, "family": family, "N": N, "impl": impl,
+                                       "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                                           timespec="seconds")}
+                save(args.out, data)
                 try:
+                    if impl == os.environ.get(HANG_ENV):
+                        time.sleep(3600)
                     if impl == os.environ.get(FAIL_ENV):
                         raise RuntimeError(f"injected failure ({FAIL_ENV}={impl})")
                     if impl == os.environ.get(POISON_ENV) and not any(r["impl"] == impl for r in data["results"]):
@@ -431,6 +441,10 @@ def report(args) -> int:
 
         L += ["", "TPO over DPO on the same backend (target ≤ 1.15): "
               + ", ".join(f"N={N} {b}: {tpo_over_dpo(N, b)}" for N, b in tpo_dpo)]
+    hung = data.get("interrupted", []) + ([data["in_progress"]] if data.get("in_progress") else [])
+    if hung:
+        L += ["", "## Interrupted (killed by the stage's timeout while running: a hang or far too slow)", ""]
+        L += [f"- {h['stage']}: {h['family']} N={h['N']} {h['impl']}, started {h['started']}" for h in hung]
     errors = [r for r in res if r.get("traceback")]
     if errors:
         L += ["", "## Errors", ""]

@@ -75,3 +75,28 @@ def test_smoke_run_measures_every_stage_and_survives_failures(smoke_run):
     assert checks and all(c["max_abs_diff_value"] < 1e-3 and c["rel_diff_grad_weight"] < 1e-3 for c in checks)
     stats = list(data["inputs"].values())
     assert stats and all(0.5 < s["mean_entropy"] < 3.0 for s in stats)
+
+
+def test_a_hung_case_is_named_in_the_report(tmp_path):
+    """A case killed by its stage's timeout (a hang) is recorded as interrupted (a rerun skips it) and reported."""
+    import time
+
+    driver = os.path.join(ROOT, "benchmarks", "gpu_ab.py")
+    env = {**os.environ, "VPO_GPU_AB_HANG": "floor", "TRITON_INTERPRET": "1"}
+    proc = subprocess.Popen([sys.executable, driver, "--cpu-smoke", "run", "--stage", "lmhead", "--out", str(tmp_path)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = tmp_path / "gpu-results.json"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait until the driver sits in the hanging case, then kill it like `timeout`
+            if results.exists() and (json.loads(results.read_text()).get("in_progress") or {}).get("impl") == "floor":
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the driver never reached the hanging case")
+    finally:
+        proc.kill()
+        proc.wait()
+    subprocess.run([sys.executable, driver, "--cpu-smoke", "report", "--out", str(tmp_path)], check=True)
+    report = (tmp_path / "gpu-report.md").read_text()
+    assert "## Interrupted" in report and "linear_logprobs N=32 floor" in report
