@@ -175,3 +175,35 @@ def test_evaluate_dir(tmp_path):
     assert all(math.isfinite(v) for v in rep["chair"].values())
     with pytest.raises(ValueError, match="make_eval_dataset"):
         evaluate_dir(_oracle(scenes), str(tmp_path), "nope")
+
+
+def test_prior_chair_by_hand():
+    """Prior-triggered mentions: partner mentions where the trigger is in the scene; cases: trigger without partner."""
+    from vpo.eval.metrics import binomial_se, prior_chair
+    from vpo.worlds.shapes import Obj, Scene
+
+    def obj(shape, color="red", cell="center"):
+        return Obj(shape, color, "small", cell, (25, 25, 33, 33))
+
+    pairs = [("circle", "square"), ("triangle", "cross")]
+    scenes = [
+        Scene((obj("circle"),)),                                   # case (circle, no square)
+        Scene((obj("circle"), obj("square", cell="top"))),         # no case: the square is there
+        Scene((obj("triangle"), obj("circle", cell="top"))),       # two cases
+        Scene((obj("square"),)),                                   # no trigger at all
+    ]
+    responses = [
+        "a red circle and a red square.",           # hallucinated partner (1 of 1 case mentioned)
+        "a red circle and a red square.",           # a true partner mention
+        "a red triangle and a red circle.",         # both partners correctly left out
+        "a red square and a red cross.",            # no trigger in the scene: not prior-triggered
+    ]
+    r = prior_chair(responses, scenes, pairs)
+    assert (r.num_prior_mentions, r.num_prior_hallucinated, r.num_cases, r.num_cases_mentioned) == (2, 1, 3, 1)
+    assert r.chair_prior == 0.5 and r.prior_rate == pytest.approx(1 / 3)
+    assert r.chair_prior_se == pytest.approx(binomial_se(0.5, 2)) == pytest.approx(0.5 ** 0.5 / 2)
+    assert prior_chair([], [], pairs).chair_prior == 0.0  # 0/0 is 0
+    with pytest.raises(ValueError, match="one scene per response"):
+        prior_chair(["x"], [], pairs)
+    with pytest.raises(ValueError, match="pairs"):
+        prior_chair(responses, scenes, [])
