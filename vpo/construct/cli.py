@@ -50,7 +50,9 @@ def csr_main(args: argparse.Namespace) -> int:
 
     config = CSRConfig(mode=args.mode, lam=args.lam, keep_top=args.keep_top, keep_bottom=args.keep_bottom,
                        num_candidates=args.num_candidates, token_beams=args.token_beams,
-                       num_beam_groups=args.beam_groups, diversity_penalty=args.diversity_penalty,
+                       num_beam_groups=(args.beam_groups if args.beam_groups is not None
+                                        else 5 if args.token_beams % 5 == 0 else 1),
+                       diversity_penalty=args.diversity_penalty,
                        max_new_tokens=args.max_new_tokens, max_sentences=args.max_sentences,
                        max_response_tokens=args.max_response_tokens, sentence_end=tuple(args.sentence_end),
                        language_score=args.language_score)
@@ -154,8 +156,9 @@ def register(sub) -> None:
     c.add_argument("--keep-bottom", type=int, default=2)
     c.add_argument("--num-candidates", type=int, default=5, help="sentences proposed per beam")
     c.add_argument("--token-beams", type=int, default=5, help="token-level beam width inside a sentence")
-    c.add_argument("--beam-groups", type=int, default=5,
-                   help="diverse beam search: groups of --token-beams (CSR: 5; 1 = plain beam search)")
+    c.add_argument("--beam-groups", type=int, default=None,
+                   help="diverse beam search: groups of --token-beams (default: CSR's 5 when --token-beams is a "
+                        "multiple of 5, else 1 = plain beam search)")
     c.add_argument("--diversity-penalty", type=float, default=3.0, help="Hamming diversity penalty (CSR: 3.0)")
     c.add_argument("--max-new-tokens", type=int, default=74, help="tokens per sentence")
     c.add_argument("--max-sentences", type=int, default=8)
