@@ -240,11 +240,12 @@ def format_table(summary: Dict[str, Any]) -> str:
         lines.append(f"{method + ' (after)':<12}" + "".join(f"{c:>20}" for c in cells))
     better = {name: d for name, _s, _k, d in METRICS}
     lines.append(f"{'':<12}" + "".join(f"{('(' + better[name] + ' is better)'):>20}" for name in TABLE))
-    se = f"CHAIR_i standard error (binomial, {int(before['mentions'])} mentions before): {_fmt(before['CHAIR_i_se'])}"
+    se = (f"CHAIR_i standard error (binomial, {int(before['mentions'])} mentions before): {_fmt(before['CHAIR_i_se'])}"
+          f"; change in SE")
     for method, res in summary["methods"].items():
         a = res["after"]
-        drop = (before["CHAIR_i"] - a["CHAIR_i"]) / before["CHAIR_i_se"] if before["CHAIR_i_se"] else float("nan")
-        se += f"; {method}: {drop:+.1f} SE"
+        change = (a["CHAIR_i"] - before["CHAIR_i"]) / before["CHAIR_i_se"] if before["CHAIR_i_se"] else float("nan")
+        se += f", {method}: {change:+.1f}"
     lines.append(se)
     lines.append("")
     lines.append(f"{'curves':<8}{'steps':>7}{'loss start -> end':>22}{'margin start -> end':>24}"
