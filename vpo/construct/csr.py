@@ -4,7 +4,7 @@ the iterative loop.
 The search (the paper's Algorithm 1). A response grows one sentence per round. In each round every active path (beam)
 proposes ``num_candidates`` next sentences — a token-level DIVERSE beam search (CSR App. A.1 and its code: the
 ``token_beams`` beams in ``num_beam_groups = 5`` groups with Hamming ``diversity_penalty = 3.0``, Vijayakumar et al.;
-:func:`~vpo.construct.csr_search.diverse_token_beams`; one group is plain beam search) that ends a sentence at a
+:func:`~vpo.construct.csr_beams.diverse_token_beams`; one group is plain beam search) that ends a sentence at a
 sentence-end token (``"."``), at the end of the response (the tokenizer's eos / the chat template's end-of-turn), or
 after ``max_new_tokens`` tokens — and each sentence ``s`` is scored:
 
@@ -46,7 +46,8 @@ and its processor, building the prompt with :class:`vpo.data.PreferenceCollator`
 vision inputs). Image relevance comes from an :class:`ImageTextScorer`: :class:`ShapesWorldScorer` (exact, from the
 shapes world's ground truth) or :class:`CLIPScorer` (a transformers CLIP model from a local folder).
 
-Files: :mod:`vpo.construct.csr_search` (the config, the rewards and both searches), :mod:`vpo.construct.csr_scorers`
+Files: :mod:`vpo.construct.csr_search` (the config, the rewards, the sentence-level search),
+:mod:`vpo.construct.csr_beams` (the token-level proposals, plain and diverse), :mod:`vpo.construct.csr_scorers`
 (``R_I``), :mod:`vpo.construct.csr_lm` (the transformers model as a :class:`TokenLM`) and this module (the dataset
 writer and the iterative loop); everything is importable from here.
 
