@@ -1,0 +1,108 @@
+"""The demo's numbers and tables: the metrics kept per model (:data:`METRICS`), the before/after table printed by
+``vpo demo`` (:func:`format_table`) and its markdown twin (:func:`summary_markdown`)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Sequence
+
+# (summary key, report section, report key, better): the numbers kept for `before` and every method's `after`.
+METRICS = (("CHAIR_i", "chair", "chair_i", "lower"), ("CHAIR_i_se", "chair", "chair_i_se", "-"),
+           ("CHAIR_s", "chair", "chair_s", "lower"), ("coverage", "chair", "coverage", "higher"),
+           ("mentions", "chair", "num_mentions", "-"), ("CHAIR_prior", "prior", "chair_prior", "lower"),
+           ("prior_rate", "prior", "prior_rate", "lower"), ("POPE acc", "pope", "accuracy", "higher"),
+           ("POPE F1", "pope", "f1", "higher"))
+# The table's columns (the standard errors and counts stay in summary.json).
+TABLE = ("CHAIR_i", "CHAIR_s", "CHAIR_prior", "coverage", "POPE F1")
+
+
+def _metric(report: Dict[str, Any], section: str, key: str) -> float:
+    return float(report[section][key]) if section in report else float("nan")
+
+
+def row_metrics(report: Dict[str, Any]) -> Dict[str, float]:
+    """The :data:`METRICS` of an evaluation report (NaN for a section the report lacks)."""
+    return {name: _metric(report, sec, key) for name, sec, key, _ in METRICS}
+
+
+def _curve_ends(history: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    logs = [h for h in history if "loss" in h and "train_runtime" not in h]
+    out: Dict[str, Any] = {"logged_steps": [h.get("step") for h in logs]}
+    for key, name in (("loss", "loss"), ("rewards/margins", "margin"), ("rewards/accuracies", "accuracy")):
+        vals = [h[key] for h in logs if isinstance(h.get(key), (int, float))]
+        if vals:
+            out[name] = {"start": float(vals[0]), "end": float(vals[-1])}
+    return out
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) and math.isfinite(v) else "  -  "
+
+
+def format_table(summary: Dict[str, Any]) -> str:
+    """The before/after table and the curves' end points of a :func:`run_demo` summary."""
+    before = summary["before"]
+    lines = []
+    lines.append(f"{'model':<12}" + "".join(f"{name:>20}" for name in TABLE))
+    lines.append(f"{'sft (before)':<12}" + "".join(f"{_fmt(before[name]):>20}" for name in TABLE))
+    for method, res in summary["methods"].items():
+        cells = [f"{_fmt(before[name])} -> {_fmt(res['after'][name])}" for name in TABLE]
+        lines.append(f"{method + ' (after)':<12}" + "".join(f"{c:>20}" for c in cells))
+    better = {name: d for name, _s, _k, d in METRICS}
+    lines.append(f"{'':<12}" + "".join(f"{('(' + better[name] + ' is better)'):>20}" for name in TABLE))
+    se = (f"CHAIR_i standard error (binomial, {int(before['mentions'])} mentions before): {_fmt(before['CHAIR_i_se'])}"
+          f"; change in SE")
+    for method, res in summary["methods"].items():
+        a = res["after"]
+        change = (a["CHAIR_i"] - before["CHAIR_i"]) / before["CHAIR_i_se"] if before["CHAIR_i_se"] else float("nan")
+        se += f", {method}: {change:+.1f}"
+    lines.append(se)
+    lines.append("")
+    lines.append(f"{'curves':<8}{'steps':>7}{'loss start -> end':>22}{'margin start -> end':>24}"
+                 f"{'accuracy end':>15}{'time':>8}")
+    sft = summary.get("sft", {})
+    if sft.get("curve", {}).get("loss"):
+        c = sft["curve"]
+        cached = " (cached)" if sft.get("cached") else ""
+        lines.append(f"{'sft':<8}{sft['steps']:>7}{_fmt(c['loss']['start']) + ' -> ' + _fmt(c['loss']['end']):>22}"
+                     f"{'':>24}{'':>15}{sft['seconds']:>7.0f}s{cached}")
+    for method, res in summary["methods"].items():
+        c = res["curve"]
+        loss = c.get("loss", {})
+        margin = c.get("margin", {})
+        acc = c.get("accuracy", {})
+        lines.append(f"{method:<8}{res['steps']:>7}"
+                     f"{_fmt(loss.get('start', float('nan'))) + ' -> ' + _fmt(loss.get('end', float('nan'))):>22}"
+                     f"{_fmt(margin.get('start', float('nan'))) + ' -> ' + _fmt(margin.get('end', float('nan'))):>24}"
+                     f"{_fmt(acc.get('end', float('nan'))):>15}{res['seconds']:>7.0f}s")
+    return "\n".join(lines)
+
+
+def summary_markdown(summary: Dict[str, Any]) -> str:
+    """The before/after numbers of a :func:`run_demo` summary as a markdown table (``summary.md``)."""
+    cols = ("CHAIR_i", "CHAIR_s", "CHAIR_prior", "prior_rate", "coverage", "mentions", "POPE acc", "POPE F1")
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+
+    def cells(r):
+        out = []
+        for k in cols:
+            if k == "CHAIR_i":
+                out.append(f"{r['CHAIR_i']:.3f} ± {r['CHAIR_i_se']:.3f}")
+            elif k == "mentions":
+                out.append(f"{int(r[k])}")
+            else:
+                out.append(_fmt(r[k]))
+        return out
+
+    lines.append("| SFT (before) | " + " | ".join(cells(summary["before"])) + " |")
+    for method, res in summary["methods"].items():
+        lines.append(f"| {method} (after) | " + " | ".join(cells(res["after"])) + " |")
+    b = summary["before"]
+    notes = [f"CHAIR_i ± its binomial standard error over the mentions; {summary['settings']['eval_images']} held-out "
+             f"{summary.get('eval_split', 'test')} images, seed {summary['seed']}, {summary['threads']} thread(s)."]
+    for method, res in summary["methods"].items():
+        a = res["after"]
+        d = a["CHAIR_i"] - b["CHAIR_i"]
+        notes.append(f"{method}: CHAIR_i {b['CHAIR_i']:.3f} -> {a['CHAIR_i']:.3f} ({d:+.3f}, {d / b['CHAIR_i_se']:+.1f} "
+                     f"SE of the SFT model's CHAIR_i); coverage {a['coverage'] - b['coverage']:+.3f}; "
+                     f"{res['steps']} steps in {res['seconds']:.0f}s.")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
