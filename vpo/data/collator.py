@@ -132,6 +132,8 @@ class PreferenceCollator(ChatEncoding):
             per example (draw 0's) for the whole run (else a fresh crop per call).
         crop_keep: mDPO: the crop keeps a fraction of the area drawn uniformly in ``crop_keep`` (default
             ``(0.01, 0.2)``, the mDPO code's).
+        noise_clip: TPO: how the noised image is brought back to ``[0, 1]``: ``"clamp"`` (default) or ``"wrap"``
+            (the official TPO code's uint8 wrap-around; :func:`vpo.add_diffusion_noise`).
         crop_max_frac: mDPO, the older crop: when set, it removes a fraction drawn uniformly in
             ``[0, crop_max_frac]`` instead (``crop_keep`` is then unused).
         list_size: LPOI: the list length ``L``.
@@ -173,6 +175,7 @@ class PreferenceCollator(ChatEncoding):
         fixed_noise: bool = False,
         crop_max_frac: Optional[float] = None,
         crop_keep: Tuple[float, float] = MDPO_CROP_KEEP,
+        noise_clip: str = "clamp",
         list_size: int = 5,
         ovip_rejected: bool = False,
     ):
@@ -211,6 +214,10 @@ class PreferenceCollator(ChatEncoding):
         self.fixed_noise = fixed_noise
         self.crop_max_frac = None if crop_max_frac is None else float(crop_max_frac)
         self.crop_keep = (float(crop_keep[0]), float(crop_keep[1]))
+        if noise_clip not in ("clamp", "wrap"):
+            raise ValueError(f"noise_clip must be 'clamp' or 'wrap' (TPO's noised image back in [0, 1]), got "
+                             f"{noise_clip!r}")
+        self.noise_clip = noise_clip
         self.draw = 0
         self.stats = DataStats()
 
@@ -245,7 +252,7 @@ class PreferenceCollator(ChatEncoding):
         8-bit rounding and the processor)."""
         x = _to_unit_tensor(image)
         g = torch.Generator().manual_seed(self.noise_seed(record_id, draw))
-        return add_diffusion_noise(x, self.noise_step, generator=g)
+        return add_diffusion_noise(x, self.noise_step, generator=g, clip=self.noise_clip)
 
     def crop_box(
         self, record_id: str, width: int, height: int, draw: Optional[int] = None

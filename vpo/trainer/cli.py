@@ -92,7 +92,8 @@ def build_data(config: "VPOConfig", family: str, processor, tiny):
             evaluation = synthetic_records(_synthetic_size(config.eval_data_path, 16), tiny, seed=seed + 1,
                                            prefix="syn-eval")
         collator = TinyPreferenceCollator(tiny, config.method, list_size=config.list_size,
-                                          noise_step=config.noise_step, crop_frac=config.crop_frac,
+                                          noise_step=config.noise_step,
+                                          crop_frac=0.2 if config.crop_frac is None else config.crop_frac,
                                           fixed_noise=config.fixed_noise, ovip_rejected=_ovip_rejected(config))
         return train, evaluation, collator
     from vpo.data import PreferenceCollator
@@ -120,7 +121,8 @@ def build_data(config: "VPOConfig", family: str, processor, tiny):
     collator = PreferenceCollator(processor, family, method=config.method, max_length=config.max_length,
                                   noise_step=config.noise_step, seed=config.seed, fixed_noise=config.fixed_noise,
                                   crop_max_frac=config.crop_frac, list_size=config.list_size,
-                                  ovip_rejected=_ovip_rejected(config))
+                                  crop_keep=(config.crop_keep_min, config.crop_keep_max),
+                                  noise_clip=config.noise_clip, ovip_rejected=_ovip_rejected(config))
     return train, evaluation, collator
 
 

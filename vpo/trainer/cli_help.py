@@ -27,7 +27,7 @@ SECTIONS = (
       "save_steps", "eval_strategy", "report_to", "resume_from_checkpoint", "seed", "use_cpu"]),
     ("per method (docs/methods.md)",
      ["tpo_a", "noise_step", "fixed_noise", "kl_coef", "catpo_alpha", "ovip_image_loss", "ovip_anchor", "online",
-      "list_size", "anchor_delta", "crop_frac", "csr_iteration"]),
+      "list_size", "anchor_delta", "crop_keep_min", "crop_keep_max", "crop_frac", "noise_clip", "csr_iteration"]),
 )
 
 

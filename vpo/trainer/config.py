@@ -85,8 +85,13 @@ class VPOConfig(TrainingArguments):
     # LPOI / mDPO anchors
     list_size: int = field(default=5, metadata={"help": "LPOI list length L (images per list, x_1 = original)"})
     anchor_delta: float = field(default=0.0, metadata={"help": "anchor δ of LPOI / mDPO"})
-    crop_frac: float = field(default=0.2, metadata={"help": "mDPO: largest fraction of the image a crop removes "
-                                                            "(data side)"})
+    crop_keep_min: float = field(default=0.01, metadata={"help": "mDPO: smallest fraction of the image area a crop "
+                                                                 "keeps (mDPO's RandomResizedCrop scale 0.01-0.2)"})
+    crop_keep_max: float = field(default=0.2, metadata={"help": "mDPO: largest fraction of the image area a crop keeps"})
+    crop_frac: Optional[float] = field(default=None, metadata={
+        "help": "mDPO, the older crop: when set, a crop REMOVES up to this fraction instead (crop_keep_* unused)"})
+    noise_clip: str = field(default="clamp", metadata={
+        "help": "TPO: the noised image back in [0, 1] by 'clamp' (default) or 'wrap' (the official code's uint8 wrap)"})
     # CSR
     csr_iteration: int = field(default=1, metadata={"help": "CSR iteration t >= 1; t > 1 needs the previous "
                                                             "iterate as the reference (ref_model_path, or "
@@ -202,8 +207,13 @@ class VPOConfig(TrainingArguments):
         if self.list_size < 2:
             raise ValueError(f"list_size must be >= 2 (the original image and at least one negative), got "
                              f"{self.list_size}")
-        if not 0.0 <= self.crop_frac < 1.0:
-            raise ValueError(f"crop_frac must lie in [0, 1), got {self.crop_frac}")
+        if self.crop_frac is not None and not 0.0 <= self.crop_frac < 1.0:
+            raise ValueError(f"crop_frac must lie in [0, 1) or be unset, got {self.crop_frac}")
+        if not 0.0 < self.crop_keep_min <= self.crop_keep_max <= 1.0:
+            raise ValueError(f"crop_keep_min/crop_keep_max must satisfy 0 < min <= max <= 1 (fractions of the area a "
+                             f"crop keeps), got {self.crop_keep_min} and {self.crop_keep_max}")
+        if self.noise_clip not in ("clamp", "wrap"):
+            raise ValueError(f"noise_clip must be 'clamp' or 'wrap', got {self.noise_clip!r}")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.csr_iteration < 1:

@@ -63,7 +63,8 @@ def default_collator(processor, model, args):
     ovip_rejected = args.method == "ovip" and (args.ovip_image_loss == "symmetric" or args.ovip_anchor == "bi-anchor")
     return PreferenceCollator(processor, family, method=args.method, max_length=args.max_length,
                               noise_step=args.noise_step, seed=args.seed, fixed_noise=args.fixed_noise,
-                              crop_max_frac=args.crop_frac, list_size=args.list_size, ovip_rejected=ovip_rejected)
+                              crop_max_frac=args.crop_frac, crop_keep=(args.crop_keep_min, args.crop_keep_max),
+                              noise_clip=args.noise_clip, list_size=args.list_size, ovip_rejected=ovip_rejected)
 
 
 def open_dataset(data: Any, args, name: str, collator=None):
