@@ -49,49 +49,10 @@ def propose_sentences(
     Returns:
         Up to ``num_candidates`` :class:`Sentence` s, by log-probability descending (groups: by penalized score).
     """
-    if num_beam_groups != 1:
-        return diverse_token_beams(lm, prefix, sentence_end_ids=sentence_end_ids, eos_ids=eos_ids,
-                                   num_candidates=num_candidates, token_beams=token_beams,
-                                   max_new_tokens=max_new_tokens, num_beam_groups=num_beam_groups,
-                                   diversity_penalty=diversity_penalty)
-    stops = sorted(set(int(t) for t in sentence_end_ids) | set(int(t) for t in eos_ids))
-    eos = set(int(t) for t in eos_ids)
-    prefix = tuple(int(t) for t in prefix)
-    alive: List[Tuple[Tuple[int, ...], float]] = [((), 0.0)]
-    finished: List[Tuple[float, int, Tuple[int, ...], str]] = []  # (logprob, order, tokens, end)
-    for step in range(max_new_tokens):
-        lp = lm.next_logprobs([prefix + toks for toks, _ in alive])
-        if not isinstance(lp, torch.Tensor) or lp.dim() != 2 or lp.shape[0] != len(alive):
-            raise ValueError(f"lm.next_logprobs must return a [{len(alive)}, V] tensor, got "
-                             f"{getattr(lp, 'shape', type(lp).__name__)}")
-        V = lp.shape[1]
-        cum = torch.tensor([s for _, s in alive], dtype=torch.float64)         # [n]
-        scores = lp.detach().to("cpu", torch.float64) + cum[:, None]          # [n, V]: log P(prefix + token)
-        for i, (toks, _) in enumerate(alive):
-            for s in stops:
-                if s < V and scores[i, s] > -math.inf:
-                    end = "eos" if s in eos else "sentence"
-                    finished.append((float(scores[i, s]), len(finished), toks + (s,), end))
-        cont = scores.clone()
-        in_vocab = [s for s in stops if s < V]
-        if in_vocab:
-            cont[:, in_vocab] = -math.inf
-        flat = cont.flatten()
-        vals, idx = torch.sort(flat, descending=True, stable=True)
-        take = int(min(token_beams, int(torch.isfinite(vals).sum())))
-        new_alive = [(alive[int(j) // V][0] + (int(j) % V,), float(v)) for v, j in zip(vals[:take], idx[:take])]
-        if step == max_new_tokens - 1:
-            finished.extend((s, len(finished) + n, toks, "length") for n, (toks, s) in enumerate(new_alive))
-            break
-        alive = new_alive
-        if not alive:
-            break
-        if len(finished) >= num_candidates:
-            kth = sorted((f[0] for f in finished), reverse=True)[num_candidates - 1]
-            if alive[0][1] < kth:
-                break
-    finished.sort(key=lambda f: (-f[0], f[1]))
-    return [Sentence(toks, lp_, end) for lp_, _, toks, end in finished[:num_candidates]]
+    # Plain beam search is the one-group case of the diverse search (no earlier group, so no penalty): one search.
+    return diverse_token_beams(lm, prefix, sentence_end_ids=sentence_end_ids, eos_ids=eos_ids,
+                               num_candidates=num_candidates, token_beams=token_beams, max_new_tokens=max_new_tokens,
+                               num_beam_groups=num_beam_groups, diversity_penalty=diversity_penalty)
 
 
 def diverse_token_beams(
