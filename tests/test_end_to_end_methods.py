@@ -230,7 +230,9 @@ def test_csr_iterations_end_to_end(world, tmp_path, capsys):
     assert vpo(["csr", "--data", world["data"], "--out", out, "--model", "tiny:llava", "--iterations", "2",
                 "--train-config", cfg, "--limit", "1", "--max-new-tokens", "3", "--num-candidates", "3",
                 "--token-beams", "2", "--max-sentences", "1"]) == 0
-    its = json.loads(capsys.readouterr().out)  # only the loop's summary: the Trainer's log lines go to stderr
+    captured = capsys.readouterr()
+    its = json.loads(captured.out)  # only the loop's summary: the Trainer's log lines go to stderr
+    assert "--token-beams 2 is not a multiple of CSR's 5 beam groups: plain beam search" in captured.err
     pi0 = os.path.join(out, "iter0_model")
     assert [(i["iteration"], i["ref_model_path"], i["model_path"]) for i in its] == [
         (1, pi0, os.path.join(out, "iter1_model")), (2, os.path.join(out, "iter1_model"),

@@ -48,10 +48,15 @@ def _errors_to_exit_code(fn):
 def csr_main(args: argparse.Namespace) -> int:
     from vpo.construct.csr import CSRConfig, csr_iterate, load_policy, make_scorer, vlm_factory, write_csr_dataset
 
+    groups = args.beam_groups
+    if groups is None:
+        groups = 5 if args.token_beams % 5 == 0 else 1
+        if groups == 1:
+            print(f"vpo csr: --token-beams {args.token_beams} is not a multiple of CSR's 5 beam groups: plain beam "
+                  f"search (pass --beam-groups to choose)", file=sys.stderr)
     config = CSRConfig(mode=args.mode, lam=args.lam, keep_top=args.keep_top, keep_bottom=args.keep_bottom,
                        num_candidates=args.num_candidates, token_beams=args.token_beams,
-                       num_beam_groups=(args.beam_groups if args.beam_groups is not None
-                                        else 5 if args.token_beams % 5 == 0 else 1),
+                       num_beam_groups=groups,
                        diversity_penalty=args.diversity_penalty,
                        max_new_tokens=args.max_new_tokens, max_sentences=args.max_sentences,
                        max_response_tokens=args.max_response_tokens, sentence_end=tuple(args.sentence_end),
