@@ -65,6 +65,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from vpo.ops._sweep import acc_dtype, mm_acc_into  # noqa: F401  (acc_dtype: the dtype the fused losses reduce in)
+
 DEFAULT_BUDGET = 2 << 30  # bytes. One pair of 2 × 2048 positions at V = 152064 in bf16 needs 2·2048·(152064·2 +
 #                           16·8192) B ≈ 1.65 GiB (logits kept + tile temporaries), so it still keeps its logits; longer
 #                           pairs recompute (one more pass) unless VPO_FUSED_BUDGET_MB allows more
@@ -130,11 +132,6 @@ def plan(chunking: Chunking, B: int, T: int, V: int, elem: int, models: int) -> 
     return max(1, min(B, budget // per_pair)), C, store
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else reduces in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class _Head:
     """One model's head and its chunk's rows: ``h [R, D]`` against ``W [V, D]``, ``b [V] | None``."""
 
@@ -184,28 +181,6 @@ def _onehot_add(dz: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, v0: int, 
     inside = (y >= v0) & (y < v1)
     col = (y - v0).clamp(0, v1 - v0 - 1)
     dz.scatter_add_(1, col[:, None], torch.where(inside, coef, torch.zeros_like(coef))[:, None])
-
-
-_MM_OUT_DTYPE = {"ok": None}
-
-
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` in the accumulation dtype and ``a``, ``b`` in the input dtype (a GEMM, no atomics).
-
-    fp32/fp64 inputs: one in-place ``addmm_``. fp16/bf16: on CUDA ``mm(out_dtype=float32)`` (fp32 output of the tensor-core
-    GEMM) where this torch has it, else the GEMM in the input dtype, added to the fp32 buffer.
-    """
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-        return
-    if a.is_cuda and _MM_OUT_DTYPE["ok"] is not False:
-        try:
-            acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
-            _MM_OUT_DTYPE["ok"] = True
-            return
-        except (RuntimeError, TypeError):
-            _MM_OUT_DTYPE["ok"] = False
-    acc.add_(a @ b)
 
 
 @dataclass
@@ -372,9 +347,9 @@ def sweep(
                 db[v0:v1] += dz.sum(0)
             dzc = dz.to(dtype)
             if grad_h:
-                _accumulate_mm(dh_c, dzc, pol.W[v0:v1])  # [R, C] @ [C, D] -> [R, D]
+                mm_acc_into(dh_c, dzc, pol.W[v0:v1])  # [R, C] @ [C, D] -> [R, D]
             if grad_w:
-                _accumulate_mm(dW[v0:v1], dzc.T, pol.h)  # [C, R] @ [R, D] -> [C, D]
+                mm_acc_into(dW[v0:v1], dzc.T, pol.h)  # [C, R] @ [R, D] -> [C, D]
         if grad_h:
             dh.index_copy_(0, rows, spread(dh_c.to(dtype)).reshape(-1, T, D))
         if g_s is not None:  # s = z[y] − z_n[y]: ∂/∂z_n[y] = −g_s
