@@ -201,6 +201,7 @@ def _worker(out_dir: str) -> None:
 
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    dist.barrier()  # both ranks done before either tears gloo down (an early teardown can abort the other rank)
     dist.destroy_process_group()
 
 

@@ -54,6 +54,7 @@ def _worker(out_dir: str) -> None:
     with open(os.path.join(out_dir, f"rank{rank}.json" if world > 1 else "single.json"), "w") as f:
         json.dump(result, f)
     if world > 1:
+        dist.barrier()  # both ranks done before either tears gloo down
         dist.destroy_process_group()
 
 
