@@ -24,6 +24,22 @@ def row_metrics(report: Dict[str, Any]) -> Dict[str, float]:
     return {name: _metric(report, sec, key) for name, sec, key, _ in METRICS}
 
 
+def matched_coverage(curve, after: Dict[str, float], before: Dict[str, float]) -> Dict[str, float]:
+    """A trained model against the SFT model's trade-off ``curve`` (:func:`vpo.eval.tradeoff.coverage_curve`) at the
+    trained model's coverage: ``{"coverage", "sft_CHAIR_i"`` (the curve's CHAIR_i there), ``"gain"`` (sft_CHAIR_i -
+    the model's CHAIR_i; > 0: it hallucinates less at equal coverage), ``"gain_se"`` (in standard errors of the SFT
+    model's CHAIR_i)}``. A model that covers MORE than the SFT model is compared with the SFT model as decoded
+    (the curve's highest coverage): conservative, since covering more costs CHAIR_i."""
+    from vpo.eval.tradeoff import chair_at_coverage
+
+    top = max(p["coverage"] for p in curve)
+    cov = min(after["coverage"], top)
+    ref = chair_at_coverage(curve, cov)
+    gain = ref - after["CHAIR_i"]
+    se = before.get("CHAIR_i_se") or float("nan")
+    return {"coverage": cov, "sft_CHAIR_i": ref, "gain": gain, "gain_se": gain / se}
+
+
 def _curve_ends(history: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     logs = [h for h in history if "loss" in h and "train_runtime" not in h]
     out: Dict[str, Any] = {"logged_steps": [h.get("step") for h in logs]}
@@ -56,6 +72,14 @@ def format_table(summary: Dict[str, Any]) -> str:
         change = (a["CHAIR_i"] - before["CHAIR_i"]) / before["CHAIR_i_se"] if before["CHAIR_i_se"] else float("nan")
         se += f", {method}: {change:+.1f}"
     lines.append(se)
+    if any("matched" in res for res in summary["methods"].values()):
+        m = "at matched coverage (the SFT model decoded to stop earlier; > 0 = less hallucination)"
+        for method, res in summary["methods"].items():
+            x = res.get("matched")
+            if x:
+                m += (f"; {method}: SFT {_fmt(x['sft_CHAIR_i'])} vs {_fmt(res['after']['CHAIR_i'])}, gain "
+                      f"{x['gain']:+.3f} = {x['gain_se']:+.1f} SE")
+        lines.append(m)
     lines.append("")
     lines.append(f"{'curves':<8}{'steps':>7}{'loss start -> end':>22}{'margin start -> end':>24}"
                  f"{'accuracy end':>15}{'time':>8}")
@@ -105,4 +129,12 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
         notes.append(f"{method}: CHAIR_i {b['CHAIR_i']:.3f} -> {a['CHAIR_i']:.3f} ({d:+.3f}, {d / b['CHAIR_i_se']:+.1f} "
                      f"SE of the SFT model's CHAIR_i); coverage {a['coverage'] - b['coverage']:+.3f}; "
                      f"{res['steps']} steps in {res['seconds']:.0f}s.")
+        x = res.get("matched")
+        if x:
+            notes.append(f"{method} at matched coverage ({x['coverage']:.3f}): the SFT model decoded to stop earlier "
+                         f"has CHAIR_i {x['sft_CHAIR_i']:.3f}; {method} {a['CHAIR_i']:.3f}: gain {x['gain']:+.3f} "
+                         f"({x['gain_se']:+.1f} SE).")
+    if summary.get("sft_curve"):
+        notes.append("SFT trade-off (bias on the final '.': coverage / CHAIR_i): " + ", ".join(
+            f"{p['bias']:g}: {p['coverage']:.3f} / {p['CHAIR_i']:.3f}" for p in summary["sft_curve"]) + ".")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"

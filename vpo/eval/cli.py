@@ -55,15 +55,38 @@ def _progress_bar(total: int, desc: str, enabled: Optional[bool] = None):
     return tqdm(total=total, desc=desc, unit="ex", leave=True, disable=enabled is False, dynamic_ncols=True)
 
 
-def make_generate_fn(model, processor, *, max_new_tokens: int = 24, on_batch: Optional[Callable[[int], Any]] = None
-                     ) -> Callable[[List[str], List[Any]], List[str]]:
+def make_generate_fn(model, processor, *, max_new_tokens: int = 24, on_batch: Optional[Callable[[int], Any]] = None,
+                     logit_bias: Optional[Dict[int, float]] = None) -> Callable[[List[str], List[Any]], List[str]]:
     """``generate_fn(prompts, images) -> texts``: greedy decoding of one response per (prompt, image).
 
     Each prompt becomes the user turn ``[image, text]`` of the processor's chat template with the generation prompt;
     the batch is left-padded; decoding stops at the tokenizer's eos (or after ``max_new_tokens``); the new tokens are
     decoded without special tokens. ``on_batch(n)`` is called after each batch with its size (progress bars).
+    ``logit_bias``: ``{token id: bias}`` added to those logits at every decoding step (e.g. a positive bias on the
+    caption's final "." makes the model stop earlier: :mod:`vpo.eval.tradeoff`).
     """
     import torch
+
+    processors = None
+    if logit_bias:
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        vocab = model.get_output_embeddings().weight.shape[0]
+        for tid, b in logit_bias.items():
+            if isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid < vocab:
+                raise ValueError(f"logit_bias keys must be token ids in [0, {vocab}), got {tid!r}")
+            if not isinstance(b, (int, float)) or b != b or abs(b) == float("inf"):
+                raise ValueError(f"logit_bias values must be finite numbers, got {b!r} for token {tid}")
+        ids = torch.tensor(list(logit_bias), dtype=torch.long)
+        vals = torch.tensor([float(v) for v in logit_bias.values()])
+
+        class _Bias(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                scores = scores.clone()
+                scores[:, ids.to(scores.device)] += vals.to(scores.device, scores.dtype)
+                return scores
+
+        processors = LogitsProcessorList([_Bias()])
 
     tok = processor.tokenizer
     eos = tok.eos_token_id
@@ -90,7 +113,7 @@ def make_generate_fn(model, processor, *, max_new_tokens: int = 24, on_batch: Op
         model.eval()
         try:
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                                 pad_token_id=pad)
+                                 pad_token_id=pad, logits_processor=processors)
         finally:
             model.train(was_training)
         new = out[:, inputs["input_ids"].shape[1]:]
@@ -140,28 +163,31 @@ def load_for_eval(spec: str, *, cache_dir: Optional[str] = None):
     return model.eval(), processor
 
 
-def count_examples(data_dir: str, split: str = "test", limit: Optional[int] = None) -> int:
-    """How many prompts :func:`vpo.eval.evaluate_dir` will ask: the captions plus the POPE questions."""
+def count_examples(data_dir: str, split: str = "test", limit: Optional[int] = None, pope: bool = True) -> int:
+    """How many prompts :func:`vpo.eval.evaluate_dir` will ask: the captions plus (``pope``) the POPE questions."""
     from vpo.worlds.shapes import read_jsonl
 
     caps = read_jsonl(os.path.join(data_dir, f"{split}_captions.jsonl"))[:limit]
     n = len(caps)
     pope_path = os.path.join(data_dir, f"{split}_pope.jsonl")
-    if os.path.exists(pope_path):
+    if pope and os.path.exists(pope_path):
         n += sum(q["scene_index"] < len(caps) for q in read_jsonl(pope_path))
     return n
 
 
 def evaluate(model, processor, data_dir: str, split: str = "test", *, batch_size: int = 64,
              limit: Optional[int] = None, max_new_tokens: int = 24, desc: str = "eval",
-             progress: Optional[bool] = None) -> Dict[str, Any]:
-    """:func:`vpo.eval.evaluate_dir` of ``model`` with greedy decoding and a progress bar (``progress=False``: none)."""
+             progress: Optional[bool] = None, pope: bool = True,
+             logit_bias: Optional[Dict[int, float]] = None) -> Dict[str, Any]:
+    """:func:`vpo.eval.evaluate_dir` of ``model`` with greedy decoding and a progress bar (``progress=False``: none).
+    ``pope=False``: the captions only; ``logit_bias``: as in :func:`make_generate_fn`."""
     from vpo.eval.metrics import evaluate_dir
 
-    bar = _progress_bar(count_examples(data_dir, split, limit), desc, progress)
+    bar = _progress_bar(count_examples(data_dir, split, limit, pope=pope), desc, progress)
     try:
-        fn = make_generate_fn(model, processor, max_new_tokens=max_new_tokens, on_batch=bar.update)
-        return evaluate_dir(fn, data_dir, split, batch_size=batch_size, limit=limit)
+        fn = make_generate_fn(model, processor, max_new_tokens=max_new_tokens, on_batch=bar.update,
+                              logit_bias=logit_bias)
+        return evaluate_dir(fn, data_dir, split, batch_size=batch_size, limit=limit, pope=pope)
     finally:
         bar.close()
 

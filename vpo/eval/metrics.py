@@ -381,11 +381,12 @@ def evaluate_dir(
     *,
     batch_size: int = 16,
     limit: Optional[int] = None,
+    pope: bool = True,
 ) -> Dict[str, Any]:
     """:func:`evaluate_model` on the files :func:`vpo.worlds.shapes.make_eval_dataset` wrote to ``data_dir``
-    (``{split}_captions.jsonl`` and, if present, ``{split}_pope.jsonl``; images read from disk). ``limit``: the
-    first N images only (and their questions). Records written with a language prior (``scene.prior.pairs``) get
-    the prior-triggered metrics too (:func:`prior_chair`)."""
+    (``{split}_captions.jsonl`` and, if present and ``pope``, ``{split}_pope.jsonl``; images read from disk).
+    ``limit``: the first N images only (and their questions). Records written with a language prior
+    (``scene.prior.pairs``) get the prior-triggered metrics too (:func:`prior_chair`)."""
     import os
 
     from vpo.worlds.shapes import read_jsonl
@@ -405,7 +406,7 @@ def evaluate_dir(
     prompt = rows[0]["prompt"] if rows else None
     pope_path = os.path.join(data_dir, f"{split}_pope.jsonl")
     questions = None
-    if os.path.exists(pope_path):
+    if pope and os.path.exists(pope_path):
         questions = [q for q in read_jsonl(pope_path) if q["scene_index"] < len(scenes)]
     prior = (rows[0].get("scene") or {}).get("prior") if rows else None
     return evaluate_model(generate_fn, scenes, questions=questions, images=images, prompt=prompt,
