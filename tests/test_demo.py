@@ -84,6 +84,18 @@ def test_summary_holds_every_number_before_and_after(quick):
         assert row["CHAIR_i_se"] == pytest.approx(math.sqrt(p * (1 - p) / n))
     assert s["before"]["mentions"] > 0 and s["prior"]["pairs"] == [["circle", "square"], ["triangle", "cross"]]
     assert s["eval_split"] == "test" and not s["sft"]["cached"]  # a fresh cache: SFT ran
+    # the SFT model's trade-off curve, and every method measured against it at its own coverage
+    from vpo.demo import TRADEOFF_BIASES
+    from vpo.eval.tradeoff import chair_at_coverage
+
+    curve = s["sft_curve"]
+    assert [p["bias"] for p in curve] == sorted(TRADEOFF_BIASES)
+    assert curve[0]["CHAIR_i"] == s["before"]["CHAIR_i"] and curve[0]["coverage"] == s["before"]["coverage"]
+    assert curve[-1]["mentions"] <= curve[0]["mentions"]  # a bias towards "." never makes captions longer here
+    for res in s["methods"].values():
+        m = res["matched"]
+        assert m["sft_CHAIR_i"] == pytest.approx(chair_at_coverage(curve, m["coverage"]))
+        assert m["gain"] == pytest.approx(m["sft_CHAIR_i"] - res["after"]["CHAIR_i"])
 
 
 def test_trained_models_hallucinate_no_more_than_the_sft_model(quick):
@@ -327,3 +339,64 @@ def test_comparison_statistics_merge_table_and_chart(tmp_path):
     (tmp_path / "seed2" / "compare.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="different SFT models"):
         merge_compare(str(tmp_path / "x"), parts)
+
+
+def test_comparison_in_worker_processes_equals_one_process(tmp_path):
+    """`--jobs 2` runs the seeds in worker processes and merges them: the same numbers as one process."""
+    from vpo.compare import run_compare
+    from vpo.demo import DemoSettings
+
+    settings = DemoSettings(sft_images=6, sft_steps=2, pair_images=4, pref_steps=2, eval_images=3, val_images=2,
+                            sft_batch=4, sft_warmup=0, pref_batch=2)
+    common = dict(seeds=[0, 1], methods=["dpo", "tpo"], settings=settings, cache_dir=str(tmp_path / "cache"),
+                  progress=False)
+    one = run_compare(str(tmp_path / "one"), jobs=1, **common)
+    two = run_compare(str(tmp_path / "two"), jobs=2, **common)
+    assert two["jobs"] == 2 and {"seed-0", "seed-1"} <= set(os.listdir(tmp_path / "two"))
+    assert "TPO seed 1" in (tmp_path / "two" / "seed-1" / "log.txt").read_text()  # each worker's stage lines
+    assert set(two["runs"]) == {"dpo", "tpo"} and set(two["runs"]["tpo"]) == {"0", "1"}
+    for m in ("dpo", "tpo"):
+        for s in ("0", "1"):
+            for k in ("CHAIR_i", "coverage", "mentions", "POPE F1"):
+                assert two["runs"][m][s][k] == pytest.approx(one["runs"][m][s][k], nan_ok=True), (m, s, k)
+    assert two["before"] == pytest.approx(one["before"], nan_ok=True)
+    # the trained weights themselves: equal across the two ways, different across seeds (so the check can fail)
+    from safetensors.torch import load_file
+
+    def weights(*parts):
+        return load_file(os.path.join(tmp_path, *parts, "model", "model.safetensors"))
+
+    for m in ("dpo", "tpo"):
+        for s in (0, 1):
+            a, b = weights("one", f"{m}-seed{s}"), weights("two", f"seed-{s}", f"{m}-seed{s}")
+            assert all(torch.equal(a[k], b[k]) for k in a), (m, s)
+    a, b = weights("one", "tpo-seed0"), weights("one", "tpo-seed1")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert os.path.isfile(tmp_path / "two" / "compare.md") and os.path.isfile(two["png"])
+    # every run against the SFT model's trade-off curve at its own coverage
+    from vpo.demo import matched_coverage
+
+    assert two["sft_curve"] == one["sft_curve"] and len(one["sft_curve"]) > 1
+    for m, by_seed in one["runs"].items():
+        for s, row in by_seed.items():
+            assert row["matched_gain"] == pytest.approx(matched_coverage(one["sft_curve"], row, one["before"])["gain"],
+                                                        nan_ok=True)
+    assert "gain at matched coverage" in (tmp_path / "two" / "compare.md").read_text()
+    with pytest.raises(ValueError, match="jobs"):
+        run_compare(str(tmp_path / "bad"), jobs=0, **common)
+
+
+def test_demo_runs_tpo_with_the_settings_reward_grad(tmp_path):
+    """The demo's TPO detaches c_θ by default (DemoSettings.tpo_reward_grad, measured in demo-cpu.md); the paper's
+    default is one setting away; no other method gets the option."""
+    import dataclasses
+
+    from vpo.demo import PRESETS
+    from vpo.demo_methods import _config
+
+    full = PRESETS["full"]
+    assert full.tpo_reward_grad is False
+    assert _config("tpo", str(tmp_path), full, 0, "torch").reward_grad is False
+    paper = dataclasses.replace(full, tpo_reward_grad=True)
+    assert _config("tpo", str(tmp_path), paper, 0, "torch").reward_grad is True
+    assert _config("dpo", str(tmp_path), full, 0, "torch").reward_grad is True  # the VPOConfig default, untouched

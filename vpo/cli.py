@@ -25,7 +25,7 @@ def _needs_train_extra(args, err: ImportError) -> int:
 
 def _demo(args) -> int:
     try:
-        from vpo.demo import main
+        from vpo.demo_cli import main
     except ImportError as err:  # pragma: no cover - exercised only without the train extra
         return _needs_train_extra(args, err)
     return main(args)
@@ -66,13 +66,13 @@ def _info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vpo", description="Fused kernels and losses for visual preference optimization")
     sub = p.add_subparsers(dest="command", required=True)
-    from vpo import demo, visualize_cli
+    from vpo import demo_cli, visualize_cli
     from vpo.eval import cli as eval_cli
 
     d = sub.add_parser("demo", help="the main job: SFT a tiny VLM, measure, TPO and DPO, measure again (CPU, minutes)",
                        description="SFT a tiny LLaVA on the shapes world, measure hallucination, train TPO and DPO "
                                    "on preference pairs, measure again; print the before/after table.")
-    demo.add_arguments(d)
+    demo_cli.add_arguments(d)
     d.add_argument("--impl", choices=["auto", "torch", "triton"], default="auto",
                    help="kernel choice of the fused losses (SFT and preference stages)")
     d.set_defaults(func=_demo)

@@ -1,6 +1,6 @@
 """``vpo demo --methods all``: every method on the same world, from the same SFT model, over several seeds.
 
-    vpo demo --methods all [--quick] [--seeds 0,1,2] [--out DIR] [--steps N] [--lr LR]
+    vpo demo --methods all [--quick] [--seeds 0,1,2] [--jobs J] [--out DIR] [--steps N] [--lr LR]
 
 One world (the demo's four splits, :func:`vpo.demo.make_world_data`, drawn with ``--seed``) and one SFT model (cached
 by its spec hash, :func:`vpo.demo.prepare_sft`); then, for every seed and every method of
@@ -12,7 +12,8 @@ the held-out test images. The seeds vary the preference stage only: the standard
 Outputs in ``--out``: ``compare.json`` (every run's numbers, the per-method means and standard errors, and each
 method's paired difference from DPO per seed), ``compare.md`` (the table), ``compare.png`` (a bar chart of CHAIR_i,
 the prior-triggered CHAIR and coverage with standard-error bars; the SFT model as a dashed line). ``compare.json`` is
-rewritten after every run, so an interrupted comparison keeps what it finished.
+rewritten after every run, so an interrupted comparison keeps what it finished. ``--jobs J`` runs the seeds in ``J``
+worker processes (one per core; the same numbers as one process) and merges them.
 
 "Beats DPO" in the table means: the mean paired difference in CHAIR_i (method - DPO, same seed) is negative and at
 least two of its standard errors away from zero, with coverage no more than 3 points below DPO's.
@@ -27,7 +28,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 # Numbers aggregated over seeds (summary keys of vpo.demo.row_metrics).
-AGGREGATED = ("CHAIR_i", "CHAIR_s", "CHAIR_prior", "prior_rate", "coverage", "POPE F1", "mentions")
+AGGREGATED = ("CHAIR_i", "CHAIR_s", "CHAIR_prior", "prior_rate", "coverage", "POPE F1", "mentions", "matched_gain")
 
 
 def mean_se(values: Sequence[float]) -> Dict[str, float]:
@@ -47,7 +48,8 @@ def aggregate(runs: Dict[str, Dict[int, Dict[str, float]]]) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     dpo = runs.get("dpo", {})
     for method, by_seed in runs.items():
-        agg: Dict[str, Any] = {k: mean_se([r[k] for r in by_seed.values()]) for k in AGGREGATED}
+        agg: Dict[str, Any] = {k: mean_se([r[k] for r in by_seed.values() if k in r]) for k in AGGREGATED
+                               if any(k in r for r in by_seed.values())}
         common = sorted(set(by_seed) & set(dpo))
         if method != "dpo" and common:
             agg["vs_dpo"] = {k: mean_se([by_seed[s][k] - dpo[s][k] for s in common])
@@ -68,18 +70,26 @@ def format_markdown(result: Dict[str, Any]) -> str:
              f" of the preference stage; {result['settings']['pref_steps']} steps x {result['settings']['pref_batch']}"
              f" pairs, lr {result['settings']['pref_lr']:g}, beta {result['settings']['beta']:g}; "
              f"{result['eval_images']} held-out {result['eval_split']} images. Mean ± standard error over seeds "
-             f"(lower CHAIR is better, higher coverage / F1 is better).", ""]
-    head = "| method | CHAIR_i | CHAIR_s | CHAIR_prior | prior_rate | coverage | POPE F1 | CHAIR_i − DPO (paired) | beats DPO |"
-    lines += [head, "|---|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+             f"(lower CHAIR is better, higher coverage / F1 is better)."
+             + (" Gain at matched coverage: the SFT model's CHAIR_i at the method's coverage (decoded to stop earlier, "
+                "vpo.eval.tradeoff) minus the method's; > 0 = less hallucination than saying less would give."
+                if any("matched_gain" in a for a in result["aggregate"].values()) else ""), ""]
+    matched = any("matched_gain" in a for a in agg.values())
+    head = ("| method | CHAIR_i | CHAIR_s | CHAIR_prior | prior_rate | coverage | POPE F1 | "
+            + ("gain at matched coverage | " if matched else "") + "CHAIR_i − DPO (paired) | beats DPO |")
+    lines += [head, "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if matched else "") + "---:|:---:|"]
     lines.append("| SFT (before) | " + " | ".join(f"{before[k]:.3f}" for k in
                                                    ("CHAIR_i", "CHAIR_s", "CHAIR_prior", "prior_rate", "coverage",
-                                                    "POPE F1")) + " | | |")
+                                                    "POPE F1")) + (" | 0 (the curve)" if matched else "") + " | | |")
     for method in result["methods"]:
         a = agg.get(method)
         if not a:
             continue
-        cells = [f"{a[k]['mean']:.3f} ± {a[k]['se']:.3f}" for k in
-                 ("CHAIR_i", "CHAIR_s", "CHAIR_prior", "prior_rate", "coverage", "POPE F1")]
+        keys = ("CHAIR_i", "CHAIR_s", "CHAIR_prior", "prior_rate", "coverage", "POPE F1")
+        cells = [f"{a[k]['mean']:.3f} ± {a[k]['se']:.3f}" for k in keys]
+        if matched:
+            g = a.get("matched_gain", {"mean": float("nan"), "se": float("nan")})
+            cells.append(f"{g['mean']:+.3f} ± {g['se']:.3f}")
         vs = a.get("vs_dpo", {}).get("CHAIR_i")
         diff = f"{vs['mean']:+.3f} ± {vs['se']:.3f}" if vs else "—"
         verdict = "—" if method == "dpo" else ("yes" if a.get("beats_dpo") else "no")
@@ -136,6 +146,8 @@ def merge_compare(out: str, parts: Sequence[str]) -> Dict[str, Any]:
             raise ValueError("the parts used different SFT models")
     merged: Dict[str, Any] = {k: first[k] for k in ("mode", "settings", "eval_split", "eval_images", "data_seed",
                                                     "before", "sft")}
+    if "sft_curve" in first:
+        merged["sft_curve"] = first["sft_curve"]
     merged["methods"] = [m for m in first["methods"]]
     merged["runs"], merged["seconds"] = {}, {}
     for r in results:
@@ -157,11 +169,19 @@ def merge_compare(out: str, parts: Sequence[str]) -> Dict[str, Any]:
 def run_compare(out: str, *, quick: bool = False, seeds: Sequence[int] = (0, 1, 2),
                 methods: Optional[Sequence[str]] = None, settings=None, threads: Optional[int] = 1,
                 cache_dir: Optional[str] = None, progress: bool = True, impl: str = "auto",
-                eval_split: str = "test", data_seed: int = 0, log=None) -> Dict[str, Any]:
-    """Run the comparison (module docstring); returns the result (also ``out/compare.json``)."""
+                eval_split: str = "test", data_seed: int = 0, log=None, jobs: int = 1) -> Dict[str, Any]:
+    """Run the comparison (module docstring); returns the result (also ``out/compare.json``).
+
+    ``jobs`` > 1: the SFT model is prepared here, then the seeds run in up to ``jobs`` worker processes (each with
+    ``threads`` threads and its own folder ``out/seed-S``, its stage lines in ``log.txt``) and are merged into
+    ``out`` (:func:`merge_compare`). The numbers are the same as with ``jobs=1``: every draw is seeded per seed."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
     import torch
 
-    from vpo.demo import PRESETS, _Log, _quiet_trainer, _write_json, make_world_data, prepare_sft, row_metrics
+    from vpo.demo import (PRESETS, TRADEOFF_BIASES, _Log, _quiet_trainer, _write_json, make_world_data,
+                          matched_coverage, prepare_sft, row_metrics)
+    from vpo.eval.tradeoff import coverage_curve
     from vpo.demo_methods import ALL_METHODS, train_method
     from vpo.eval.cli import evaluate, quiet_transformers
     from vpo.models.cache import load_pretrained
@@ -179,6 +199,10 @@ def run_compare(out: str, *, quick: bool = False, seeds: Sequence[int] = (0, 1, 
     log = log or _Log()
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
+    if jobs > 1 and len(seeds) > 1:
+        return _run_parallel(out, quick=quick, seeds=seeds, methods=methods, settings=settings, threads=threads,
+                             cache_dir=cache_dir, progress=progress, impl=impl, eval_split=eval_split,
+                             data_seed=data_seed, log=log, jobs=jobs)
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -196,6 +220,9 @@ def run_compare(out: str, *, quick: bool = False, seeds: Sequence[int] = (0, 1, 
             result["before"] = row_metrics(evaluate(model, processor, data["root"], eval_split, desc="eval sft",
                                                     progress=progress))
             result["sft"] = {"model": sft["model"], "cached": sft["cached"], "key": sft["key"]}
+            curve = coverage_curve(model, processor, data["root"], eval_split, biases=TRADEOFF_BIASES,
+                                   progress=progress)
+            result["sft_curve"] = curve
             del model
             total = len(seeds) * len(methods)
             k = 0
@@ -209,6 +236,7 @@ def run_compare(out: str, *, quick: bool = False, seeds: Sequence[int] = (0, 1, 
                                                   progress=progress, bar=_quiet_trainer)
                     after = row_metrics(evaluate(policy, processor, data["root"], eval_split,
                                                  desc=f"eval {method}", progress=progress))
+                    after["matched_gain"] = matched_coverage(curve, after, result["before"])["gain"]
                     del policy
                     result["runs"].setdefault(method, {})[str(seed)] = after
                     result["seconds"].setdefault(method, {})[str(seed)] = time.perf_counter() - t
@@ -230,3 +258,58 @@ def run_compare(out: str, *, quick: bool = False, seeds: Sequence[int] = (0, 1, 
     log(table)
     log(f"bar chart: {result['png']}   total {result['total_seconds']:.0f}s")
     return result
+
+
+def _run_parallel(out: str, *, seeds, jobs: int, log=None, progress: bool = True, **kw) -> Dict[str, Any]:
+    """:func:`run_compare` with ``jobs`` worker processes, one seed each (its docstring)."""
+    import concurrent.futures
+    import multiprocessing
+
+    import torch
+
+    from vpo.demo import _Log, make_world_data, prepare_sft
+    from vpo.eval.cli import quiet_transformers
+
+    log = log or _Log()
+    settings = kw["settings"]
+    log.stage(1, 3, "world data and the SFT model (cached by its spec hash), before the workers start")
+    old_threads = torch.get_num_threads()
+    if kw["threads"]:
+        torch.set_num_threads(kw["threads"])
+    try:
+        with quiet_transformers():
+            data = make_world_data(os.path.join(out, "data"), settings, kw["data_seed"])
+            sft = prepare_sft(data, settings, kw["data_seed"], cache_dir=kw["cache_dir"], impl=kw["impl"],
+                              progress=progress, log=log)
+    finally:
+        torch.set_num_threads(old_threads)
+    log(f"      SFT {'cached' if sft['cached'] else 'trained'}: {sft['model']}")
+    parts = [os.path.join(out, f"seed-{s}") for s in seeds]
+    log.stage(2, 3, f"{len(seeds)} seeds x {len(kw['methods'])} methods in {min(jobs, len(seeds))} "
+                    f"worker processes (folders {', '.join(os.path.basename(p) for p in parts)})")
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=min(jobs, len(seeds)), mp_context=ctx) as pool:
+        futures = {pool.submit(_seed_worker, part, seed, kw): seed for part, seed in zip(parts, seeds)}
+        for fut in concurrent.futures.as_completed(futures):
+            res = fut.result()
+            log(f"      seed {futures[fut]} done ({res.get('total_seconds', float('nan')):.0f}s)")
+    log.stage(3, 3, "report (merged)")
+    merged = merge_compare(out, parts)
+    merged["total_seconds"] = time.perf_counter() - log.start
+    merged["jobs"] = jobs
+    from vpo.demo import _write_json
+
+    _write_json(os.path.join(out, "compare.json"), merged)
+    log()
+    log(format_markdown(merged))
+    log(f"bar chart: {merged['png']}   total {merged['total_seconds']:.0f}s")
+    return merged
+
+
+def _seed_worker(part: str, seed: int, kw: Dict[str, Any]) -> Dict[str, Any]:
+    """One seed in a worker process; its stage lines go to ``part/log.txt`` (``tail -f`` it to follow)."""
+    from vpo.demo import _Log
+
+    os.makedirs(part, exist_ok=True)
+    with open(os.path.join(part, "log.txt"), "w", encoding="utf-8") as stream:
+        return run_compare(part, seeds=[seed], progress=False, log=_Log(stream), jobs=1, **kw)

@@ -1,7 +1,7 @@
 """``vpo demo``: the package end to end on a CPU, in minutes.
 
-    vpo demo [--quick] [--out DIR] [--seed S] [--methods tpo,dpo | all] [--seeds 0,1,2] [--sft-steps N] [--steps N]
-             [--lr LR] [--eval-split test|val] [--threads T]
+    vpo demo [--quick] [--out DIR] [--seed S] [--methods tpo,dpo | all] [--seeds 0,1,2] [--jobs J] [--sft-steps N]
+             [--steps N] [--lr LR] [--eval-split test|val] [--threads T]
 
 1. **World data** (:mod:`vpo.worlds.shapes`) with a **language prior** (:mod:`vpo.worlds.shapes.prior`): circle ->
    square and triangle -> cross. Four disjoint splits: SFT captions and yes/no answers where the partner is there
@@ -17,20 +17,24 @@
    model's spec, the SFT split, the prior, the SFT hyper-parameters, the seed), so a second ``vpo demo`` skips it.
 4. **Measure**: CHAIR_i (and its binomial standard error) / CHAIR_s, the prior-triggered CHAIR (partner mentions
    where the trigger is present; :func:`vpo.eval.metrics.prior_chair`), POPE accuracy / F1 and coverage on the
-   held-out test images (:mod:`vpo.eval`), greedy decoding.
+   held-out test images (:mod:`vpo.eval`), greedy decoding. Then the SFT model's coverage / CHAIR_i trade-off: the
+   same captions decoded with a bias towards the final "." (:data:`TRADEOFF_BIASES`, :mod:`vpo.eval.tradeoff`).
 5. **Preference optimization** (:mod:`vpo.demo_methods`): each method (TPO, and DPO as the baseline) with
    :class:`vpo.trainer.VPOTrainer` on the fused losses, from the SFT model, the frozen SFT model as the reference
-   (full fine-tuning of the language model; the vision tower stays frozen).
+   (full fine-tuning of the language model; the vision tower stays frozen). TPO runs with ``c_θ`` detached
+   (:attr:`DemoSettings.tpo_reward_grad`; why: the comment there).
 6. **Measure again**, and draw: the training curves (loss, reward margin, accuracy) as PNG, and TPO's per-token
    calibrated rewards ``c`` of one preference pair before and after TPO (HTML + PNG, like TPO's Figure 1).
-7. **Report**: a table of the metrics before and after for each method, CHAIR_i's change in standard errors, the
-   curves' end points, and where every file is; ``summary.json`` holds the same numbers.
+7. **Report**: a table of the metrics before and after for each method, CHAIR_i's change in standard errors, each
+   method's gain at matched coverage (its CHAIR_i against the SFT model's trade-off at the same coverage: a gain
+   there is not just saying less), the curves' end points, and where every file is; ``summary.json`` holds the same
+   numbers.
 
 ``--methods all`` runs every method over ``--seeds`` instead (:mod:`vpo.compare`). ``--eval-split val`` measures on the
 validation split: hyper-parameters are tuned there, never on the test split (the tuning record is in
 ``benchmarks/results/demo-cpu.md``).
 
-``--quick`` (CI) runs the same stages with fewer images and steps; the full run takes a few minutes on 2 idle cores.
+``--quick`` (CI) runs the same stages with fewer images and steps; the full run takes about 8 minutes on 2 cores.
 Every random draw is seeded (``--seed``): the numbers are reproducible on the same machine and thread count.
 Progress bars go to stderr, the report to stdout.
 """
@@ -45,7 +49,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
 from vpo.demo_report import (  # noqa: F401  (re-exported: the demo's public names)
-    METRICS, TABLE, _curve_ends, _fmt, format_table, row_metrics, summary_markdown)
+    METRICS, TABLE, _curve_ends, _fmt, format_table, matched_coverage, row_metrics, summary_markdown)
 
 METHODS = ("tpo", "dpo")
 # The preference pairs: additions (the prior's "prior" hallucination) and omissions ("omission") are kept about
@@ -61,6 +65,8 @@ PRIOR_PAIR_PROB = 0.6
 # tells how many objects are left: DPO then learned to close the list early (coverage -11 points, CHAIR_i -0.01 on
 # the validation split) instead of checking the image.
 CAPTION_STYLE = "chain"
+# Biases on the caption's final "." that trace the SFT model's coverage / CHAIR_i trade-off (vpo.eval.tradeoff).
+TRADEOFF_BIASES = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0)
 @dataclass(frozen=True)
 class DemoSettings:
     """Sizes and hyper-parameters of one demo run (:data:`PRESETS`)."""
@@ -82,6 +88,12 @@ class DemoSettings:
     # The world's language prior (vpo.worlds.shapes.prior): P(partner | trigger) in the SFT split and in the others.
     prior_strength: float = 0.95
     prior_held_out_p: float = 0.5
+    # TPO's reward_grad (vpo.trainer.VPOConfig): False = c_θ detached. Measured on the validation split (full preset,
+    # benchmarks/results/demo-cpu.md): with the paper's default (True) the policy earns its reward through the
+    # calibration term instead of the captions: the raw-logit score s between the clean and the noised image rises
+    # from 1.8 to 5.8, c runs to its bounds (chosen 1.46 of 1.5, rejected 0.60 of 0.5), the rejected captions'
+    # log-prob falls less than DPO's (-9.0 -> -11.8 vs -12.3), and CHAIR_i moves by -0.5 SE. Detached: -2.6 SE.
+    tpo_reward_grad: bool = False
 
     def prior(self):
         from vpo.worlds.shapes import DEFAULT_PRIOR_PAIRS, CooccurrencePrior
@@ -90,7 +102,7 @@ class DemoSettings:
 
 
 PRESETS: Dict[str, DemoSettings] = {
-    "full": DemoSettings(sft_images=1500, sft_steps=1000, pair_images=1000, pref_steps=100, eval_images=600,
+    "full": DemoSettings(sft_images=3000, sft_steps=1000, pair_images=1000, pref_steps=100, eval_images=2000,
                          val_images=300),
     "quick": DemoSettings(sft_images=400, sft_steps=250, pair_images=300, pref_steps=30, eval_images=200,
                           val_images=100, logging_steps=5),
@@ -283,6 +295,7 @@ def _run(out, quick, seed, methods, settings, cache_dir, progress, impl, log, ev
     from vpo.demo_methods import train_method
     from vpo.eval.cli import display_text, evaluate
     from vpo.eval.metrics import format_report
+    from vpo.eval.tradeoff import coverage_curve
     from vpo.models.cache import DEFAULT_SPEC, cache_path, is_fresh, load_or_build, load_pretrained
     from vpo.visualize import training_curves_png
     from vpo.visualize_cli import reward_pictures
@@ -346,6 +359,12 @@ def _run(out, quick, seed, methods, settings, cache_dir, progress, impl, log, ev
     for sample in before["samples"][:2]:
         log(f"      e.g. {display_text(sample['response'])!r}  (truth: {_truth(sample)!r})")
     summary["before"] = row_metrics(before)
+    # The SFT model's own trade-off: decoded to stop earlier, it says less and hallucinates less. Every method is
+    # also compared with this curve at its own coverage (vpo.eval.tradeoff): a gain there is not "saying less".
+    curve = coverage_curve(model, processor, data["root"], eval_split, biases=TRADEOFF_BIASES, progress=progress)
+    summary["sft_curve"] = curve
+    log("      stopping earlier (bias on '.': coverage / CHAIR_i): " + ", ".join(
+        f"{p['bias']:g}: {p['coverage']:.3f} / {p['CHAIR_i']:.3f}" for p in curve))
     del model
 
     # 5 + 6. preference optimization and measure again ----------------------------------------------------------
@@ -365,6 +384,7 @@ def _run(out, quick, seed, methods, settings, cache_dir, progress, impl, log, ev
         _write_json(os.path.join(mdir, "eval.json"), after)
         log("      " + format_report(after).split("\npope/")[0].replace("\n", "\n      "))
         res["after"] = row_metrics(after)
+        res["matched"] = matched_coverage(curve, res["after"], summary["before"])
         summary["methods"][method] = res
         if method == "tpo":
             # TPO's Figure 1: per-token c of one pair, by the SFT model and by the TPO model.
@@ -444,71 +464,3 @@ def _write_json(path: str, obj: Any) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
-
-
-# ------------------------------------------------------------------------------------------------------------ CLI
-def add_arguments(p) -> None:
-    p.add_argument("--quick", action="store_true", help="fewer images and steps (CI; about 1.5 min on 2 cores)")
-    p.add_argument("--out", default="vpo-demo", help="output folder (data, models, curves, pictures, summary)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma-separated, from: tpo, catpo, ovip, csr, lpoi, mdpo, dpo; or 'all': every method over "
-                        "--seeds, with means and standard errors (vpo.compare)")
-    p.add_argument("--seeds", default="0,1,2", help="with --methods all: the preference-stage seeds")
-    p.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default: the preset's)")
-    p.add_argument("--steps", type=int, default=None, help="preference steps per method (default: the preset's)")
-    p.add_argument("--lr", type=float, default=None, help="preference learning rate (default: the preset's)")
-    p.add_argument("--eval-split", default="test", choices=("test", "val"),
-                   help="the held-out split measured (tune on val, report on test)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: at these sizes more threads only help on an idle machine)")
-    p.add_argument("--cache-dir", default=None, help="model cache root (default $VPO_CACHE or ~/.cache/vpo)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def main(args) -> int:
-    from vpo.demo_methods import ALL_METHODS
-
-    compare = args.methods.strip() == "all"
-    methods = list(ALL_METHODS) if compare else [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ALL_METHODS]
-    if bad or not methods:
-        print(f"vpo demo: --methods must be 'all' or drawn from {', '.join(ALL_METHODS)}, got {args.methods!r}",
-              file=sys.stderr)
-        return 2
-    settings = PRESETS["quick" if args.quick else "full"]
-    changes = {}
-    for name, field in (("sft_steps", "sft_steps"), ("steps", "pref_steps")):
-        v = getattr(args, name)
-        if v is not None:
-            if v < 1:
-                print(f"vpo demo: --{name.replace('_', '-')} must be >= 1, got {v}", file=sys.stderr)
-                return 2
-            changes[field] = v
-    if args.lr is not None:
-        if not args.lr > 0:
-            print(f"vpo demo: --lr must be > 0, got {args.lr}", file=sys.stderr)
-            return 2
-        changes["pref_lr"] = args.lr
-    if args.threads is not None and args.threads < 1:
-        print(f"vpo demo: --threads must be >= 1, got {args.threads}", file=sys.stderr)
-        return 2
-    settings = dataclasses.replace(settings, **changes)
-    if compare:
-        from vpo.compare import run_compare
-
-        try:
-            seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
-        except ValueError:
-            seeds = []
-        if not seeds:
-            print(f"vpo demo: --seeds must be comma-separated integers, got {args.seeds!r}", file=sys.stderr)
-            return 2
-        run_compare(args.out, quick=args.quick, seeds=seeds, methods=methods, settings=settings,
-                    threads=args.threads, cache_dir=args.cache_dir, progress=not args.no_progress,
-                    impl=getattr(args, "impl", "auto"), eval_split=args.eval_split, data_seed=args.seed)
-        return 0
-    run_demo(args.out, quick=args.quick, seed=args.seed, methods=methods, settings=settings, threads=args.threads,
-             cache_dir=args.cache_dir, progress=not args.no_progress, impl=getattr(args, "impl", "auto"),
-             eval_split=args.eval_split)
-    return 0

@@ -35,6 +35,8 @@ def _config(method: str, out_dir: str, settings, seed: int, impl: str, steps: Op
     from vpo.trainer import VPOConfig
 
     steps = settings.pref_steps if steps is None else steps
+    if method == "tpo":
+        extra.setdefault("reward_grad", settings.tpo_reward_grad)
     return VPOConfig(
         output_dir=out_dir, method=method, max_steps=steps, per_device_train_batch_size=settings.pref_batch,
         learning_rate=settings.pref_lr, beta=settings.beta, warmup_steps=min(10, steps // 5),
