@@ -46,6 +46,14 @@ def test_demo_rejects_unknown_methods():
     assert res.returncode == 2 and "--methods" in res.stderr
 
 
+@pytest.mark.parametrize("args,flag", [(["--jobs", "0"], "--jobs"), (["--threads", "0"], "--threads"),
+                                       (["--steps", "0"], "--steps"), (["--seeds", "a,b", "--methods", "all"], "--seeds")])
+def test_demo_usage_errors_name_the_flag(args, flag, tmp_path):
+    res = _run("demo", "--out", str(tmp_path / "out"), *args)
+    assert res.returncode == 2 and flag in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
 # ------------------------------------------------------------------------------------------------ vpo train manners
 def test_train_help_is_short_and_puts_config_and_method_first():
     res = _run("train", "--help")

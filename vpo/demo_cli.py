@@ -17,7 +17,8 @@ def add_arguments(p) -> None:
                         "--seeds, with means and standard errors (vpo.compare)")
     p.add_argument("--seeds", default="0,1,2", help="with --methods all: the preference-stage seeds")
     p.add_argument("--jobs", type=int, default=1,
-                   help="with --methods all: seeds run in this many worker processes (e.g. 2 on 2 cores)")
+                   help="with --methods all: seeds run in this many worker processes, one thread each (e.g. 3 for "
+                        "3 seeds, also on 2 cores: same numbers as 1, less wall time)")
     p.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default: the preset's)")
     p.add_argument("--steps", type=int, default=None, help="preference steps per method (default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="preference learning rate (default: the preset's)")
