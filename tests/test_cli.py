@@ -46,6 +46,17 @@ def test_demo_rejects_unknown_methods():
     assert res.returncode == 2 and "--methods" in res.stderr
 
 
+def test_demo_compare_runs_one_worker_per_seed_by_default(monkeypatch):
+    from vpo.demo_cli import default_jobs
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert default_jobs(3) == 3 and default_jobs(1) == 1
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert default_jobs(3) == 1
+    monkeypatch.setattr("os.cpu_count", lambda: None)
+    assert default_jobs(3) == 1
+
+
 @pytest.mark.parametrize("args,flag", [(["--jobs", "0"], "--jobs"), (["--threads", "0"], "--threads"),
                                        (["--steps", "0"], "--steps"), (["--seeds", "a,b", "--methods", "all"], "--seeds")])
 def test_demo_usage_errors_name_the_flag(args, flag, tmp_path):

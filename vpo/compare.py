@@ -13,7 +13,7 @@ Outputs in ``--out``: ``compare.json`` (every run's numbers, the per-method mean
 method's paired difference from DPO per seed), ``compare.md`` (the table), ``compare.png`` (a bar chart of CHAIR_i,
 the prior-triggered CHAIR and coverage with standard-error bars; the SFT model as a dashed line). ``compare.json`` is
 rewritten after every run, so an interrupted comparison keeps what it finished. ``--jobs J`` runs the seeds in ``J``
-worker processes (one per core; the same numbers as one process) and merges them.
+worker processes (the same numbers as one process; default one per seed on 2+ cores) and merges them.
 
 "Beats DPO" in the table means: the mean paired difference in CHAIR_i (method - DPO, same seed) is negative and at
 least two of its standard errors away from zero, with coverage no more than 3 points below DPO's.
