@@ -32,6 +32,10 @@ def test_chair_at_coverage_interpolates_inside_and_refuses_outside():
     assert chair_at_coverage(curve, 0.8) == pytest.approx(0.30)
     assert chair_at_coverage(curve, 0.4) == pytest.approx(0.10)
     assert math.isnan(chair_at_coverage(curve, 0.81)) and math.isnan(chair_at_coverage(curve, 0.3))
+    from vpo.eval.tradeoff import format_curve
+
+    assert format_curve([{"bias": 0.0, "coverage": 0.8, "CHAIR_i": 0.3}, {"bias": 2.5, "coverage": 0.6,
+                                                                          "CHAIR_i": 0.2}]) == "0: 0.800 / 0.300, 2.5: 0.600 / 0.200"
     with pytest.raises(ValueError, match="curve is empty"):
         chair_at_coverage([], 0.5)
 

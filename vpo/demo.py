@@ -295,7 +295,7 @@ def _run(out, quick, seed, methods, settings, cache_dir, progress, impl, log, ev
     from vpo.demo_methods import train_method
     from vpo.eval.cli import display_text, evaluate
     from vpo.eval.metrics import format_report
-    from vpo.eval.tradeoff import coverage_curve
+    from vpo.eval.tradeoff import coverage_curve, format_curve
     from vpo.models.cache import DEFAULT_SPEC, cache_path, is_fresh, load_or_build, load_pretrained
     from vpo.visualize import training_curves_png
     from vpo.visualize_cli import reward_pictures
@@ -363,8 +363,7 @@ def _run(out, quick, seed, methods, settings, cache_dir, progress, impl, log, ev
     # also compared with this curve at its own coverage (vpo.eval.tradeoff): a gain there is not "saying less".
     curve = coverage_curve(model, processor, data["root"], eval_split, biases=TRADEOFF_BIASES, progress=progress)
     summary["sft_curve"] = curve
-    log("      stopping earlier (bias on '.': coverage / CHAIR_i): " + ", ".join(
-        f"{p['bias']:g}: {p['coverage']:.3f} / {p['CHAIR_i']:.3f}" for p in curve))
+    log("      stopping earlier (bias on '.': coverage / CHAIR_i): " + format_curve(curve))
     del model
 
     # 5 + 6. preference optimization and measure again ----------------------------------------------------------

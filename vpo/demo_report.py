@@ -135,6 +135,8 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
                          f"has CHAIR_i {x['sft_CHAIR_i']:.3f}; {method} {a['CHAIR_i']:.3f}: gain {x['gain']:+.3f} "
                          f"({x['gain_se']:+.1f} SE).")
     if summary.get("sft_curve"):
-        notes.append("SFT trade-off (bias on the final '.': coverage / CHAIR_i): " + ", ".join(
-            f"{p['bias']:g}: {p['coverage']:.3f} / {p['CHAIR_i']:.3f}" for p in summary["sft_curve"]) + ".")
+        from vpo.eval.tradeoff import format_curve
+
+        notes.append("SFT trade-off (bias on the final '.': coverage / CHAIR_i): " + format_curve(summary["sft_curve"])
+                     + ".")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"

@@ -60,3 +60,9 @@ def chair_at_coverage(curve: Sequence[Dict[str, Any]], coverage: float) -> float
         if c0 <= coverage <= c1:
             return h0 if c1 == c0 else h0 + (h1 - h0) * (coverage - c0) / (c1 - c0)
     return pts[0][1]  # a one-point curve at exactly this coverage
+
+
+def format_curve(curve: Sequence[Dict[str, Any]]) -> str:
+    """``"0: 0.761 / 0.256, 2: 0.739 / 0.236, ..."``: each point of a :func:`coverage_curve` as bias: coverage /
+    CHAIR_i."""
+    return ", ".join(f"{p['bias']:g}: {p['coverage']:.3f} / {p['CHAIR_i']:.3f}" for p in curve)
