@@ -309,13 +309,14 @@ def test_every_fused_loss_calls_the_unshard_hook(monkeypatch, which):
 
 
 def test_engine_plan_at_lm_shapes(monkeypatch):
-    """The default budget keeps a 2 × 2048-token pair's bf16 logits at V = 152064 (3 policy passes); longer pairs
-    recompute their tiles; a smaller vocab packs several pairs per chunk."""
+    """The default budget (4 GiB) keeps a 2 × 2048-token pair's fp32 logits at V = 152064 (3 policy passes); longer
+    pairs recompute their tiles; a smaller vocab packs several pairs per chunk; Cat-PO keeps two tiles per row."""
     from vpo.fused._engine import plan
 
     monkeypatch.delenv("VPO_FUSED_BUDGET_MB", raising=False)
-    assert plan(Chunking(), 8, 2048, 152064, 2, 1) == (1, 8192, True)
-    assert plan(Chunking(), 8, 4096, 152064, 2, 1)[2] is False
-    assert plan(Chunking(), 8, 512, 32064, 2, 1)[0] > 1
+    assert plan(Chunking(), 8, 2048, 152064, 1) == (1, 8192, True)
+    assert plan(Chunking(), 8, 4096, 152064, 1)[2] is False
+    assert plan(Chunking(), 8, 2048, 152064, 2)[2] is False
+    assert plan(Chunking(), 8, 512, 32064, 1)[0] > 1
     monkeypatch.setenv("VPO_FUSED_BUDGET_MB", "8192")
-    assert plan(Chunking(), 8, 4096, 152064, 2, 1)[2] is True
+    assert plan(Chunking(), 8, 4096, 152064, 1)[2] is True

@@ -3,7 +3,9 @@
 On CPU there is no stream to sync, so the test makes every sync-inducing Python entry point raise — ``Tensor.item``,
 ``tolist``, ``__bool__`` (``if tensor:``), ``__int__``/``__float__``/``__index__`` (``int(t)``, indexing by a tensor
 scalar), ``nonzero`` (data-dependent shape) and ``numpy`` — then runs forward and backward of each fused loss, with
-every option that changes the path.
+every option that changes the path. On CPU the engine packs the scored positions by default (``Chunking(compact=None)``:
+their count costs nothing there); on CUDA it does not, so these runs ask for the CUDA behaviour with ``compact=False``,
+and ``test_compact_default_is_sync_free_on_cuda`` checks that default.
 """
 import pytest
 import torch
@@ -43,7 +45,20 @@ def test_patch_is_effective(no_sync):
         bool(torch.ones(1))
 
 
-@pytest.mark.parametrize("chunking", [None, Chunking(pairs=1, vocab=16, store=False)], ids=["default", "tiled"])
+def test_compact_default_is_sync_free_on_cuda():
+    from vpo import _caps
+    from vpo.fused._engine import compact_rows
+
+    h = torch.zeros(2, 3, 4, device="meta")
+    assert compact_rows(Chunking(), torch.zeros(2, 3, 4)) is True  # CPU: packing is free
+    with _caps.assume_cuda():
+        assert compact_rows(Chunking(), h) is False  # CUDA: no host sync unless asked
+        assert compact_rows(Chunking(compact=True), h) is True
+    assert compact_rows(Chunking(compact=False), torch.zeros(2, 3, 4)) is False
+
+
+@pytest.mark.parametrize("chunking", [Chunking(compact=False), Chunking(pairs=1, vocab=16, store=False, compact=False)],
+                         ids=["default", "tiled"])
 def test_fused_losses_do_not_sync(no_sync, chunking):
     x, hn, rh, rhn = _inputs()
     w = torch.rand(x.labels.shape) + 0.5

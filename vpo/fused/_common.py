@@ -6,7 +6,8 @@ Layout (Liger-Kernel's convention): ``hidden`` ``[2B, T, D]`` holds the B chosen
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+import math
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -97,17 +98,39 @@ def wanted_grads(**tensors) -> tuple:
     return tuple(name for name, t in tensors.items() if t is not None and t.requires_grad)
 
 
+def check_head_transform(logit_softcap, logit_scale) -> Tuple[float, float]:
+    """``(softcap, scale)`` for the epilogue from the public ``logit_softcap`` (None or > 0: Gemma's
+    ``final_logit_softcapping``) and ``logit_scale`` (None or > 0: Cohere's ``logit_scale``)."""
+    for name, v in (("logit_softcap", logit_softcap), ("logit_scale", logit_scale)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                              or v <= 0):
+            raise ValueError(f"{name} must be None or a finite number > 0, got {v!r}")
+    return float(logit_softcap or 0.0), float(1.0 if logit_scale is None else logit_scale)
+
+
 def token_metrics(tok, mask: torch.Tensor, B: int) -> Dict[str, torch.Tensor]:
-    """``entropy/chosen``, ``entropy/rejected``: the policy's mean per-token entropy (nats) over the chosen / rejected
-    response tokens (when ``tok`` has it: the engine's sweep; ``impl="triton"`` does not compute it);
-    ``num_tokens/chosen``, ``num_tokens/rejected``: the mean number of response tokens per chosen / rejected row
-    (float; as the trainer's ``token_count_metrics``)."""
+    """Per-token metrics over the scored tokens, from the vocabulary sweep's statistics (nothing materialized).
+
+    TRL's names and meanings: ``logits/chosen``, ``logits/rejected`` (the mean logit over the vocabulary, averaged
+    over the chosen / rejected scored tokens), ``mean_token_accuracy`` (fraction of scored tokens, chosen and rejected
+    pooled, whose target is the argmax), ``entropy`` (mean per-token entropy in nats, pooled). vpo's split metrics:
+    ``entropy/chosen``, ``entropy/rejected``; ``num_tokens/chosen``, ``num_tokens/rejected`` (the mean number of
+    scored tokens per chosen / rejected row, float, as the trainer's ``token_count_metrics``). A metric whose
+    per-token statistic the path did not compute (``impl="triton"`` computes no entropy, mean logit or argmax) is left
+    out."""
     with torch.no_grad():
         m = mask.to(tok["logp"].dtype)
         out = {}
+        n_all = m.sum().clamp_min(1)
+        if "entropy" in tok:
+            out["entropy"] = (tok["entropy"] * m).sum() / n_all
+        if "is_argmax" in tok:
+            out["mean_token_accuracy"] = (tok["is_argmax"] * m).sum() / n_all
         for name, sl in (("chosen", slice(0, B)), ("rejected", slice(B, 2 * B))):
             n = m[sl].sum()
             if "entropy" in tok:
                 out[f"entropy/{name}"] = (tok["entropy"][sl] * m[sl]).sum() / n.clamp_min(1)
+            if "mean_logit" in tok:
+                out[f"logits/{name}"] = (tok["mean_logit"][sl] * m[sl]).sum() / n.clamp_min(1)
             out[f"num_tokens/{name}"] = n / (sl.stop - sl.start)
         return out

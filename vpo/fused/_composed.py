@@ -39,8 +39,3 @@ def token_terms(hidden, weight, bias, labels, *, ignore_index, noised=None, rewa
     return tok
 
 
-def composed_loss(pair_loss, tok, B: int) -> torch.Tensor:
-    """The engine's chunk loss applied to the whole batch at once (one chunk of B pairs)."""
-    rows = torch.arange(2 * B, device=tok["logp"].device)
-    return pair_loss(tok, rows, B)
-

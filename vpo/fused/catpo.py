@@ -21,12 +21,12 @@ from typing import Optional, Tuple
 
 import torch
 
+from vpo._heads import check_catpo_arguments
 from vpo._validate import check_range
 from vpo.fused import _composed, _engine
-from vpo.fused._common import (PreferenceOutput, make_output, reference_head, resolve_path, token_metrics, unshard,
-                               validate_pair_batch, wanted_grads)
+from vpo.fused._common import (PreferenceOutput, check_head_transform, make_output, reference_head, resolve_path,
+                               token_metrics, unshard, validate_pair_batch, wanted_grads)
 from vpo.losses import preference_metrics, preference_pair_losses, resolve_loss_types
-from vpo.oracle.catpo import check_catpo_arguments  # Cat-PO's argument rules live once, with the oracle
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ def fused_catpo_loss(
     loss_weights=None,
     label_smoothing: float = 0.0,
     chunking: Optional[_engine.Chunking] = None,
+    logit_softcap: Optional[float] = None,
+    logit_scale: Optional[float] = None,
 ) -> Tuple[torch.Tensor, CatPOOutput]:
     """Cat-PO loss from last hidden states: token-weighted DPO + ``kl_coef`` · token-weighted KL.
 
@@ -72,6 +74,7 @@ def fused_catpo_loss(
         impl: ``"auto"``/``"torch"`` (the engine) or ``"triton"`` (composed from the Triton ops).
         loss_type, loss_weights, label_smoothing: DPO loss types on the weighted terms (module docstring).
         chunking: :class:`vpo.fused.Chunking`.
+        logit_softcap, logit_scale: the model's logits transform, see :func:`vpo.fused_dpo_loss`.
 
     Returns:
         ``(loss, out)``, ``out`` a :class:`CatPOOutput`; ``out.metrics["catpo/kl"]`` is the mean over pairs of
@@ -94,6 +97,10 @@ def fused_catpo_loss(
     rw, rb = reference_head(weight, bias, ref_weight, ref_bias, ref_hidden) if has_ref else (None, None)
     path = resolve_path(impl, labels, weight.shape[0], ignore_index)
     chunking = _engine.check_chunking(chunking)
+    softcap, scale = check_head_transform(logit_softcap, logit_scale)
+    if path == "triton" and (softcap or scale != 1.0):
+        raise ValueError("logit_softcap and logit_scale need impl='auto' or 'torch' (the engine); impl='triton' "
+                         "composes ops that do not apply them")
 
     mask = labels != ignore_index
     ntok = mask.sum(1)
@@ -120,20 +127,18 @@ def fused_catpo_loss(
     if path == "triton":
         tok = _composed.token_terms(hidden, weight, bias, labels, ignore_index=ignore_index, ref=ref_arg,
                                     kl_grad=kl_coef > 0)
-        loss = _composed.composed_loss(pair_loss, tok, B)
-        extra = token_metrics(tok, mask, B)
+        loss = pair_loss(tok, torch.arange(2 * B, device=hidden.device), B)
     else:
         need = wanted_grads(hidden=hidden, weight=weight, bias=bias)
         with torch.no_grad():
             res = _engine.sweep(hidden=hidden.detach(), weight=weight.detach(),
                                 bias=None if bias is None else bias.detach(), labels=labels,
-                                ignore_index=ignore_index, chunking=chunking, ref=ref_arg, pair_loss=pair_loss,
-                                need=need)
-            tok = res.tok
-            loss = pair_loss(tok, torch.arange(2 * B, device=hidden.device), B)
+                                ignore_index=ignore_index, chunking=chunking, ref=ref_arg, ref_kl=True,
+                                pair_loss=pair_loss, need=need, softcap=softcap, scale=scale)
+            tok, loss = res.tok, res.loss
         loss = _engine.attach(loss, [(hidden, res.grads["hidden"]), (weight, res.grads["weight"]),
                                      (bias, res.grads["bias"])])
-        extra = token_metrics(tok, mask, B)
+    extra = token_metrics(tok, mask, B)
 
     with torch.no_grad():
         logp = tok["logp"].detach()

@@ -10,8 +10,8 @@ import torch
 from vpo._heads import resolve_reference
 from vpo._validate import check_positive, check_range
 from vpo.fused import _composed, _engine
-from vpo.fused._common import (PreferenceOutput, make_output, reference_head, resolve_path, token_metrics, unshard,
-                               validate_pair_batch, wanted_grads)
+from vpo.fused._common import (PreferenceOutput, check_head_transform, make_output, reference_head, resolve_path,
+                               token_metrics, unshard, validate_pair_batch, wanted_grads)
 from vpo.losses import preference_metrics, preference_pair_losses, resolve_loss_types
 
 
@@ -32,6 +32,8 @@ def fused_dpo_loss(
     loss_type="sigmoid",
     loss_weights=None,
     chunking: Optional[_engine.Chunking] = None,
+    logit_softcap: Optional[float] = None,
+    logit_scale: Optional[float] = None,
 ) -> Tuple[torch.Tensor, PreferenceOutput]:
     """DPO loss from last hidden states, without materializing vocab logits.
 
@@ -51,10 +53,14 @@ def fused_dpo_loss(
             ``"apo_zero"``, ``"sigmoid_norm"``, ``"sft"``; a list is a weighted sum), see :mod:`vpo.losses`.
         chunking: :class:`vpo.fused.Chunking` (memory budget, pairs per chunk, vocab tile); the extra memory is
             stated in :mod:`vpo.fused._engine`.
+        logit_softcap: the model's final-logit soft-capping ``z -> cap·tanh(z/cap)`` (Gemma 2/3: the config's
+            ``final_logit_softcapping``); None: none. Applied to the policy's and the reference's logits.
+        logit_scale: a factor on the logits (Cohere / Aya Vision: the config's ``logit_scale``), before the cap.
 
     Returns:
-        ``(loss, out)``: scalar mean loss over the B pairs, and a :class:`PreferenceOutput` (its ``metrics`` add
-        ``entropy/chosen``, ``entropy/rejected``, ``num_tokens/chosen``, ``num_tokens/rejected``).
+        ``(loss, out)``: scalar mean loss over the B pairs, and a :class:`PreferenceOutput` (its ``metrics`` add the
+        per-token metrics of :func:`vpo.fused._common.token_metrics`: ``logits/chosen``, ``mean_token_accuracy``,
+        ``entropy``, ``entropy/chosen``, ``num_tokens/chosen``, ...).
 
     Example:
         >>> import torch, vpo
@@ -73,18 +79,15 @@ def fused_dpo_loss(
     rw, rb = reference_head(weight, bias, ref_weight, ref_bias, ref_hidden) if mode == "hidden" else (None, None)
     path = resolve_path(impl, labels, weight.shape[0], ignore_index)
     chunking = _engine.check_chunking(chunking)
+    softcap, scale = check_head_transform(logit_softcap, logit_scale)
+    if path == "triton" and (softcap or scale != 1.0):
+        raise ValueError("logit_softcap and logit_scale need impl='auto' or 'torch' (the engine); impl='triton' "
+                         "composes ops that do not apply them")
 
     mask = labels != ignore_index
     ntok = mask.sum(1)  # [2B]
     acc = _engine.acc_dtype(hidden.dtype)
-    with torch.no_grad():
-        if mode == "logps":
-            ref = ref_logps.detach().to(acc)
-        elif path == "triton":
-            ref = _composed.token_terms(ref_hidden.detach(), rw, rb, labels, ignore_index=ignore_index)["logp"].sum(1)
-        else:
-            ref = _engine.sweep(hidden=ref_hidden.detach(), weight=rw, bias=rb, labels=labels,
-                                ignore_index=ignore_index, chunking=chunking).tok["logp"].sum(1)  # [2B]
+    ref_given = ref_logps.detach().to(acc) if mode == "logps" else None
     mean_n = ntok[:B].to(acc).mean()
     kw = dict(beta=beta, label_smoothing=label_smoothing, loss_type=loss_type, loss_weights=loss_weights,
               mean_chosen_tokens=mean_n)
@@ -92,25 +95,32 @@ def fused_dpo_loss(
     def pair_loss(tok, rows, P):
         """The chunk's share of the mean loss: pairs ``rows[:P]`` (chosen) / ``rows[P:]`` (rejected)."""
         seq = tok["logp"].sum(1)  # [2P]
-        r, n = ref.index_select(0, rows), ntok.index_select(0, rows)
+        r = tok["ref_logp"].sum(1) if ref_given is None else ref_given.index_select(0, rows)
+        n = ntok.index_select(0, rows)
         return preference_pair_losses(seq[:P], seq[P:], r[:P], r[P:], chosen_tokens=n[:P], rejected_tokens=n[P:],
                                       **kw).sum() / B
 
+    all_rows = torch.arange(2 * B, device=hidden.device)
     if path == "triton":
         tok = _composed.token_terms(hidden, weight, bias, labels, ignore_index=ignore_index)
-        loss = _composed.composed_loss(pair_loss, tok, B)
-        extra = token_metrics(tok, mask, B)
+        if ref_given is None:
+            with torch.no_grad():
+                tok["ref_logp"] = _composed.token_terms(ref_hidden.detach(), rw, rb, labels,
+                                                        ignore_index=ignore_index)["logp"]
+        loss = pair_loss(tok, all_rows, B)
     else:
         need = wanted_grads(hidden=hidden, weight=weight, bias=bias)
         with torch.no_grad():
             res = _engine.sweep(hidden=hidden.detach(), weight=weight.detach(),
                                 bias=None if bias is None else bias.detach(), labels=labels,
-                                ignore_index=ignore_index, chunking=chunking, pair_loss=pair_loss, need=need)
-            tok = res.tok
-            loss = pair_loss(tok, torch.arange(2 * B, device=hidden.device), B)
+                                ignore_index=ignore_index, chunking=chunking,
+                                ref=None if ref_given is not None else (ref_hidden.detach(), rw, rb),
+                                pair_loss=pair_loss, need=need, softcap=softcap, scale=scale)
+            tok, loss = res.tok, res.loss
         loss = _engine.attach(loss, [(hidden, res.grads["hidden"]), (weight, res.grads["weight"]),
                                      (bias, res.grads["bias"])])
-        extra = token_metrics(tok, mask, B)
+    extra = token_metrics(tok, mask, B)
+    ref = ref_given if ref_given is not None else tok["ref_logp"].detach().sum(1)  # [2B]
     with torch.no_grad():
         seq = tok["logp"].detach().sum(1)
         metrics = preference_metrics(beta * (seq[:B] - ref[:B]), beta * (seq[B:] - ref[B:]), seq[:B], seq[B:])

@@ -21,10 +21,10 @@ import torch
 from vpo._heads import resolve_reference
 from vpo._validate import check_choice, check_positive, check_range, check_same_shape
 from vpo.fused import _composed, _engine
-from vpo.fused._common import (PreferenceOutput, make_output, reference_head, resolve_path, token_metrics, unshard,
-                               validate_pair_batch, wanted_grads)
+from vpo.fused._common import (PreferenceOutput, check_head_transform, make_output, reference_head, resolve_path,
+                               token_metrics, unshard, validate_pair_batch, wanted_grads)
 from vpo.losses import preference_metrics, preference_pair_losses, resolve_loss_types
-from vpo.oracle.tpo import REWARD_MODES, tpo_log_calibrated_reward  # elementwise on [2B, T]: the math lives once
+from vpo.losses.tpo_reward import REWARD_MODES, tpo_log_calibrated_reward  # elementwise on [2B, T]
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,8 @@ def fused_tpo_loss(
     loss_weights=None,
     label_smoothing: float = 0.0,
     chunking: Optional[_engine.Chunking] = None,
+    logit_softcap: Optional[float] = None,
+    logit_scale: Optional[float] = None,
 ) -> Tuple[torch.Tensor, TPOOutput]:
     """TPO loss from the last hidden states of the clean- and noised-image passes, without vocab logits.
 
@@ -90,6 +92,8 @@ def fused_tpo_loss(
             :func:`vpo.fused_dpo_loss`.
         loss_type, loss_weights, label_smoothing: DPO loss types on the TPO terms (module docstring).
         chunking: :class:`vpo.fused.Chunking`.
+        logit_softcap, logit_scale: the model's logits transform, see :func:`vpo.fused_dpo_loss` (``s`` is a
+            difference of transformed target logits).
 
     Returns:
         ``(loss, out)`` with ``out`` a :class:`TPOOutput` (``scores`` s and ``token_rewards`` c of the policy).
@@ -117,31 +121,30 @@ def fused_tpo_loss(
     rw, rb = reference_head(weight, bias, ref_weight, ref_bias, ref_hidden) if mode == "hidden" else (None, None)
     path = resolve_path(impl, labels, weight.shape[0], ignore_index)
     chunking = _engine.check_chunking(chunking)
+    softcap, scale = check_head_transform(logit_softcap, logit_scale)
+    if path == "triton" and (softcap or scale != 1.0):
+        raise ValueError("logit_softcap and logit_scale need impl='auto' or 'torch' (the engine); impl='triton' "
+                         "composes ops that do not apply them")
 
     mask = labels != ignore_index
     ntok = mask.sum(1)
     acc = _engine.acc_dtype(hidden.dtype)
-    with torch.no_grad():
-        if mode == "logps":
-            ref = ref_logps.detach().to(acc)
-        else:
-            if path == "triton":
-                rt = _composed.token_terms(ref_hidden.detach(), rw, rb, labels, ignore_index=ignore_index,
-                                           noised=ref_hidden_noised.detach(), reward_grad=False)
-            else:
-                rt = _engine.sweep(hidden=ref_hidden.detach(), weight=rw, bias=rb, labels=labels,
-                                   ignore_index=ignore_index, chunking=chunking,
-                                   noised=ref_hidden_noised.detach()).tok
-            ref = (rt["logp"] + _log_c(rt["s"], mask, B, a=a, rewards=rewards)).sum(1)  # [2B]
+    ref_given = ref_logps.detach().to(acc) if mode == "logps" else None
     kw = dict(beta=beta, label_smoothing=label_smoothing, loss_type=loss_type, loss_weights=loss_weights,
               mean_chosen_tokens=ntok[:B].to(acc).mean())
 
+    def ref_terms(tok, m, P):
+        """``Σ_i (logp_ref + log c_ref)`` ``[2P]`` of the reference swept with the chunk."""
+        return (tok["ref_logp"] + _log_c(tok["ref_s"], m, P, a=a, rewards=rewards)).sum(1)
+
     def pair_loss(tok, rows, P):
         """The chunk's share of the mean loss (pairs ``rows[:P]`` / ``rows[P:]``)."""
+        m = mask.index_select(0, rows)
         s = tok["s"] if reward_grad else tok["s"].detach()
         plain = tok["logp"].sum(1)  # [2P]
-        seq = plain + _log_c(s, mask.index_select(0, rows), P, a=a, rewards=rewards).sum(1)
-        r, n = ref.index_select(0, rows), ntok.index_select(0, rows)
+        seq = plain + _log_c(s, m, P, a=a, rewards=rewards).sum(1)
+        r = ref_terms(tok, m, P) if ref_given is None else ref_given.index_select(0, rows)
+        n = ntok.index_select(0, rows)
         return preference_pair_losses(seq[:P], seq[P:], r[:P], r[P:], chosen_tokens=n[:P], rejected_tokens=n[P:],
                                       chosen_nll=-plain[:P], **kw).sum() / B
 
@@ -149,22 +152,30 @@ def fused_tpo_loss(
     if path == "triton":
         tok = _composed.token_terms(hidden, weight, bias, labels, ignore_index=ignore_index, noised=hidden_noised,
                                     reward_grad=reward_grad)
-        loss = _composed.composed_loss(pair_loss, tok, B)
-        extra = token_metrics(tok, mask, B)
+        if ref_given is None:
+            with torch.no_grad():
+                rt = _composed.token_terms(ref_hidden.detach(), rw, rb, labels, ignore_index=ignore_index,
+                                           noised=ref_hidden_noised.detach(), reward_grad=False)
+            tok["ref_logp"], tok["ref_s"] = rt["logp"], rt["s"]
+        loss = pair_loss(tok, all_rows, B)
     else:
         need = wanted_grads(hidden=hidden, weight=weight, bias=bias,
                             noised=hidden_noised if reward_grad else None)
         with torch.no_grad():
             res = _engine.sweep(hidden=hidden.detach(), weight=weight.detach(),
                                 bias=None if bias is None else bias.detach(), labels=labels,
-                                ignore_index=ignore_index, chunking=chunking, noised=hidden_noised.detach(),
-                                noised_grad=reward_grad, pair_loss=pair_loss, need=need)
-            tok = res.tok
-            loss = pair_loss(tok, all_rows, B)
+                                ignore_index=ignore_index, chunking=chunking,
+                                ref=None if ref_given is not None else (ref_hidden.detach(), rw, rb),
+                                noised=hidden_noised.detach(),
+                                ref_noised=None if ref_given is not None else ref_hidden_noised.detach(),
+                                noised_grad=reward_grad, pair_loss=pair_loss, need=need, softcap=softcap,
+                                scale=scale)
+            tok, loss = res.tok, res.loss
         g = res.grads
         loss = _engine.attach(loss, [(hidden, g["hidden"]), (hidden_noised, g["noised"]), (weight, g["weight"]),
                                      (bias, g["bias"])])
-        extra = token_metrics(tok, mask, B)
+    extra = token_metrics(tok, mask, B)
+    ref = ref_given if ref_given is not None else ref_terms(tok, mask, B).detach()  # [2B]
 
     with torch.no_grad():
         s = tok["s"].detach()

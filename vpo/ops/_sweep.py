@@ -36,6 +36,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from vpo import _caps
+
 DEFAULT_BUDGET_MB = 128  # MiB per chunk's tiles (see the module docstring for the formula)
 BUDGET_ENV = "VPO_CHUNK_BUDGET_MB"
 CHUNK_ENV = "VPO_TORCH_CHUNK"
@@ -92,45 +94,35 @@ def vocab_chunk(n_rows: int, vocab: int, dtype: torch.dtype, *, tiles: int = 1, 
 # GEMMs
 # ----------------------------------------------------------------------------------------------------------------------
 
-_OUT_DTYPE_MM: dict = {}
+def operand_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the GEMMs' operands are in: the input dtype where cuBLAS writes fp32 from 16-bit operands
+    (:func:`vpo._caps.gemm_fp32_out`), else the accumulation dtype (16-bit inputs are upcast: no logit is ever rounded
+    below fp32)."""
+    return t.dtype if _caps.gemm_fp32_out(t) else acc_dtype(t.dtype)
 
 
 def mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` in the inputs' dtype (tensor cores for bf16/fp16 on CUDA, fp32 accumulation inside the GEMM). The
-    result is fp32 where ``torch.mm(..., out_dtype=torch.float32)`` is supported for the device (checked once per
-    device type and dtype), else in the inputs' dtype."""
-    if a.dtype in (torch.float16, torch.bfloat16) and a.is_cuda:
-        key = (a.device.type, a.dtype)
-        if _OUT_DTYPE_MM.get(key, True):
-            try:
-                out = torch.mm(a, b, out_dtype=torch.float32)
-                _OUT_DTYPE_MM[key] = True
-                return out
-            except (RuntimeError, TypeError, NotImplementedError):
-                _OUT_DTYPE_MM[key] = False
-    return a @ b
+    """``a @ b`` in the accumulation dtype (fp32; float64 for float64): cuBLAS with fp32 output for bf16/fp16 operands
+    on CUDA, where the torch build has it (:func:`vpo._caps.gemm_fp32_out`, decided from the registry, never by catching
+    an error); otherwise the operands are upcast first."""
+    acc = acc_dtype(a.dtype)
+    if a.dtype == acc:
+        return a @ b
+    if _caps.gemm_fp32_out(a):
+        return torch.mm(a, b, out_dtype=acc)
+    return a.to(acc) @ b.to(acc)
 
 
 def mm_acc_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` in the accumulation dtype and ``a``, ``b`` in the input dtype, without an
-    ``acc``-sized temporary where possible: ``addmm(out=acc)`` when the dtypes agree; on CUDA for bf16/fp16 inputs cuBLAS
-    accumulating straight into the fp32 ``acc`` (``torch.addmm(..., out_dtype=torch.float32, out=acc)``, where
-    supported); otherwise in row blocks of at most 2**22 elements of ``acc``."""
-    if a.dtype == acc.dtype:
-        torch.addmm(acc, a, b, out=acc)  # (not addmm_, which dispatch-level FLOP counters do not see)
-        return
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
-        key = ("addmm", a.device.type, a.dtype)
-        if _OUT_DTYPE_MM.get(key, True):
-            try:
-                torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-                _OUT_DTYPE_MM[key] = True
-                return
-            except (RuntimeError, TypeError, NotImplementedError):
-                _OUT_DTYPE_MM[key] = False
-    rows = max(1, (1 << 22) // max(acc.shape[1], 1))
-    for r0 in range(0, acc.shape[0], rows):
-        acc[r0:r0 + rows] += mm_acc(a[r0:r0 + rows], b)
+    """``acc += a @ b`` with ``acc`` in the accumulation dtype, without an ``acc``-sized temporary: ``addmm(out=acc)``
+    (with ``out_dtype`` for 16-bit operands on CUDA, :func:`vpo._caps.gemm_fp32_out`); 16-bit operands elsewhere are
+    upcast first."""
+    if a.dtype != acc.dtype:
+        if _caps.gemm_fp32_out(a):
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        a, b = a.to(acc.dtype), b.to(acc.dtype)
+    torch.addmm(acc, a, b, out=acc)  # (not addmm_, which dispatch-level FLOP counters do not see)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
+from vpo._heads import check_catpo_arguments  # noqa: F401  (re-exported)
 from vpo._heads import check_bias, check_pair_batch, check_ref_hidden, check_ref_logps, check_reference_head
 from vpo._validate import check_float, check_positive, check_same_device, check_same_dtype, check_tensor
 from vpo.losses import dpo_loss
@@ -204,34 +205,6 @@ def weighted_sequence_logps(
             "the same shape"
         )
     return sequence_logps(token_weights * token_logps, labels, ignore_index=ignore_index)
-
-
-def check_catpo_arguments(hidden, labels, token_weights, ref_hidden, ref_logps, *, beta, kl_coef) -> None:
-    """Cat-PO's own arguments, shared by this oracle and :func:`vpo.fused.catpo.fused_catpo_loss` (the policy's head
-    and pass are checked by the caller): ``token_weights`` like ``labels``; β > 0, λ >= 0; ``ref_hidden`` (required
-    when λ > 0, the KL needs the reference's distribution) or ``ref_logps`` (only with λ = 0), not both."""
-    check_float("token_weights", token_weights)
-    if token_weights.shape != labels.shape:
-        raise ValueError(
-            f"token_weights has shape {tuple(token_weights.shape)} but labels has shape {tuple(labels.shape)}: "
-            "expected token_weights.shape == labels.shape ([2B, T])"
-        )
-    check_same_device("token_weights", token_weights, "hidden", hidden)
-    check_positive("beta", beta)
-    check_positive("kl_coef", kl_coef, allow_zero=True)
-    if ref_hidden is not None and ref_logps is not None:
-        raise ValueError("give ref_hidden or ref_logps, not both (ref_hidden gives the reference log-probs already)")
-    if kl_coef > 0 and ref_hidden is None:
-        raise ValueError(
-            f"ref_hidden is required when kl_coef > 0 (the KL needs the reference's distribution), got kl_coef="
-            f"{kl_coef} and ref_hidden=None; pass ref_hidden, or kl_coef=0 with ref_logps"
-        )
-    if ref_hidden is None and ref_logps is None:
-        raise ValueError("give ref_hidden (the reference's hidden states) or ref_logps (precomputed [2B] sums)")
-    if ref_hidden is not None:
-        check_ref_hidden(ref_hidden, hidden, ndim=3)
-    else:
-        check_ref_logps(ref_logps, hidden)
 
 
 def catpo_loss(

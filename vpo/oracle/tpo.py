@@ -30,14 +30,13 @@ from __future__ import annotations
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from vpo._heads import check_pair_batch, check_reference_head, resolve_reference
 from vpo._validate import check_choice, check_float, check_like, check_positive, check_same_device, check_tensor
 from vpo.losses import dpo_loss
+from vpo.losses.tpo_reward import REWARD_MODES, tpo_log_calibrated_reward  # noqa: F401  (re-exported)
 from vpo.oracle.logprobs import sequence_logps, target_logits, token_logprobs
 
-REWARD_MODES = ("both", "only_win", "only_loss", "opposite")
 
 
 class TPOSequenceTerms(NamedTuple):
@@ -65,26 +64,6 @@ def tpo_scores(z_clean: torch.Tensor, z_noised: torch.Tensor) -> torch.Tensor:
     check_float("z_noised", z_noised)
     check_like("z_noised", z_noised, "z_clean", z_clean)
     return z_clean - z_noised
-
-
-def tpo_log_calibrated_reward(
-    s: torch.Tensor, is_chosen_row: torch.Tensor, *, a: float = 0.5, rewards: str = "both"
-) -> torch.Tensor:
-    """``log c`` for scores ``s`` (see :func:`tpo_calibrated_reward`), computed stably."""
-    check_float("s", s)
-    chosen = _broadcast_rows(is_chosen_row, s)
-    check_positive("a", a, allow_zero=True)
-    check_choice("rewards", rewards, REWARD_MODES)
-
-    # x = s where the reward is a + σ(s), -s where it is a + 1 - σ(s) = a + σ(-s)
-    rising = ~chosen if rewards == "opposite" else chosen
-    x = torch.where(rising, s, -s)
-    log_c = F.logsigmoid(x) if a == 0 else torch.log(a + torch.sigmoid(x))
-    if rewards == "only_win":
-        log_c = torch.where(chosen, log_c, torch.zeros_like(log_c))
-    elif rewards == "only_loss":
-        log_c = torch.where(chosen, torch.zeros_like(log_c), log_c)
-    return log_c
 
 
 def tpo_calibrated_reward(
@@ -243,19 +222,6 @@ def _tpo_terms(weight, bias, hidden, hidden_noised, labels, a, rewards, reward_g
     log_c = torch.where(mask, log_c, torch.zeros_like(log_c))
     logps = sequence_logps(logp + log_c, labels, ignore_index=ignore_index)  # [R]
     return TPOSequenceTerms(logps=logps, token_logps=logp, s=s, c=torch.exp(log_c))
-
-
-def _broadcast_rows(is_chosen_row, s) -> torch.Tensor:
-    check_tensor("is_chosen_row", is_chosen_row, dtypes=(torch.bool,))
-    check_same_device("is_chosen_row", is_chosen_row, "s", s)
-    if is_chosen_row.shape == s.shape:
-        return is_chosen_row
-    if s.dim() >= 1 and is_chosen_row.dim() == 1 and is_chosen_row.shape[0] == s.shape[0]:
-        return is_chosen_row.reshape(-1, *([1] * (s.dim() - 1)))
-    raise ValueError(
-        f"is_chosen_row has shape {tuple(is_chosen_row.shape)} but s has shape {tuple(s.shape)}: expected "
-        "(s.shape[0],) (one flag per row) or s.shape"
-    )
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
