@@ -363,6 +363,45 @@ def _pytest_summary(out: str) -> list:
     return (keep[-40:] or lines[-15:]) or ["(empty log)"]
 
 
+# benchmarks/model.py's paths and the measured cases they model: (family, requested impl, what was measured)
+MODEL_PATHS = {"materialized": ("fused_losses", "dpo/naive", "DPO oracle, full logits"),
+               "vpo DPO": ("fused_losses", "dpo/gemm", "fused_dpo_loss"),
+               "vpo TPO": ("fused_losses", "tpo/gemm", "fused_tpo_loss"),
+               "vpo Cat-PO": ("catpo", "catpo/gemm", "fused_catpo_loss")}
+MODEL_FILE = "model.json"
+
+
+def _model_vs_measured(out: str, res: list, device: str) -> list:
+    """The performance model's estimate (``python -m benchmarks.model``, written by run_gpu.sh to ``DIR/model.json``)
+    next to the measured median of the same path and N, for this device's column of the model."""
+    path = os.path.join(out, MODEL_FILE)
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            model = json.load(f)
+    except (OSError, ValueError) as e:
+        return ["", "## Model vs measurement", "", f"model.json unreadable: {e}"]
+    gpu = next((k for k in model.get("gpus", {}) if k in device), None)
+    col = gpu or "H100"
+    L = ["", "## Model vs measurement", "",
+         f"The roofline **model** of `python -m benchmarks.model` (counted on the meta device, {col} column"
+         f"{'' if gpu else ' (this device is not in the model: H100 shown)'}; assumptions in run.log) next to the "
+         "measured median of the same path and N. A model, not a measurement: the ratio shows where it is wrong.", "",
+         "| N | path | model ms | measured | measured ms | measured / model | model launches | model other B/logit |",
+         "|---:|---|---:|---|---:|---:|---:|---:|"]
+    by = {(r["family"], r["N"], r.get("requested", r["impl"])): r for r in res}
+    for m in model.get("results", []):
+        if "est_ms" not in m or m["path"] not in MODEL_PATHS:
+            continue
+        fam, impl, what = MODEL_PATHS[m["path"]]
+        meas = by.get((fam, m["N"], impl), {}).get("median_ms")
+        est = m["est_ms"].get(col)
+        L.append(f"| {m['N']} | {m['path']} | {_f(est, '.4g')} | {what} | {_f(meas, '.4g')} | {_ratio(meas, est)} | "
+                 f"{m['launches']} | {m['other_bytes'] / (m['N'] * m['V']):.1f} |")
+    return L
+
+
 def report(args) -> int:
     data = load(args.out)
     m = data.get("meta") or {}
@@ -450,6 +489,7 @@ def report(args) -> int:
         L += ["", "## Errors", ""]
         for r in errors:
             L += [f"### {r['family']} N={r['N']} {r['impl']}", "", "```", r["traceback"].rstrip()[-2500:], "```", ""]
+    L += _model_vs_measured(args.out, res, m.get("device") or "")
     L += ["", "## pytest -m gpu", "", "```", *_pytest_summary(args.out), "```"]
     inst = os.path.join(args.out, "install.log")
     if os.path.exists(inst):

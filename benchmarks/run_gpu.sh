@@ -17,9 +17,11 @@
 # Stages 2, 3 and 5 are benchmarks/gpu_ab.py, one process each; a CUDA error that poisons the process's context makes
 # it exit 3 and the stage is started again (it skips what was already attempted) while its time lasts.
 #
-# Writes 5 files into $OUT: gpu-report.md (the device, versions, every number and ratio, errors, the pytest summary),
-# gpu-results.json (raw: every timing, peak memory, input statistics), run.log (this script's output), install.log,
-# pytest-gpu.log. The report is rewritten after every stage.
+#   0. model     python -m benchmarks.model at the losses' shapes, in the background from the start (CPU only, niced):
+#                model.json; printed at the end and shown next to the measured times in the report
+# Writes 6 files into $OUT: gpu-report.md (the device, versions, every number and ratio, errors, the pytest summary,
+# model vs measurement), gpu-results.json (raw: every timing, peak memory, input statistics), model.json, run.log (this
+# script's output), install.log, pytest-gpu.log. The report is rewritten after every stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -62,6 +64,13 @@ main() {
 echo "== vpo GPU run: $(date -u +%FT%TZ), budget ${TOTAL}s, OUT=$OUT, smoke=$SMOKE"
 { nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv,noheader || true; } 2>&1
 
+# 0. the performance model (CPU only: meta-device tracing), in the background at low priority while the GPU stages run,
+#    at the shapes the losses stage measures; printed at the end and put next to the measurements in the report
+if [ "$SMOKE" = 1 ]; then model_args=(--head 32,256 --ns 32,64 --seq 16); else model_args=(--head 3584,152064 --ns 4096,16384); fi
+nice -n 10 timeout -k 5 "$(budget 240 0)" "$PY" -m benchmarks.model "${model_args[@]}" --json "$OUT/model.json" \
+    > /dev/null 2>&1 &
+model_pid=$!
+
 # 1. install
 t0=$SECONDS
 if [ "$SMOKE" = 1 ]; then
@@ -101,6 +110,14 @@ else
     note "extras: not run ($(left) s left)"
     report
 fi
+# the model next to the measurements (the report's "Model vs measurement" table)
+wait "$model_pid"
+rc=$?
+note "model: rc $rc ($(( SECONDS - start )) s since the start)"
+echo "== model (python -m benchmarks.model ${model_args[*]}): a roofline estimate, not a measurement"
+"$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["text"])' "$OUT/model.json" 2>/dev/null \
+    || echo "no model output (rc $rc)"
+report
 echo "== done in $(( SECONDS - start ))s; files in $OUT:"
 ls -l "$OUT"
 }

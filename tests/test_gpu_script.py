@@ -77,6 +77,22 @@ def test_smoke_run_measures_every_stage_and_survives_failures(smoke_run):
     assert stats and all(0.5 < s["mean_entropy"] < 3.0 for s in stats)
 
 
+def test_smoke_run_puts_the_model_next_to_the_measurements(smoke_run):
+    """The performance model (python -m benchmarks.model, run in the background) lands in model.json, is printed in
+    run.log, and the report has one row per modeled path and N with the measured time beside the model's."""
+    out, _ = smoke_run
+    model = json.loads((out / "model.json").read_text())
+    assert {r["path"] for r in model["results"] if "est_ms" in r} >= {"materialized", "vpo DPO", "vpo TPO"}
+    assert "roofline estimate, not a measurement" in (out / "run.log").read_text()
+    report = (out / "gpu-report.md").read_text()
+    assert "- model: rc 0" in report and "## Model vs measurement" in report
+    section = report.split("## Model vs measurement", 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| 32 | vpo DPO |") or ln.startswith("| 64 | vpo DPO |")]
+    assert len(rows) == 2
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert float(cells[2]) > 0 and float(cells[4]) > 0  # model ms and measured ms, side by side
+
+
 def test_a_hung_case_is_named_in_the_report(tmp_path):
     """A case killed by its stage's timeout (a hang) is recorded as interrupted (a rerun skips it) and reported."""
     import time
