@@ -120,11 +120,16 @@ def test_counter_gathers_and_scatters_touch_only_their_elements():
         e = W.index_select(0, rows)             # M rows of W
         x.scatter_add_(1, idx, g)               # M elements of x read and written
         W.index_add_(0, rows, e)                # M rows of W read and written
+        x.copy_(x.flip(1))                      # copy_ overwrites: one read of the source, one write
+        x.zero_()                               # a fill: one write
+        x[rows % M, 0] = 1.0                    # index_put_ without accumulate: M writes
+    assert c.ops["aten.copy_"].bytes == 2 * M * N * 4 and c.ops["aten.zero_"].bytes == M * N * 4
+    assert c.ops["aten.index_put_"].bytes == M * 8 + 4 + M * 4  # the index, the 0-dim value, M elements of x
     assert c.ops["aten.gather"].bytes == M * 8 + M * 4 + M * 4
     assert c.ops["aten.index_select"].bytes == M * 8 + 2 * M * Dh * 4
     assert c.ops["aten.scatter_add_"].bytes == M * 8 + M * 4 + 2 * M * 4
     assert c.ops["aten.index_add_"].bytes == M * 8 + M * Dh * 4 + 2 * M * Dh * 4
-    assert c.launches == 4
+    assert c.launches == 4 + 5  # + flip, copy_, zero_, remainder, index_put_ (lift_fresh of 1.0: no kernel)
 
 
 def test_counter_peak_memory_tracks_frees():
@@ -140,6 +145,15 @@ def test_counter_peak_memory_tracks_frees():
         del zv
     assert c.peak_bytes == 8000 and c.live_bytes == 0
     assert tensor_bytes(x.expand(7, 1000)) == 4000
+
+
+def test_counters_nest():
+    x = torch.randn(10)
+    with CostCounter() as outer:
+        with CostCounter() as inner:
+            x + 1
+        x * 2
+    assert (outer.launches, inner.launches) == (2, 1)
 
 
 def test_counter_sees_autograd_saved_tensors():

@@ -31,6 +31,8 @@ What is counted, per op (and per op name in :attr:`CostCounter.ops`):
   Gathers (:data:`SPARSE_READ`: ``gather``, ``index_select``, ``embedding``, ``index``, ``take``) read as many source
   elements as they write, not the whole source; in-place scatters (:data:`SPARSE_WRITE`: ``scatter_add_``,
   ``index_add_``, ``index_copy_``, ``index_put_``, ...) read and write ``self`` only where the source (or index) lands.
+  Ops that overwrite ``self`` without reading it (:data:`WRITE_ONLY`: ``copy_``, ``fill_``, ``zero_``, the random
+  fills, ``index_copy_``, ``scatter_``, ``index_put_`` without accumulation) count one write, not a read and a write.
   A tensor's size is its number of *distinct* elements × element size: a stride-0 (expanded, broadcast) dimension is
   counted once, so ``x - m[:, None].expand(R, C)`` reads ``R·C + R`` elements. This is a DRAM-traffic model: reads
   that a real kernel serves from cache (a small row vector re-read per tile) are counted, reads of a larger-than-cache
@@ -46,10 +48,12 @@ What is counted, per op (and per op name in :attr:`CostCounter.ops`):
   collector runs.
 
 The mode never synchronizes and never reads values, so it is as fast as the traced code's Python (meta tensors: no
-data). Nested use is allowed, not nested counting: an op counts in the innermost active :class:`CostCounter`.
+data). Counters nest: an op run inside two active :class:`CostCounter` blocks counts in both (a step's total around
+per-phase counters).
 """
 from __future__ import annotations
 
+import math
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
@@ -75,6 +79,9 @@ SPARSE_READ = {"gather": "self", "index_select": "self", "embedding": "weight", 
 # in-place scatters: ``self`` is read and written only where the source (or index) lands
 SPARSE_WRITE = {"scatter_": "src", "scatter_add_": "src", "scatter_reduce_": "src", "index_add_": "source",
                 "index_copy_": "source", "index_put_": "values", "index_fill_": "index", "masked_scatter_": "source"}
+# in-place ops that overwrite ``self`` without reading it (counted as one write), and the sparse ones among them
+WRITE_ONLY = frozenset({"copy_", "fill_", "zero_", "random_", "uniform_", "normal_", "bernoulli_", "exponential_",
+                        "index_copy_", "scatter_", "index_fill_", "masked_scatter_"})
 _GEMM_OPERANDS = {"mm": (0, 1), "bmm": (0, 1), "addmm": (1, 2), "baddbmm": (1, 2), "addbmm": (1, 2),
                   "_addmm_activation": (1, 2)}
 
@@ -160,9 +167,10 @@ class CostCounter(TorchDispatchMode):
         inputs: List[torch.Tensor] = []  # read
         written: List[torch.Tensor] = []  # mutated in place (read and written) or out= (written only)
         read_also: List[bool] = []
-        named = {}
+        named, vals = {}, {}
         for i, arg in enumerate(schema.arguments):
             val = args[i] if i < len(args) else kwargs.get(arg.name)
+            vals[arg.name] = val
             ts = list(_tensors(val))
             if ts:
                 named[arg.name] = ts[0]
@@ -187,23 +195,29 @@ class CostCounter(TorchDispatchMode):
             self_t = written[0]
             touched = named.get(SPARSE_WRITE[short], named.get("index"))
             n = self_t.numel() if touched is None else min(self_t.numel(), max(touched.numel(), 1))
-            cost.bytes += sum(tensor_bytes(t) for t in inputs) + 2 * n * self_t.element_size()
+            if short == "index_put_":  # the indexed elements: the broadcast indices × the dims left unindexed
+                index = vals.get("indices") or []
+                idx = [t for t in index if t is not None]
+                n = math.prod(torch.broadcast_shapes(*[t.shape for t in idx])) if idx else 1
+                n = min(self_t.numel(), n * math.prod(self_t.shape[len(index):]))  # a bool mask: an upper bound
+            overwrite = short in WRITE_ONLY or (short == "index_put_" and not vals.get("accumulate"))
+            rw = 1 if overwrite else 2
+            cost.bytes += sum(tensor_bytes(t) for t in inputs) + rw * n * self_t.element_size()
             return
+        if short in WRITE_ONLY:
+            read_also = [False] * len(written)
         fresh_outs = [t for t in outs if self._key(t) not in arg_storages]  # an alias of an argument is not new
+        moved = sum(tensor_bytes(t) for t in inputs)
+        moved += sum(tensor_bytes(t) * (1 + r) for t, r in zip(written, read_also))
+        moved += sum(tensor_bytes(t) for t in fresh_outs)
         if short in GEMM_OPS:
             ia, ib = _GEMM_OPERANDS[short]
             a, b = args[ia], args[ib]
             batch = a.shape[0] if a.dim() == 3 else 1
             cost.gemm_flops += 2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
-            moved = sum(tensor_bytes(t) for t in inputs)
-            moved += sum(tensor_bytes(t) * (1 + r) for t, r in zip(written, read_also))
-            moved += sum(tensor_bytes(t) for t in fresh_outs)
             cost.gemm_bytes += moved
-            return
-        moved = sum(tensor_bytes(t) for t in inputs)
-        moved += sum(tensor_bytes(t) * (1 + r) for t, r in zip(written, read_also))
-        moved += sum(tensor_bytes(t) for t in fresh_outs)
-        cost.bytes += moved
+        else:
+            cost.bytes += moved
 
     # -- memory ---------------------------------------------------------------------------------------------------
     @staticmethod
