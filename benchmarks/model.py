@@ -13,7 +13,8 @@ bytes, kernel launches and the peak extra memory (live tensors allocated during 
   ``log_softmax``, ``gather``, for the policy (with grad) and the reference (no grad), the sigmoid DPO loss;
 * ``vpo DPO``, ``vpo TPO``, ``vpo Cat-PO`` — ``vpo.fused_dpo_loss`` / ``fused_tpo_loss`` (noised hidden states with
   grad, a reference model's clean and noised states) / ``fused_catpo_loss`` (token weights, a reference);
-* ``Liger DPO`` — ``liger_kernel``'s ``LigerFusedLinearDPOLoss`` where it imports (and traces on meta).
+* ``Liger DPO`` — ``liger_kernel``'s ``LigerFusedLinearDPOLoss`` (eager, ``compiled=False``) where it imports (and
+  traces on meta); "not installed" otherwise.
 
 N = 2B·T positions, T = 1024. The roofline estimate per GPU (module constant :data:`GPUS`, spec-sheet numbers)::
 
@@ -80,7 +81,9 @@ def materialized_dpo(W, h, y, ref_hidden, beta=0.1, ignore_index=-100):
 def _liger_dpo(W, h, y, ref_hidden):
     from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss  # noqa: PLC0415  (optional dependency)
 
-    loss = LigerFusedLinearDPOLoss(beta=0.1, use_ref_model=True)  # inputs [2B, T, D]: chosen rows, then rejected
+    # eager (compiled=False): a dispatch-level counter cannot see inside torch.compile's kernels, so Liger's counts are
+    # those of its eager code (more launches and bytes than its compiled chunks). Inputs [2B, T, D], chosen rows first.
+    loss = LigerFusedLinearDPOLoss(beta=0.1, use_ref_model=True, compiled=False)
     out = loss(W, h, y, ref_input=ref_hidden, ref_weight=W.detach())
     return out[0] if isinstance(out, tuple) else out
 
