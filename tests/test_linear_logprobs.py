@@ -315,7 +315,9 @@ def test_chunk_policy(monkeypatch):
     assert llp.chunk_size(1000, 10**6, tiles=2) == budget // (2000 * 8) // 128 * 128
     assert llp.chunk_size(1, 131) == 131  # never wider than V
     assert llp.chunk_size(0, 131) == 131
-    assert llp.chunk_size(budget, 131) == 1  # never narrower than 1
+    assert llp.chunk_size(budget, 131) == 131  # the default budget keeps chunks >= min(V, 4096) columns
+    assert llp.chunk_size(10**6, 10**6) == 4096
+    assert llp.chunk_size(budget, 131, budget_mb=budget / 2**20) == 1  # an explicit budget: never narrower than 1
     assert llp.chunk_size(1000, 10**6, budget_mb=1) == 128  # 1 MiB // 8000 B = 131, rounded down to 128
     assert llp.chunk_size(1000, 10**6, budget_mb=0.5) == 65  # below 128: not rounded
     assert llp.chunk_size(10, 131, 17) == 17

@@ -15,6 +15,7 @@ The reference side: ``ref_weight=None`` means the reference shares the policy's 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -280,3 +281,13 @@ def check_catpo_arguments(hidden, labels, token_weights, ref_hidden, ref_logps, 
         check_ref_hidden(ref_hidden, hidden, ndim=3)
     else:
         check_ref_logps(ref_logps, hidden)
+
+
+def check_head_transform(logit_softcap, logit_scale) -> Tuple[float, float]:
+    """``(softcap, scale)`` for the epilogue from the public ``logit_softcap`` (None or > 0: Gemma's
+    ``final_logit_softcapping``) and ``logit_scale`` (None or > 0: Cohere's ``logit_scale``)."""
+    for name, v in (("logit_softcap", logit_softcap), ("logit_scale", logit_scale)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                              or v <= 0):
+            raise ValueError(f"{name} must be None or a finite number > 0, got {v!r}")
+    return float(logit_softcap or 0.0), float(1.0 if logit_scale is None else logit_scale)

@@ -6,13 +6,12 @@ Layout (Liger-Kernel's convention): ``hidden`` ``[2B, T, D]`` holds the B chosen
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 
 import vpo.distributed
-from vpo._heads import check_labels_like, check_linear_head, default_reference_head
+from vpo._heads import check_head_transform, check_labels_like, check_linear_head, default_reference_head  # noqa: F401
 from vpo._validate import assert_labels_in_range, check_choice, check_even_batch, check_float, check_labels
 
 IMPLS = ("auto", "torch", "triton")
@@ -96,16 +95,6 @@ def wanted_grads(**tensors) -> tuple:
     if not torch.is_grad_enabled():
         return ()
     return tuple(name for name, t in tensors.items() if t is not None and t.requires_grad)
-
-
-def check_head_transform(logit_softcap, logit_scale) -> Tuple[float, float]:
-    """``(softcap, scale)`` for the epilogue from the public ``logit_softcap`` (None or > 0: Gemma's
-    ``final_logit_softcapping``) and ``logit_scale`` (None or > 0: Cohere's ``logit_scale``)."""
-    for name, v in (("logit_softcap", logit_softcap), ("logit_scale", logit_scale)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-                              or v <= 0):
-            raise ValueError(f"{name} must be None or a finite number > 0, got {v!r}")
-    return float(logit_softcap or 0.0), float(1.0 if logit_scale is None else logit_scale)
 
 
 def token_metrics(tok, mask: torch.Tensor, B: int) -> Dict[str, torch.Tensor]:

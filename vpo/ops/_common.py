@@ -14,7 +14,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from vpo.ops._sweep import TorchEpilogue, acc_dtype  # noqa: F401  (acc_dtype: re-exported for the ops)
+from vpo.ops._sweep import acc_dtype  # noqa: F401  (acc_dtype: re-exported for the ops)
 
 
 
@@ -79,10 +79,7 @@ def resolve_impl(impl, registry, hidden: torch.Tensor, triton_modules: Sequence[
 GEMM_MODULES = ("vpo_kernels.epilogue",)
 
 
-def epilogue(name: str):
-    """The elementwise steps of the sweep for ``impl=name`` (``"torch"`` or ``"gemm"``)."""
-    if name == "gemm":
-        from vpo_kernels.epilogue import TritonEpilogue  # lazy: `import vpo` never needs triton
-
-        return TritonEpilogue
-    return TorchEpilogue
+def epilogue(name: str) -> str:
+    """The :mod:`vpo.ops.epilogue` implementation for ``impl=name``: ``"triton"`` (its Triton kernels) for
+    ``"gemm"``, ``"torch"`` otherwise."""
+    return "triton" if name == "gemm" else "torch"

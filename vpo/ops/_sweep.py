@@ -2,32 +2,34 @@
 
 Every LM-head op (``linear_logprobs``, ``linear_token_kl``) is a loop over vocabulary chunks ``[v0, v1)``:
 
-    z_c = h @ W[v0:v1].T                        [N, D] @ [D, C] -> [N, C]   one GEMM over ALL rows, input dtype
-    forward:   step(z_c, ...)                   online per-row statistics (logsumexp, KL terms), elementwise
-    backward:  dz_c = grad_step(z_c, ...)       [N, C] in the input dtype (the GEMM operand), elementwise
+    z_c = h @ W[v0:v1].T                        [N, D] @ [D, C] -> [N, C] fp32   one GEMM over ALL rows
+    forward:   step(z_c, ...)                   the statistics pass (vpo.ops.epilogue.tile_stats_)
+    backward:  dz_c = grad_step(z_c, ...)       the gradient pass (vpo.ops.epilogue.tile_grad), [N, C] in the GEMM
+                                                operand dtype
                dh      += dz_c @ W[v0:v1]       [N, C] @ [C, D] -> [N, D], fp32 accumulator
                dW[v0:v1] = dz_cᵀ @ h            [C, N] @ [N, D] -> [C, D], ONE complete GEMM per chunk: no atomics,
                                                 no [V, D] fp32 buffer (each chunk is written once, in W's dtype)
                db[v0:v1] = Σ_rows dz_c
 
-The elementwise steps are pluggable: :class:`TorchEpilogue` here (plain torch, the reference, float64-capable) and
-``vpo_kernels.epilogue.TritonEpilogue`` (small fused Triton kernels, one read of the tile) with the same methods. The
-GEMMs are the same in both: :func:`mm_acc`, in the input dtype (bf16/fp16 tensor cores with fp32 accumulation on
-CUDA, fp32 output where the installed torch supports ``torch.mm(..., out_dtype=torch.float32)``; float64 stays
-float64).
+The elementwise passes are the fused epilogue of :mod:`vpo.ops.epilogue`, shared with the fused losses' engine: plain
+torch for ``impl="torch"``, Triton kernels (torch custom ops) for ``impl="gemm"``. The logits are never rounded below
+fp32: on CUDA the GEMMs take bf16/fp16 operands and write fp32 (``torch.mm(..., out_dtype=torch.float32)``, where the
+torch build has it: :func:`vpo._caps.gemm_fp32_out`); elsewhere 16-bit operands are upcast first (:func:`mm_acc`,
+:func:`operand_dtype`); float64 stays float64.
 
 GEMM passes (units of 2·N·D·V FLOPs): forward 1 per head; backward 1 recompute per head + 1 for dh + 1 for dW. No
 row selection: ignored rows are computed like the others and masked (their gradient and outputs are exactly 0), so
-nothing reads a count back to the host. Their hidden states must be finite (as any model's are).
+nothing reads a count back to the host.
 
-Chunk policy (:func:`vocab_chunk`): ``C = clamp(B // (T · N · (a + e)), 1, V)``, rounded down to a multiple of 128
-when ``C ≥ 128``, where ``B`` is the budget in bytes, ``T`` the number of logits tiles per chunk (1 for log-probs,
-2 for the KL's policy and reference), ``a`` the accumulation element size (4, 8 for float64) and ``e`` the input
-element size: on "gemm" the forward holds the ``T`` logits tiles (``T·N·C·a`` bytes at most) and the backward
-additionally one ``dz`` tile (``N·C·e``); the torch steps may add one ``[N, C]`` temporary (and an fp32 copy of a
-16-bit tile on CPU). Extra memory of a call is then ``≈ B`` plus ``dh`` in fp32 (``N·D·4``) and ``[N]`` statistics.
-``B`` is ``chunk_budget_mb`` (keyword of the public ops), else ``$VPO_CHUNK_BUDGET_MB``, else
-:data:`DEFAULT_BUDGET_MB` = 128 MiB; ``$VPO_TORCH_CHUNK`` (or ``chunk=``) fixes ``C`` directly.
+Chunk policy (:func:`vocab_chunk`): ``C = min(V, max(4096, B // (T · N · (a + e))))`` under the default budget
+(``C = clamp(B // (T · N · (a + e)), 1, V)`` for a budget given explicitly), rounded down to a multiple of 128, where ``B`` is the budget in bytes, ``T`` the number of logits tiles per chunk (1 for log-probs, 2 for the KL's
+policy and reference), ``a`` the accumulation element size (4, 8 for float64) and ``e`` the input element size: the
+forward holds the ``T`` logits tiles (``T·N·C·a`` bytes at most) and the backward additionally one ``dz`` tile
+(``N·C·e``). Under the default budget chunks stay at least 4096 columns wide (narrow GEMMs lose efficiency): past
+``N ≈ B / (4096·T·(a + e))`` rows the memory grows with N instead. Extra memory of a call is then ``≈ max(B, 4096·T·N·(a + e))`` plus ``dh`` in
+fp32 (``N·D·4``) and ``[N]`` statistics. ``B`` is ``chunk_budget_mb`` (keyword of the public ops), else
+``$VPO_CHUNK_BUDGET_MB``, else :data:`DEFAULT_BUDGET_MB` = 128 MiB; ``$VPO_TORCH_CHUNK`` (or ``chunk=``) fixes ``C``
+directly.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ import torch
 from vpo import _caps
 
 DEFAULT_BUDGET_MB = 128  # MiB per chunk's tiles (see the module docstring for the formula)
+MIN_CHUNK = 4096  # columns: narrower GEMMs lose efficiency, so the budget grows with N rather than C shrinking below
 BUDGET_ENV = "VPO_CHUNK_BUDGET_MB"
 CHUNK_ENV = "VPO_TORCH_CHUNK"
 
@@ -76,7 +79,8 @@ def budget_bytes(budget_mb=None) -> int:
 def vocab_chunk(n_rows: int, vocab: int, dtype: torch.dtype, *, tiles: int = 1, chunk: Optional[int] = None,
                 budget_mb=None) -> int:
     """Vocabulary columns per chunk: ``chunk``, else ``$VPO_TORCH_CHUNK``, else the budget rule of the module
-    docstring, ``C = clamp(B // (tiles · n_rows · (a + e)), 1, vocab)`` (a multiple of 128 when ≥ 128)."""
+    docstring, ``C = clamp(B // (tiles · n_rows · (a + e)), 1, vocab)`` (a multiple of 128 when ≥ 128), at least
+    :data:`MIN_CHUNK` (or ``vocab``) under the default budget; a budget given explicitly is kept exactly."""
     if chunk is None:
         chunk = _positive_int_env(CHUNK_ENV)
     if chunk is not None:
@@ -84,10 +88,11 @@ def vocab_chunk(n_rows: int, vocab: int, dtype: torch.dtype, *, tiles: int = 1, 
             raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
         return min(chunk, vocab)
     per_col = tiles * max(n_rows, 1) * (torch.finfo(acc_dtype(dtype)).bits // 8 + torch.finfo(dtype).bits // 8)
+    default = budget_mb is None and _positive_int_env(BUDGET_ENV) is None
     c = budget_bytes(budget_mb) // per_col
     if c >= 128:
         c -= c % 128
-    return max(1, min(vocab, c))
+    return max(1, min(vocab, max(MIN_CHUNK, c) if default else c))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -140,10 +145,11 @@ def _bias_slice(b: Optional[torch.Tensor], v0: int, v1: int) -> Optional[torch.T
 
 
 def forward_sweep(heads: Sequence[Head], C: int, step: Callable) -> None:
-    """For each vocabulary chunk: one logits tile per head (``[N, C]``), then ``step(tiles, biases, v0)``."""
+    """For each vocabulary chunk: one fp32 logits tile per head (``[N, C]``, :func:`mm_acc`), then
+    ``step(tiles, biases, v0)``. The heads' ``h`` must be in the GEMM operand dtype (:func:`operand_dtype`)."""
     V = heads[0][1].shape[0]
     for v0, v1 in _chunks(V, C):
-        tiles = [mm_acc(h, W[v0:v1].T) for h, W, _ in heads]  # [N, D] @ [D, C] -> [N, C] each
+        tiles = [mm_acc(h, _as(W[v0:v1], h.dtype).T) for h, W, _ in heads]  # [N, D] @ [D, C] -> [N, C] each
         step(tiles, [_bias_slice(b, v0, v1) for _, _, b in heads], v0)
         del tiles  # before the next chunk's GEMMs allocate theirs
 
@@ -151,8 +157,8 @@ def forward_sweep(heads: Sequence[Head], C: int, step: Callable) -> None:
 def backward_sweep(heads: Sequence[Head], C: int, grad_step: Callable, *, need_h: bool, need_W: bool,
                    need_b: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients to the FIRST head's ``(h, W, b)`` with ``dz_c = grad_step(tiles, biases, v0)`` (``[N, C]``, the
-    input dtype): ``dh`` ([N, D], accumulation dtype), ``dW`` ([V, D], W's dtype, each chunk one GEMM written once),
-    ``db`` ([V], accumulation dtype). A gradient not asked for is None and its GEMM is skipped."""
+    GEMM operand dtype): ``dh`` ([N, D], accumulation dtype), ``dW`` ([V, D], W's dtype, each chunk one GEMM written
+    once), ``db`` ([V], accumulation dtype). A gradient not asked for is None and its GEMM is skipped."""
     h, W, b = heads[0]
     N, D = h.shape
     V = W.shape[0]
@@ -163,17 +169,24 @@ def backward_sweep(heads: Sequence[Head], C: int, grad_step: Callable, *, need_h
     if not (need_h or need_W or need_b):
         return dh, dW, db
     for v0, v1 in _chunks(V, C):
-        tiles = [mm_acc(hh, WW[v0:v1].T) for hh, WW, _ in heads]  # recompute: [N, C] each
-        dz = grad_step(tiles, [_bias_slice(bb, v0, v1) for _, _, bb in heads], v0)  # [N, C], input dtype
+        tiles = [mm_acc(hh, _as(WW[v0:v1], hh.dtype).T) for hh, WW, _ in heads]  # recompute: [N, C] each
+        dz = grad_step(tiles, [_bias_slice(bb, v0, v1) for _, _, bb in heads], v0)  # [N, C], operand dtype
         del tiles
         if need_h:
-            mm_acc_into(dh, dz, W[v0:v1])  # dh += [N, C] @ [C, D] -> [N, D]
-        if need_W:
-            dW[v0:v1] = mm_acc(dz.T, h)  # [C, N] @ [N, D] -> [C, D]: the whole chunk of dW in one GEMM
+            mm_acc_into(dh, dz, _as(W[v0:v1], dz.dtype))  # dh += [N, C] @ [C, D] -> [N, D]
+        if need_W:  # [C, N] @ [N, D] -> [C, D]: the whole chunk of dW in one GEMM, written once in W's dtype
+            if dW.dtype == dz.dtype:
+                torch.mm(dz.T, h, out=dW[v0:v1])
+            else:
+                dW[v0:v1] = mm_acc(dz.T, h)
         if need_b:
             db[v0:v1] = dz.sum(0, dtype=acc)
         del dz  # before the next chunk's GEMMs
     return dh, dW, db
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -211,73 +224,3 @@ def scatter_rows(y: torch.Tensor, vals: torch.Tensor, V: int, dtype: torch.dtype
     out = torch.zeros((V + 1, D), dtype=dtype, device=vals.device)
     out.index_copy_(0, row_of, sums.to(dtype))  # the unused segments write zeros into the spare row V
     return out[:V]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The elementwise steps in plain torch (impl="torch"; also the float64 fallback of impl="gemm")
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _acc_tile(z: torch.Tensor, b: Optional[torch.Tensor], acc: torch.dtype) -> torch.Tensor:
-    """``z + b`` in ``acc``; may reuse ``z``'s storage (the tiles are the sweep's own temporaries)."""
-    z = z.to(acc)
-    return z if b is None else z.add_(b.to(acc))
-
-
-class TorchEpilogue:
-    """The elementwise steps of the sweep in plain torch. Row statistics are ``[N]`` tensors in the accumulation
-    dtype, updated in place; tiles ``[N, C]``."""
-
-    name = "torch"
-
-    @staticmethod
-    def lse_update(z, b, m, s) -> None:
-        """Online logsumexp: ``m' = max(m, max_v z)``, ``s' = s·exp(m − m') + Σ_v exp(z − m')``."""
-        z = _acc_tile(z, b, m.dtype)
-        m_new = torch.maximum(m, z.amax(1))
-        s.mul_(torch.exp(m - m_new)).add_(z.sub_(m_new[:, None]).exp_().sum(1))
-        m.copy_(m_new)
-
-    @staticmethod
-    def logprob_grad(z, b, lse, g, coef, y, v0, out_dtype) -> torch.Tensor:
-        """``dz = −g·p + coef·1[v = y]`` with ``p = exp(z − lse)``; rows with ``g = coef = 0`` give exact zeros."""
-        p = _acc_tile(z, b, lse.dtype).sub_(lse[:, None]).exp_()
-        dz = p.mul_(-g[:, None])
-        C = dz.shape[1]
-        col = y - v0  # [N] target column inside this chunk
-        hit = (col >= 0) & (col < C)
-        dz.scatter_add_(1, col.clamp(0, C - 1)[:, None], torch.where(hit, coef, 0.0)[:, None])
-        live = (g != 0) | (coef != 0)
-        return torch.where(live[:, None], dz, 0.0).to(out_dtype)
-
-    @staticmethod
-    def kl_update(z, r, b, br, stats) -> None:
-        """One chunk of the KL sweep (vpo.ops.token_kl): ``stats [5, N]`` = policy ``(m, s, u)``, reference
-        ``(m_r, s_r)``, updated in place."""
-        m, s, u, m_r, s_r = stats
-        acc = m.dtype
-        z, r = _acc_tile(z, b, acc), _acc_tile(r, br, acc)
-        m_r_new = torch.maximum(m_r, r.amax(1))
-        s_r.mul_(torch.exp(m_r - m_r_new)).add_(torch.exp(r - m_r_new[:, None]).sum(1))
-        m_r.copy_(m_r_new)
-        d = r.neg_().add_(z)  # in place: r -> d = z − r
-        m_new = torch.maximum(m, z.amax(1))
-        alpha = torch.exp(m - m_new)
-        e = z.sub_(m_new[:, None]).exp_()  # in place: z -> exp(z − m')
-        s.mul_(alpha).add_(e.sum(1))
-        u.mul_(alpha).add_(d.mul_(e).sum(1))
-        m.copy_(m_new)
-
-    @staticmethod
-    def kl_grad(z, r, b, br, lse, e_d, g, out_dtype) -> torch.Tensor:
-        """``dz = g · p · (z − r − E_p[z − r])``; rows with ``g = 0`` give exact zeros."""
-        acc = lse.dtype
-        z, r = _acc_tile(z, b, acc), _acc_tile(r, br, acc)
-        dz = r.neg_().add_(z).sub_(e_d[:, None])  # d − E
-        dz.mul_(z.sub_(lse[:, None]).exp_()).mul_(g[:, None])
-        return torch.where((g != 0)[:, None], dz, 0.0).to(out_dtype)
-
-    @staticmethod
-    def target_dot(h, W, b, labels, ignore_index, y, valid) -> torch.Tensor:
-        return target_dot(h, W, b, y, valid)
-

@@ -73,7 +73,8 @@ def backend(t: torch.Tensor) -> str:
 
 def tile_stats_(z: torch.Tensor, y: torch.Tensor, v0: int, stats: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
                 ref: Optional[torch.Tensor] = None, ref_bias: Optional[torch.Tensor] = None, scale: float = 1.0,
-                softcap: float = 0.0, entropy: bool = True, mean: bool = True, sumsq: bool = False) -> None:
+                softcap: float = 0.0, entropy: bool = True, mean: bool = True, sumsq: bool = False,
+                impl: Optional[str] = None) -> None:
     """The statistics pass over one tile, in place on ``stats [STAT_ROWS, R]``.
 
     Args:
@@ -85,8 +86,9 @@ def tile_stats_(z: torch.Tensor, y: torch.Tensor, v0: int, stats: torch.Tensor, 
             ``MR``, ``SR``, ``TR``, ``UD`` are updated from it in the same read.
         scale, softcap: the logit transform (module docstring; ``softcap = 0``: none).
         entropy, mean, sumsq: update ``U``, ``Z``, ``Q`` (the other moments are left untouched).
+        impl: ``"torch"`` or ``"triton"``; None: :func:`backend` (the ops' ``impl=`` picks it explicitly).
     """
-    if backend(z) == "triton":
+    if (impl or backend(z)) == "triton":
         from vpo_kernels.epilogue import triton_tile_stats_  # lazy: `import vpo` never needs triton
 
         return triton_tile_stats_(z, y, v0, stats, bias=bias, ref=ref, ref_bias=ref_bias, scale=scale,
@@ -99,7 +101,8 @@ def tile_grad(z: torch.Tensor, y: torch.Tensor, v0: int, lse: torch.Tensor, g_lo
               coef: torch.Tensor, *, out_dtype: torch.dtype, bias: Optional[torch.Tensor] = None,
               ref: Optional[torch.Tensor] = None, ref_bias: Optional[torch.Tensor] = None,
               lse_ref: Optional[torch.Tensor] = None, g_kl: Optional[torch.Tensor] = None,
-              kl: Optional[torch.Tensor] = None, scale: float = 1.0, softcap: float = 0.0) -> torch.Tensor:
+              kl: Optional[torch.Tensor] = None, scale: float = 1.0, softcap: float = 0.0,
+              impl: Optional[str] = None) -> torch.Tensor:
     """The gradient pass over one tile: ``dz [R, C]`` in ``out_dtype`` (module docstring).
 
     Args:
@@ -108,10 +111,11 @@ def tile_grad(z: torch.Tensor, y: torch.Tensor, v0: int, lse: torch.Tensor, g_lo
         g_logp: ``[R]`` ∂L/∂logp. coef: ``[R]`` the one-hot's coefficient (∂L/∂logp + ∂L/∂z'[y]).
         ref, ref_bias, lse_ref, g_kl, kl: the KL term (all given, or ``g_kl`` None): the reference's tile, its bias
             slice and log-sum-exp ``[R]``, ∂L/∂KL ``[R]`` and the KL itself ``[R]``.
+        impl: as in :func:`tile_stats_`.
     """
     if g_kl is not None and (ref is None or lse_ref is None or kl is None):
         raise ValueError("tile_grad: g_kl needs ref, lse_ref and kl")
-    if backend(z) == "triton":
+    if (impl or backend(z)) == "triton":
         from vpo_kernels.epilogue import triton_tile_grad
 
         return triton_tile_grad(z, y, v0, lse, g_logp, coef, out_dtype=out_dtype, bias=bias, ref=ref,

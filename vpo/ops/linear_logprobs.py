@@ -47,13 +47,15 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from vpo._heads import check_ignore_index, check_labels_like, check_linear_head
+from vpo._heads import check_head_transform, check_ignore_index, check_labels_like, check_linear_head
 from vpo.distributed import unshard_head
 from vpo.ops._common import acc_dtype as _acc_dtype
 from vpo._validate import assert_labels_in_range
 from vpo.ops._common import epilogue, resolve_impl, row_targets
+from vpo.ops import epilogue as ep
 from vpo.ops._sweep import (  # noqa: F401  (CHUNK_ENV, DEFAULT_BUDGET_MB: part of this module's documented policy)
     BUDGET_ENV,
+    operand_dtype,
     CHUNK_ENV,
     DEFAULT_BUDGET_MB,
     backward_sweep,
@@ -84,56 +86,65 @@ def _sparse_grads(h, W, b, y, coef, need_h, need_W, need_b):
 class LinearLogprobsFunction(torch.autograd.Function):
     """``(logp [N], target_logit [N])`` for flat ``h [N, D]``, ``W [V, D]``, ``labels [N]``, ``bias [V] | None``.
 
-    ``apply(h, W, labels, bias, ignore_index, chunk=None, impl="torch", budget_mb=None)``: ``chunk`` overrides the
-    vocabulary chunk size, ``impl`` picks the elementwise steps (``"torch"`` | ``"gemm"``), ``budget_mb`` the chunk
-    budget. Never allocates an ``[N, V]`` tensor and never syncs with the host; see the module docstring.
+    ``apply(h, W, labels, bias, ignore_index, chunk=None, impl="torch", budget_mb=None, softcap=0.0, scale=1.0)``:
+    ``chunk`` overrides the vocabulary chunk size, ``impl`` picks the epilogue (``"torch"`` | ``"gemm"``),
+    ``budget_mb`` the chunk budget, ``softcap``/``scale`` the logits transform of :mod:`vpo.ops.epilogue` (the
+    target logit returned is the transformed one). Never allocates an ``[N, V]`` tensor and never syncs with the
+    host; see the module docstring.
     """
 
     @staticmethod
-    def forward(ctx, h, W, labels, bias, ignore_index, chunk=None, impl="torch", budget_mb=None):
+    def forward(ctx, h, W, labels, bias, ignore_index, chunk=None, impl="torch", budget_mb=None, softcap=0.0,
+                scale=1.0):
         ctx.set_materialize_grads(False)
         N, V = h.shape[0], W.shape[0]
         acc = _acc_dtype(h.dtype)
-        ep = epilogue(impl)
+        backend = epilogue(impl)
         valid, y = row_targets(labels, ignore_index, N, h.device)
         C = chunk_size(N, V, chunk, dtype=h.dtype, budget_mb=budget_mb)
+        h_op = h.to(operand_dtype(h))
 
-        m = torch.full((N,), float("-inf"), dtype=acc, device=h.device)  # running max
-        s = torch.zeros((N,), dtype=acc, device=h.device)  # running Σ exp(z − m)
-        forward_sweep([(h, W, bias)], C, lambda tiles, bs, v0: ep.lse_update(tiles[0], bs[0], m, s))
-        lse = m + torch.log(s)  # [N]
-        tgt = ep.target_dot(h, W, bias, labels, ignore_index, y, valid).to(acc)  # [N], 0 where ignored
+        st = ep.new_stats(N, acc, h.device)
+        forward_sweep([(h_op, W, bias)], C, lambda tiles, bs, v0: ep.tile_stats_(
+            tiles[0], y, v0, st, bias=bs[0], scale=scale, softcap=softcap, entropy=False, mean=False, impl=backend))
+        f = ep.finish(st, V)
         zero = torch.zeros((), dtype=acc, device=h.device)
-        logp = torch.where(valid, tgt - lse, zero)
+        logp = torch.where(valid, f["logp"], zero)
+        tgt = torch.where(valid, f["z"], zero)  # the (transformed) target logit, from the same sweep
 
-        ctx.save_for_backward(h, W, bias, valid, y, lse)
-        ctx.chunk, ctx.impl = C, impl
+        ctx.save_for_backward(h_op, W, bias, valid, y, f["lse"], tgt)
+        ctx.chunk, ctx.impl, ctx.softcap, ctx.scale, ctx.h_dtype = C, impl, softcap, scale, h.dtype
         return logp, tgt
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_logp, g_tgt):
-        h, W, bias, valid, y, lse = ctx.saved_tensors
+        h, W, bias, valid, y, lse, tgt = ctx.saved_tensors
         need_h, need_W, _, need_b = ctx.needs_input_grad[:4]
         need_b = need_b and bias is not None
-        nones = (None,) * 4  # ignore_index, chunk, impl, budget_mb
+        nones = (None,) * 6  # ignore_index, chunk, impl, budget_mb, softcap, scale
         if (g_logp is None and g_tgt is None) or not (need_h or need_W or need_b):
             return (None, None, None, None) + nones
         acc = lse.dtype
         zero = torch.zeros((), dtype=acc, device=h.device)
-        gl = None if g_logp is None else torch.where(valid, g_logp.to(acc), zero)  # [N], 0 on ignored rows
         gt = None if g_tgt is None else torch.where(valid, g_tgt.to(acc), zero)
-        coef = gl if gt is None else (gt if gl is None else gl + gt)  # weight of the one-hot term [N]
-
-        if gl is None:  # only the target logit has a gradient: no vocabulary sweep
-            dh, dW, db = _sparse_grads(h, W, bias, y, coef, need_h, need_W, need_b)
-        else:
-            ep = epilogue(ctx.impl)
-            dh, dW, db = backward_sweep(
-                [(h, W, bias)], ctx.chunk,
-                lambda tiles, bs, v0: ep.logprob_grad(tiles[0], bs[0], lse, gl, coef, y, v0, h.dtype),
-                need_h=need_h, need_W=need_W, need_b=need_b)
-        grad_h = dh.to(h.dtype) if need_h else None
+        if g_logp is None:  # only the target logit has a gradient: no vocabulary sweep, an O(N·D) gather / scatter
+            d = torch.full_like(tgt, ctx.scale)  # ∂z'/∂(h·W + b) at the target
+            if ctx.softcap:
+                d = d * (1 - (tgt / ctx.softcap) ** 2)
+            dh, dW, db = _sparse_grads(h, W, bias, y, gt * d, need_h, need_W, need_b)
+            return (dh.to(ctx.h_dtype) if need_h else None, dW.to(W.dtype) if need_W else None, None,
+                    db.to(bias.dtype) if need_b else None) + nones
+        gl = torch.where(valid, g_logp.to(acc), zero)  # [N]
+        coef = gl if gt is None else gl + gt  # weight of the one-hot term [N]
+        backend = epilogue(ctx.impl)
+        dh, dW, db = backward_sweep(
+            [(h, W, bias)], ctx.chunk,
+            lambda tiles, bs, v0: ep.tile_grad(tiles[0], y, v0, lse, gl.contiguous(), coef.contiguous(),
+                                               out_dtype=h.dtype, bias=bs[0], scale=ctx.scale,
+                                               softcap=ctx.softcap, impl=backend),
+            need_h=need_h, need_W=need_W, need_b=need_b)
+        grad_h = dh.to(ctx.h_dtype) if need_h else None
         grad_W = dW.to(W.dtype) if need_W else None
         grad_b = db.to(bias.dtype) if need_b else None
         return (grad_h, grad_W, None, grad_b) + nones
@@ -176,17 +187,20 @@ class TargetLogitsTorch(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _linear_logprobs_torch(h, W, labels, bias, ignore_index, budget_mb=None):
-    return LinearLogprobsFunction.apply(h, W, labels, bias, ignore_index, None, "torch", budget_mb)
+def _linear_logprobs_torch(h, W, labels, bias, ignore_index, budget_mb=None, softcap=0.0, scale=1.0):
+    return LinearLogprobsFunction.apply(h, W, labels, bias, ignore_index, None, "torch", budget_mb, softcap, scale)
 
 
-def _linear_logprobs_gemm(h, W, labels, bias, ignore_index, budget_mb=None):
-    return LinearLogprobsFunction.apply(h, W, labels, bias, ignore_index, None, "gemm", budget_mb)
+def _linear_logprobs_gemm(h, W, labels, bias, ignore_index, budget_mb=None, softcap=0.0, scale=1.0):
+    return LinearLogprobsFunction.apply(h, W, labels, bias, ignore_index, None, "gemm", budget_mb, softcap, scale)
 
 
-def _linear_logprobs_triton(h, W, labels, bias, ignore_index, budget_mb=None):
+def _linear_logprobs_triton(h, W, labels, bias, ignore_index, budget_mb=None, softcap=0.0, scale=1.0):
     from vpo_kernels.linear_logprobs import LinearLogprobsTriton  # lazy: `import vpo` never needs triton
 
+    if softcap or scale != 1.0:
+        raise ValueError("logit_softcap and logit_scale are not supported by impl='triton' (the fully fused kernels); "
+                         "use impl='gemm' or 'torch' (impl='auto' picks 'gemm' on CUDA)")
     return LinearLogprobsTriton.apply(h, W, labels, bias, ignore_index)
 
 
@@ -229,10 +243,13 @@ def linear_logprobs(
     ignore_index: int = -100,
     impl: str = "auto",
     chunk_budget_mb: Optional[float] = None,
+    logit_softcap: Optional[float] = None,
+    logit_scale: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob and raw target logit under the LM head, never materializing the ``[N, V]`` logits.
 
-    ``logp = z[y] − logsumexp(z)`` and ``target_logit = z[y]`` with ``z = hidden @ weight.T + bias``.
+    ``logp = z[y] − logsumexp(z)`` and ``target_logit = z[y]`` with ``z = hidden @ weight.T + bias`` (then
+    ``z -> logit_scale · z`` and ``z -> cap · tanh(z / cap)`` when given).
 
     Args:
         hidden: ``[..., D]`` last hidden states (after the final norm), float16/bfloat16/float32/float64.
@@ -247,6 +264,8 @@ def linear_logprobs(
             "triton" take CPU tensors only under ``TRITON_INTERPRET=1``.
         chunk_budget_mb: memory budget (MiB) of one vocabulary chunk's tiles for "torch"/"gemm". Default ``None``:
             ``$VPO_CHUNK_BUDGET_MB``, else 128. ``$VPO_TORCH_CHUNK`` fixes the chunk width instead.
+        logit_softcap: final-logit soft-capping ``cap`` (Gemma 2/3: ``final_logit_softcapping``); None: none.
+        logit_scale: a factor on the logits (Cohere / Aya Vision: ``logit_scale``); None: 1. Both on "torch"/"gemm".
 
     Returns:
         ``(logp, target_logit)``, each of shape ``labels.shape``, float32 (float64 when the inputs are float64);
@@ -269,9 +288,11 @@ def linear_logprobs(
     """
     weight, bias = unshard_head(weight, bias)
     _validate(hidden, weight, labels, bias, ignore_index)
+    softcap, scale = check_head_transform(logit_softcap, logit_scale)
     name = _resolve_impl(impl, LINEAR_LOGPROBS_IMPLS, hidden)
     h = hidden.reshape(-1, hidden.shape[-1])  # [N, D]
-    logp, tgt = LINEAR_LOGPROBS_IMPLS[name](h, weight, labels.reshape(-1), bias, ignore_index, chunk_budget_mb)
+    logp, tgt = LINEAR_LOGPROBS_IMPLS[name](h, weight, labels.reshape(-1), bias, ignore_index, chunk_budget_mb,
+                                            softcap, scale)
     return logp.view(labels.shape), tgt.view(labels.shape)
 
 

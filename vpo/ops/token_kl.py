@@ -42,6 +42,7 @@ from torch.autograd.function import once_differentiable
 
 from vpo._heads import (
     check_bias,
+    check_head_transform,
     check_ignore_index,
     check_labels_like,
     check_linear_head,
@@ -51,7 +52,8 @@ from vpo._heads import (
 from vpo._validate import check_float, check_same_device, check_same_dtype, check_same_shape
 from vpo.distributed import unshard_head
 from vpo.ops._common import acc_dtype, epilogue, resolve_impl, row_targets
-from vpo.ops._sweep import backward_sweep, forward_sweep, vocab_chunk
+from vpo.ops import epilogue as ep
+from vpo.ops._sweep import backward_sweep, forward_sweep, operand_dtype, vocab_chunk
 
 __all__ = ["linear_token_kl", "TokenKLFunction", "TokenKLTorch", "TOKEN_KL_IMPLS"]
 
@@ -59,57 +61,60 @@ __all__ = ["linear_token_kl", "TokenKLFunction", "TokenKLTorch", "TOKEN_KL_IMPLS
 class TokenKLFunction(torch.autograd.Function):
     """Chunked ``KL [N]`` for flat ``h, h_ref [N, D]``, ``W, W_ref [V, D]``, ``labels [N] | None``, biases ``[V]?``.
 
-    ``apply(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, chunk=None, impl="torch", budget_mb=None)`` (the public
-    argument order, with the reference's defaults already applied); ``chunk`` overrides the vocabulary chunk size,
-    ``impl`` picks the elementwise steps (``"torch"`` | ``"gemm"``). Never allocates an ``[N, V]`` tensor, never syncs
-    with the host; gradients flow to h, W and bias only. See the module docstring for the math.
+    ``apply(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, chunk=None, impl="torch", budget_mb=None, softcap=0.0,
+    scale=1.0)`` (the public argument order, with the reference's defaults already applied); ``chunk`` overrides the
+    vocabulary chunk size, ``impl`` picks the epilogue (``"torch"`` | ``"gemm"``), ``softcap``/``scale`` the logits
+    transform (both models). Never allocates an ``[N, V]`` tensor, never syncs with the host; gradients flow to h, W
+    and bias only. See the module docstring for the math.
     """
 
     @staticmethod
-    def forward(ctx, h, W, hr, Wr, labels, bias, ref_bias, ignore_index, chunk=None, impl="torch", budget_mb=None):
+    def forward(ctx, h, W, hr, Wr, labels, bias, ref_bias, ignore_index, chunk=None, impl="torch", budget_mb=None,
+                softcap=0.0, scale=1.0):
         ctx.set_materialize_grads(False)
         N, V = h.shape[0], W.shape[0]
         acc = acc_dtype(h.dtype)
-        ep = epilogue(impl)
-        valid, _ = row_targets(labels, ignore_index, N, h.device)
+        backend = epilogue(impl)
+        valid, y = row_targets(labels, ignore_index, N, h.device)
         C = vocab_chunk(N, V, h.dtype, tiles=2, chunk=chunk, budget_mb=budget_mb)  # z and r share the budget
+        opd = operand_dtype(h)
+        h_op, hr_op = h.to(opd), hr.to(opd)
 
-        # [5, N]: policy running max m, Σ exp(z − m), Σ exp(z − m)·d; reference running max m_r, Σ exp(r − m_r)
-        stats = torch.zeros((5, N), dtype=acc, device=h.device)
-        stats[0].fill_(float("-inf"))
-        stats[3].fill_(float("-inf"))
-        forward_sweep([(h, W, bias), (hr, Wr, ref_bias)], C,
-                      lambda tiles, bs, v0: ep.kl_update(tiles[0], tiles[1], bs[0], bs[1], stats))
-        m, s, u, m_r, s_r = stats
-        log_s = torch.log(s)
-        lse = m + log_s  # [N] policy logsumexp
-        e_d = u / s  # [N] E_p[z − r]
-        kl = e_d - (m - m_r) - (log_s - torch.log(s_r))  # = E_p[d] − lse_z + lse_r, maxima cancelled first
-        kl = torch.where(valid, kl, torch.zeros((), dtype=acc, device=h.device))
+        st = ep.new_stats(N, acc, h.device)  # the policy's M, S, UD and the reference's MR, SR in one read
+        forward_sweep([(h_op, W, bias), (hr_op, Wr, ref_bias)], C, lambda tiles, bs, v0: ep.tile_stats_(
+            tiles[0], y, v0, st, bias=bs[0], ref=tiles[1], ref_bias=bs[1], scale=scale, softcap=softcap,
+            entropy=False, mean=False, impl=backend))
+        f = ep.finish(st, V, ref=True)
+        zero = torch.zeros((), dtype=acc, device=h.device)
+        kl = torch.where(valid, f["kl"], zero)  # = E_p[d] − lse_z + lse_r, maxima cancelled first
 
-        ctx.save_for_backward(h, W, hr, Wr, bias, ref_bias, valid, lse, e_d)
-        ctx.chunk, ctx.impl = C, impl
+        ctx.save_for_backward(h_op, W, hr_op, Wr, bias, ref_bias, valid, y, f["lse"], f["ref_lse"], f["kl"])
+        ctx.chunk, ctx.impl, ctx.softcap, ctx.scale, ctx.h_dtype = C, impl, softcap, scale, h.dtype
         return kl
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        h, W, hr, Wr, bias, ref_bias, valid, lse, e_d = ctx.saved_tensors
+        h, W, hr, Wr, bias, ref_bias, valid, y, lse, lse_r, kl = ctx.saved_tensors
         need_h, need_W = ctx.needs_input_grad[:2]
         need_b = ctx.needs_input_grad[5] and bias is not None
         if g is None or not (need_h or need_W or need_b):
-            return (None,) * 11
+            return (None,) * 13
         acc = lse.dtype
-        gv = torch.where(valid, g.to(acc), torch.zeros((), dtype=acc, device=h.device))  # [N], 0 on ignored rows
-        ep = epilogue(ctx.impl)
+        zero = torch.zeros((), dtype=acc, device=h.device)
+        gv = torch.where(valid, g.to(acc), zero)  # [N], 0 on ignored rows
+        none = torch.zeros_like(gv)
+        backend = epilogue(ctx.impl)
         dh, dW, db = backward_sweep(
             [(h, W, bias), (hr, Wr, ref_bias)], ctx.chunk,
-            lambda tiles, bs, v0: ep.kl_grad(tiles[0], tiles[1], bs[0], bs[1], lse, e_d, gv, h.dtype),
+            lambda tiles, bs, v0: ep.tile_grad(tiles[0], y, v0, lse, none, none, out_dtype=h.dtype, bias=bs[0],
+                                               ref=tiles[1], ref_bias=bs[1], lse_ref=lse_r, g_kl=gv, kl=kl,
+                                               scale=ctx.scale, softcap=ctx.softcap, impl=backend),
             need_h=need_h, need_W=need_W, need_b=need_b)
-        grad_h = dh.to(h.dtype) if need_h else None
+        grad_h = dh.to(ctx.h_dtype) if need_h else None
         grad_W = dW.to(W.dtype) if need_W else None
         grad_b = db.to(bias.dtype) if need_b else None
-        return (grad_h, grad_W, None, None, None, grad_b) + (None,) * 5
+        return (grad_h, grad_W, None, None, None, grad_b) + (None,) * 7
 
 
 TokenKLTorch = TokenKLFunction  # the name the tests and older callers use
@@ -120,17 +125,22 @@ TokenKLTorch = TokenKLFunction  # the name the tests and older callers use
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _token_kl_torch(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, budget_mb=None):
-    return TokenKLFunction.apply(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, None, "torch", budget_mb)
+def _token_kl_torch(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, budget_mb=None, softcap=0.0, scale=1.0):
+    return TokenKLFunction.apply(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, None, "torch", budget_mb,
+                                 softcap, scale)
 
 
-def _token_kl_gemm(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, budget_mb=None):
-    return TokenKLFunction.apply(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, None, "gemm", budget_mb)
+def _token_kl_gemm(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, budget_mb=None, softcap=0.0, scale=1.0):
+    return TokenKLFunction.apply(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, None, "gemm", budget_mb,
+                                 softcap, scale)
 
 
-def _token_kl_triton(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, budget_mb=None):
+def _token_kl_triton(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, budget_mb=None, softcap=0.0, scale=1.0):
     from vpo_kernels.token_kl import TokenKLTriton  # lazy: `import vpo` never needs triton
 
+    if softcap or scale != 1.0:
+        raise ValueError("logit_softcap and logit_scale are not supported by impl='triton' (the fully fused kernels); "
+                         "use impl='gemm' or 'torch' (impl='auto' picks 'gemm' on CUDA)")
     return TokenKLTriton.apply(h, W, hr, Wr, labels, bias, ref_bias, ignore_index)
 
 
@@ -175,6 +185,8 @@ def linear_token_kl(
     ignore_index: int = -100,
     impl: str = "auto",
     chunk_budget_mb: Optional[float] = None,
+    logit_softcap: Optional[float] = None,
+    logit_scale: Optional[float] = None,
 ) -> torch.Tensor:
     """Per-position ``KL(π_θ(·|h) ‖ π_ref(·|h_ref))`` over the full vocabulary, never materializing ``[N, V]`` logits.
 
@@ -199,6 +211,7 @@ def linear_token_kl(
             "gemm" and "triton" take CPU tensors only under ``TRITON_INTERPRET=1``.
         chunk_budget_mb: memory budget (MiB) of one vocabulary chunk's tiles for "torch"/"gemm". Default ``None``:
             ``$VPO_CHUNK_BUDGET_MB``, else 128. ``$VPO_TORCH_CHUNK`` fixes the chunk width instead.
+        logit_softcap, logit_scale: the models' logits transform (both models), as in :func:`vpo.linear_logprobs`.
 
     Returns:
         ``kl`` of shape ``hidden.shape[:-1]``, float32 (float64 for float64 inputs).
@@ -226,6 +239,7 @@ def linear_token_kl(
     ref_weight, ref_bias = _validate(hidden, weight, ref_hidden, ref_weight, labels, bias, ref_bias, ignore_index)
     ref_weight = ref_weight.detach()
     ref_bias = ref_bias.detach() if ref_bias is not None else None
+    softcap, scale = check_head_transform(logit_softcap, logit_scale)
     name = _resolve_impl(impl, TOKEN_KL_IMPLS, hidden)
     D = hidden.shape[-1]
     kl = TOKEN_KL_IMPLS[name](
@@ -238,5 +252,7 @@ def linear_token_kl(
         ref_bias,
         ignore_index,
         chunk_budget_mb,
+        softcap,
+        scale,
     )
     return kl.view(hidden.shape[:-1])
