@@ -185,6 +185,20 @@ def _epilogue_variants(kernel: str) -> List[Variant]:
     return [Variant("pinned", "bf16", base, cfg.num_warps, 2, False)]
 
 
+def _tile_variants(kernel: str) -> List[Variant]:
+    """The contract epilogue's kernels at their pinned config with every optional input and flag on (the most live
+    registers): tiles fp32 (the GEMM's output), bias slices and dz in each input dtype."""
+    from vpo_kernels import epilogue as e
+
+    cfg = e.default_epilogue_config()
+    base = dict(HAS_BIAS=True, HAS_REF_BIAS=True, SOFTCAP=True, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c)
+    if kernel == "stats":
+        base.update(HAS_REF=True, ENTROPY=True, MEAN=True, SUMSQ=True)
+    else:
+        base.update(HAS_KL=True)
+    return [Variant("pinned", d, base, cfg.num_warps, 2, False) for d in ("bf16", "fp16", "fp32")]
+
+
 _LL, _TG, _KL = "vpo_kernels.linear_logprobs", "vpo_kernels.target_logits", "vpo_kernels.token_kl"
 _AS, _EP = "vpo_kernels.attention_stats", "vpo_kernels.epilogue"
 _STATS = {"order_ptr": "i64", "n_valid_ptr": "i32", "labels_ptr": "i64", "lse_ptr": "fp32", "g_ptr": "fp32",
@@ -192,6 +206,9 @@ _STATS = {"order_ptr": "i64", "n_valid_ptr": "i32", "labels_ptr": "i64", "lse_pt
           "dh_ptr": "fp32", "dw_ptr": "fp32", "db_ptr": "fp32", "logp_ptr": "fp32", "tgt_ptr": "fp32",
           "kl_ptr": "fp32", "z_ptr": "fp32"}
 _ATT = {"qpos_ptr": "i64", "ipos_ptr": "i64", "kmask_ptr": "i8", "lse_ptr": "fp32", "out_ptr": "fp32"}
+_TILE = {"z_ptr": "fp32", "r_ptr": "fp32", "y_ptr": "i64", "stats_ptr": "fp32", "lse_ptr": "fp32", "g_ptr": "fp32",
+         "coef_ptr": "fp32", "lser_ptr": "fp32", "gkl_ptr": "fp32", "kl_ptr": "fp32"}  # b, br, dz: the input dtype
+_TILE_SCALARS = {"scale": "fp32", "softcap": "fp32"}
 _EPI = {"z_ptr": "fp32", "r_ptr": "fp32", "m_ptr": "fp32", "s_ptr": "fp32", "lse_ptr": "fp32", "g_ptr": "fp32",
         "coef_ptr": "fp32", "y_ptr": "i64", "e_ptr": "fp32", "stats_ptr": "fp32"}
 
@@ -210,6 +227,8 @@ KERNELS: List[AotKernel] = [
     AotKernel(_AS, "_qk_lse_kernel", lambda: _attention_variants("lse"), _ATT, {"scale": "fp32"}),
     AotKernel(_AS, "_image_probs_kernel", lambda: _attention_variants("probs"), _ATT,
               {"scale": "fp32", "inv_hq": "fp32"}, known_spills={("bf16", 80): 16, ("bf16", 90): 16}),
+    AotKernel(_EP, "_tile_stats_kernel", lambda: _tile_variants("stats"), _TILE, _TILE_SCALARS),
+    AotKernel(_EP, "_tile_grad_kernel", lambda: _tile_variants("grad"), _TILE, _TILE_SCALARS),
     AotKernel(_EP, "_lse_update_kernel", lambda: _epilogue_variants("lse"), _EPI),
     AotKernel(_EP, "_logprob_grad_kernel", lambda: _epilogue_variants("lp_grad"), _EPI),
     AotKernel(_EP, "_kl_update_kernel", lambda: _epilogue_variants("kl_update"), _EPI),
