@@ -2,7 +2,9 @@
 
 Importing this package imports Triton; set ``TRITON_INTERPRET=1`` before importing it to run on CPU.
 
-``epilogue`` holds the small elementwise kernels of the LM-head ops' ``impl="gemm"`` path (the GEMMs are cuBLAS).
+``epilogue`` holds the two per-tile kernels of every vocabulary sweep (the contract of ``vpo.ops.epilogue``: the ops'
+``impl="gemm"`` path and the fused losses on CUDA; the GEMMs are cuBLAS), registered as the custom ops
+``torch.ops.vpo.tile_stats_`` / ``tile_grad``.
 Every kernel is listed, with its configs, in ``_aot.KERNELS``: ``tests/test_aot_compile.py`` compiles each one for
 sm_80 and sm_90 without a GPU; a new kernel is one line there.
 """

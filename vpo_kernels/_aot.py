@@ -175,16 +175,6 @@ def _attention_variants(which: str) -> List[Variant]:
     return [Variant("pinned", "bf16", base, cfg.num_warps, cfg.num_stages, True)]
 
 
-def _epilogue_variants(kernel: str) -> List[Variant]:
-    from vpo_kernels import epilogue as e
-
-    cfg = e.default_epilogue_config()
-    base = dict(HAS_BIAS=True, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c)
-    if kernel.startswith("kl"):
-        base["HAS_REF_BIAS"] = True
-    return [Variant("pinned", "bf16", base, cfg.num_warps, 2, False)]
-
-
 def _tile_variants(kernel: str) -> List[Variant]:
     """The contract epilogue's kernels at their pinned config with every optional input and flag on (the most live
     registers): tiles fp32 (the GEMM's output), bias slices and dz in each input dtype."""
@@ -209,8 +199,6 @@ _ATT = {"qpos_ptr": "i64", "ipos_ptr": "i64", "kmask_ptr": "i8", "lse_ptr": "fp3
 _TILE = {"z_ptr": "fp32", "r_ptr": "fp32", "y_ptr": "i64", "stats_ptr": "fp32", "lse_ptr": "fp32", "g_ptr": "fp32",
          "coef_ptr": "fp32", "lser_ptr": "fp32", "gkl_ptr": "fp32", "kl_ptr": "fp32"}  # b, br, dz: the input dtype
 _TILE_SCALARS = {"scale": "fp32", "softcap": "fp32"}
-_EPI = {"z_ptr": "fp32", "r_ptr": "fp32", "m_ptr": "fp32", "s_ptr": "fp32", "lse_ptr": "fp32", "g_ptr": "fp32",
-        "coef_ptr": "fp32", "y_ptr": "i64", "e_ptr": "fp32", "stats_ptr": "fp32"}
 
 # Known spills (Triton 3.9): _kl_bwd_kernel holds the z and r tiles, dz and two D-chunk products; no tile of the ones
 # tried (tests/test_aot_compile.py's history, see the configs' comments) is clean on sm_80. _image_probs_kernel keeps
@@ -229,10 +217,6 @@ KERNELS: List[AotKernel] = [
               {"scale": "fp32", "inv_hq": "fp32"}, known_spills={("bf16", 80): 16, ("bf16", 90): 16}),
     AotKernel(_EP, "_tile_stats_kernel", lambda: _tile_variants("stats"), _TILE, _TILE_SCALARS),
     AotKernel(_EP, "_tile_grad_kernel", lambda: _tile_variants("grad"), _TILE, _TILE_SCALARS),
-    AotKernel(_EP, "_lse_update_kernel", lambda: _epilogue_variants("lse"), _EPI),
-    AotKernel(_EP, "_logprob_grad_kernel", lambda: _epilogue_variants("lp_grad"), _EPI),
-    AotKernel(_EP, "_kl_update_kernel", lambda: _epilogue_variants("kl_update"), _EPI),
-    AotKernel(_EP, "_kl_grad_kernel", lambda: _epilogue_variants("kl_grad"), _EPI),
 ]
 
 
