@@ -54,3 +54,13 @@ def gemm_fp32_out(t: torch.Tensor) -> bool:
 def triton_epilogue() -> bool:
     """Whether triton is installed (the epilogue kernels import lazily, on first CUDA use)."""
     return importlib.util.find_spec("triton") is not None
+
+
+def has_mm_dtype_out(t: torch.Tensor) -> bool:
+    """Whether ``torch.mm(..., out_dtype=..., out=...)`` has a kernel for ``t``'s device (from the registry)."""
+    return _has_kernel("aten::mm.dtype_out", "Meta" if t.is_meta else "CUDA")
+
+
+def has_kernel_for(t: torch.Tensor, op: str) -> bool:
+    """Whether the dispatcher has a kernel for ``op`` on ``t``'s device (CUDA, or Meta when traced as CUDA)."""
+    return _has_kernel(op, "Meta" if t.is_meta else "CUDA")

@@ -67,7 +67,7 @@ import torch
 
 from vpo import _caps
 from vpo.ops import epilogue as ep
-from vpo.ops._sweep import acc_dtype, mm_acc, mm_acc_into, operand_dtype  # noqa: F401  (acc_dtype: re-exported)
+from vpo.ops._sweep import acc_dtype, mm_acc, mm_acc_into, mm_acc_out, operand_dtype  # noqa: F401  (acc_dtype: re-exported)
 
 DEFAULT_BUDGET = 4 << 30  # bytes (module docstring)
 DEFAULT_VOCAB_TILE = 8192  # columns per tile: [R, D] @ [D, 8192] is a large GEMM; the torch path's fp32 temporaries
@@ -176,26 +176,33 @@ class _Rows:
         """``[R_all, ...] -> [R, ...]``."""
         return x if self.pos is None else x.index_select(0, self.pos)
 
-    def spread(self, v: torch.Tensor) -> torch.Tensor:
-        """``[R, ...] -> [R_all, ...]``, 0 at the positions left out or ignored."""
+    def spread(self, v: torch.Tensor, zeroed: bool = False) -> torch.Tensor:
+        """``[R, ...] -> [R_all, ...]``, 0 at the positions left out or ignored (``zeroed``: ``v`` is already 0 at
+        the ignored positions, as every gradient row of an ignored position is, so no masking pass)."""
         if self.pos is not None:
             return v.new_zeros((self.R_all, *v.shape[1:])).index_copy_(0, self.pos, v)
+        if zeroed:
+            return v
         m = self.m.reshape(-1, *([1] * (v.dim() - 1)))
         return torch.where(m, v, torch.zeros((), dtype=v.dtype, device=v.device))
 
 
 def _target_dot(h: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], y: torch.Tensor, acc, scale: float,
-                softcap: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(z'[y] [R], W[y] [R, D])``: the transformed target logit by a gather-dot (O(R·D), no vocabulary sweep)."""
-    Wy = W.index_select(0, y)
-    z = torch.linalg.vecdot(h.to(acc), Wy.to(acc))
+                softcap: float) -> torch.Tensor:
+    """``z'[y] [R]``: the transformed target logit by a gather-dot (O(R·D), no vocabulary sweep), accumulated in
+    fp32 (a batched 1×D×1 GEMM with fp32 output for 16-bit operands on CUDA; the operands upcast elsewhere)."""
+    Wy = W.index_select(0, y)  # [R, D]
+    if h.dtype != acc and _caps.gemm_fp32_out(h) and _caps.has_kernel_for(h, "aten::bmm.dtype"):
+        z = torch.bmm(h[:, None, :], Wy[:, :, None], out_dtype=acc).reshape(-1)
+    else:
+        z = torch.linalg.vecdot(h.to(acc), Wy.to(acc))
     if b is not None:
         z = z + b.index_select(0, y).to(acc)
     if scale != 1.0:
         z = z * scale
     if softcap:
         z = softcap * torch.tanh(z / softcap)
-    return z, Wy
+    return z
 
 
 def _transform_grad(z: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
@@ -262,7 +269,7 @@ def sweep(
     y_all = torch.where(mask, labels, 0).long()  # safe targets (0 where ignored)
     W_op = weight if weight.dtype == opd else None  # the head in the operand dtype, cast per tile otherwise
     rW_op = None if ref is None else (ref[1] if ref[1].dtype == opd else None)
-    dW = torch.zeros(V, D, dtype=acc, device=dev) if grad_w else None
+    dW = torch.empty(V, D, dtype=acc, device=dev) if grad_w else None  # the first chunk writes it, the others add
     db = torch.zeros(V, dtype=acc, device=dev) if grad_b else None
     out_rows: Dict[str, list] = {}  # name -> per chunk [2P, T] (chosen half, rejected half), stitched at the end
     dh_parts, dn_parts = [], []
@@ -310,10 +317,10 @@ def sweep(
             t["ref_logp"] = fr["logp"]
         if noised is not None:
             hn = rows.hidden(noised, opd)
-            zn, Wy = _target_dot(hn, weight, bias, y, acc, scale, softcap)
+            zn = _target_dot(hn, weight, bias, y, acc, scale, softcap)
             t["z_noised"], t["s"] = zn, f["z"] - zn
             if ref is not None and ref_noised is not None:
-                rzn, _ = _target_dot(rows.hidden(ref_noised, opd), ref[1], ref[2], y, acc, scale, softcap)
+                rzn = _target_dot(rows.hidden(ref_noised, opd), ref[1], ref[2], y, acc, scale, softcap)
                 t["ref_s"] = (fr["z"] if fr is not None else f["z"]) - rzn
         t = {k: rows.spread(v).reshape(-1, T) for k, v in t.items()}  # [2P, T], 0 where ignored
         for k, v in t.items():
@@ -343,7 +350,7 @@ def sweep(
         coef = g_logp if g_s is None else g_logp + g_s  # onehot(y) coefficient
 
         # -- gradient pass: dz per tile, then the two GEMMs into dh and dW
-        dh_c = torch.zeros(R, D, dtype=acc, device=dev) if grad_h else None
+        dh_c = torch.empty(R, D, dtype=acc, device=dev) if grad_h else None  # the first tile writes it
         for i, v0 in enumerate(range(0, V, C)):
             v1 = min(V, v0 + C)
             W_t = wtile(weight, W_op, v0, v1)
@@ -363,22 +370,22 @@ def sweep(
             del z, zr
             if db is not None:
                 db[v0:v1] += dz.sum(0, dtype=acc)
-            if grad_h:
-                mm_acc_into(dh_c, dz, W_t)  # [R, C] @ [C, D] -> [R, D]
-            if grad_w:
-                mm_acc_into(dW[v0:v1], dz.T, h)  # [C, R] @ [R, D] -> [C, D]
+            if grad_h:  # [R, C] @ [C, D] -> [R, D]
+                (mm_acc_out if v0 == 0 else mm_acc_into)(dh_c, dz, W_t)
+            if grad_w:  # [C, R] @ [R, D] -> [C, D]
+                (mm_acc_out if p0 == 0 else mm_acc_into)(dW[v0:v1], dz.T, h)
         if grad_h:
-            dh_parts.append(rows.spread(dh_c).reshape(-1, T, D))
+            dh_parts.append(rows.spread(dh_c, zeroed=True).reshape(-1, T, D))
         if g_s is not None:  # s = z'[y] − z'_n[y]: ∂/∂(h_n·W[y] + b[y]) = −g_s · ∂z'_n/∂(...)
             dzn = -g_s * _transform_grad(zn, scale, softcap)  # [R]
-            if grad_n:
-                dn_parts.append(rows.spread(dzn[:, None] * Wy.to(acc)).reshape(-1, T, D))
+            if grad_n:  # dh_n = dzn · W[y]: formed in the backward from dzn [R] (one gather, one scaled write)
+                dn_parts.append(rows.spread(dzn, zeroed=True).reshape(-1, T))
             if dW is not None:
                 dW.index_add_(0, y, dzn[:, None] * hn.to(acc))  # the target rows only: O(R·D)
             if db is not None:
                 db.index_add_(0, y, dzn)
         elif grad_n:
-            dn_parts.append(torch.zeros(2 * (p1 - p0), T, D, dtype=acc, device=dev))
+            dn_parts.append(torch.zeros(2 * (p1 - p0), T, dtype=acc, device=dev))
 
     def stitch(parts):  # per chunk [2P, ...] -> [2B, ...]: every chosen half, then every rejected half
         if len(parts) == 1:
@@ -389,7 +396,7 @@ def sweep(
     tok = {k: stitch(v) for k, v in out_rows.items()}
     grads = {
         "hidden": stitch(dh_parts) if grad_h else None,
-        "noised": stitch(dn_parts) if grad_n else None,
+        "noised": _RowScaled(weight, y_all, stitch(dn_parts)) if grad_n else None,
         "weight": dW,
         "bias": db,
     }
@@ -409,22 +416,53 @@ class AttachGrads(torch.autograd.Function):
     def forward(ctx, loss, grads, *inputs):
         ctx.present = [g is not None for g in grads]
         ctx.dtypes = [x.dtype for x in inputs]
-        ctx.save_for_backward(*[g for g in grads if g is not None])
+        dense = [g for g in grads if isinstance(g, torch.Tensor)]
+        ctx.save_for_backward(*dense, *[t for g in grads if isinstance(g, _RowScaled) for t in g.tensors()])
+        ctx.kinds = [None if g is None else ("dense" if isinstance(g, torch.Tensor) else "rows") for g in grads]
         return loss.detach().clone()
 
     @staticmethod
     def backward(ctx, grad_output):
-        saved = iter(ctx.saved_tensors)
+        saved_all = list(ctx.saved_tensors)
+        n_dense = sum(k == "dense" for k in ctx.kinds)
+        dense, rest = iter(saved_all[:n_dense]), iter(saved_all[n_dense:])
+        saved = iter([next(dense) if k == "dense" else _RowScaled(next(rest), next(rest), next(rest))
+                      for k in ctx.kinds if k is not None])
         out = [None, None]
         for present, dtype in zip(ctx.present, ctx.dtypes):
             if not present:
                 out.append(None)
                 continue
             g = next(saved)
+            if isinstance(g, _RowScaled):
+                out.append(g.materialize(grad_output, dtype))
+                continue
             res = torch.empty(g.shape, dtype=dtype, device=g.device)
             torch.mul(g, grad_output.to(g.dtype), out=res)  # scale and cast: one pass
             out.append(res)
         return tuple(out)
+
+
+class _RowScaled:
+    """A gradient ``[2B, T, D]`` of the form ``coef[r] · W[y[r]]`` (TPO's noised pass: ``dh_n = −g_s · W[y]``), kept
+    as ``coef [2B, T]`` until the backward, which gathers ``W[y]`` and writes ``grad_output · coef · W[y]`` in the input
+    dtype in one pass — no ``[N, D]`` fp32 buffer."""
+
+    def __init__(self, W: torch.Tensor, y: torch.Tensor, coef: torch.Tensor):
+        self.W, self.y, self.coef = W, y, coef
+
+    def tensors(self):
+        return self.W, self.y, self.coef
+
+    @property
+    def shape(self):
+        return (*self.coef.shape, self.W.shape[1])
+
+    def materialize(self, grad_output: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        Wy = self.W.index_select(0, self.y.reshape(-1))  # [N, D]
+        res = torch.empty(Wy.shape, dtype=dtype, device=Wy.device)
+        torch.mul(Wy, (self.coef.reshape(-1) * grad_output.to(self.coef.dtype))[:, None], out=res)
+        return res.reshape(self.shape)
 
 
 def attach(loss: torch.Tensor, pairs: Sequence[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]) -> torch.Tensor:

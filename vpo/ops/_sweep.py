@@ -118,6 +118,17 @@ def mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.to(acc) @ b.to(acc)
 
 
+def mm_acc_out(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out = a @ b`` written into ``out`` (accumulation dtype) without a temporary: the first write of an
+    accumulator, so it needs no zero fill."""
+    if a.dtype != out.dtype:
+        if _caps.gemm_fp32_out(a) and _caps.has_mm_dtype_out(a):
+            torch.mm(a, b, out_dtype=out.dtype, out=out)
+            return
+        a, b = a.to(out.dtype), b.to(out.dtype)
+    torch.mm(a, b, out=out)
+
+
 def mm_acc_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` with ``acc`` in the accumulation dtype, without an ``acc``-sized temporary: ``addmm(out=acc)``
     (with ``out_dtype`` for 16-bit operands on CUDA, :func:`vpo._caps.gemm_fp32_out`); 16-bit operands elsewhere are
