@@ -135,7 +135,7 @@ def fused_tpo_loss(
 
     def ref_terms(tok, m, P):
         """``Σ_i (logp_ref + log c_ref)`` ``[2P]`` of the reference swept with the chunk."""
-        return (tok["ref_logp"] + _log_c(tok["ref_s"], m, P, a=a, rewards=rewards)).sum(1)
+        return tok["ref_logp"].sum(1) + _log_c(tok["ref_s"], m, P, a=a, rewards=rewards).sum(1)  # as the policy's
 
     def pair_loss(tok, rows, P):
         """The chunk's share of the mean loss (pairs ``rows[:P]`` / ``rows[P:]``)."""

@@ -54,9 +54,12 @@ def sequence_logps_from_hidden(
     bias: Optional[torch.Tensor],
     *,
     ignore_index: int,
+    transform: Optional[dict] = None,
 ) -> torch.Tensor:
-    """``[..., T, D] -> [...]``: per-token log-probs via the full logits, summed over response tokens."""
-    logp, _, _ = token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index)  # [..., T]
+    """``[..., T, D] -> [...]``: per-token log-probs via the full logits, summed over response tokens
+    (``transform``: ``logit_softcap`` / ``logit_scale`` of :func:`vpo.oracle.logprobs.head_logits`)."""
+    logp, _, _ = token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index,
+                                **(transform or {}))  # [..., T]
     return sequence_logps(logp, labels, ignore_index=ignore_index)  # [...]
 
 
@@ -68,12 +71,14 @@ def reference_sequence_logps(
     *,
     like: torch.Tensor,
     ignore_index: int,
+    transform: Optional[dict] = None,
 ) -> torch.Tensor:
     """Reference per-sequence log-probs without gradient; zeros shaped like ``like`` when ``ref_hidden`` is None."""
     if ref_hidden is None:
         return torch.zeros_like(like).detach()
     with torch.no_grad():
-        return sequence_logps_from_hidden(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index)
+        return sequence_logps_from_hidden(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index,
+                                          transform=transform)
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,7 @@ def pass_logps(
     *,
     ignore_index: int,
     ndim: int = 3,
+    transform: Optional[dict] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Validate one forward pass (policy and, if given, reference on the same labels) and return its per-sequence
     ``(logps, ref_logps)``, each ``hidden.shape[:-2]``; ``ref_logps`` is zeros when ``ref_hidden`` is None."""
@@ -113,9 +119,10 @@ def pass_logps(
             ref_hidden_name, ref_hidden, labels_name, labels, head.ref_weight_name, head.ref_weight,
             ignore_index=ignore_index, ndim=ndim,
         )  # fmt: skip
-    logps = sequence_logps_from_hidden(hidden, head.weight, labels, head.bias, ignore_index=ignore_index)
+    logps = sequence_logps_from_hidden(hidden, head.weight, labels, head.bias, ignore_index=ignore_index,
+                                       transform=transform)
     ref_logps = reference_sequence_logps(
-        ref_hidden, labels, head.ref_weight, head.ref_bias, like=logps, ignore_index=ignore_index
+        ref_hidden, labels, head.ref_weight, head.ref_bias, like=logps, ignore_index=ignore_index, transform=transform
     )
     return logps, ref_logps
 
@@ -139,6 +146,8 @@ def dpo_loss(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
+    logit_softcap: Optional[float] = None,
+    logit_scale: Optional[float] = None,
 ) -> Tuple[torch.Tensor, Metrics]:
     """DPO from last hidden states, materializing the logits (the oracle for the fused DPO loss).
 
@@ -150,6 +159,7 @@ def dpo_loss(
         ref_weight, ref_bias: the reference's head; None: the policy's ``weight``/``bias`` (a shared frozen head).
         beta, label_smoothing: as in :func:`vpo.losses.dpo_loss`.
         ignore_index: label of positions without a target (-100).
+        logit_softcap, logit_scale: the heads' logits transform (:func:`vpo.oracle.logprobs.head_logits`).
 
     Returns:
         ``(loss, metrics)`` of :func:`vpo.losses.dpo_loss`. Gradients reach ``hidden``, ``weight`` and ``bias`` only.
@@ -167,7 +177,8 @@ def dpo_loss(
     n_pairs = check_even_batch("hidden", check_float("hidden", hidden, ndim=3))
     check_reference_passes([("ref_hidden", ref_hidden)], ref_weight, ref_bias)
     logps, ref_logps = pass_logps(
-        "hidden", hidden, "labels", labels, "ref_hidden", ref_hidden, head, ignore_index=ignore_index
+        "hidden", hidden, "labels", labels, "ref_hidden", ref_hidden, head, ignore_index=ignore_index,
+        transform=dict(logit_softcap=logit_softcap, logit_scale=logit_scale),
     )  # [2B], [2B]
     return losses.dpo_loss(
         logps[:n_pairs],

@@ -9,6 +9,20 @@ from typing import Optional, Tuple
 import torch
 
 
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                logit_softcap: Optional[float] = None, logit_scale: Optional[float] = None) -> torch.Tensor:
+    """The full logits ``[..., V]`` as the model's head makes them: ``hidden @ weight.T + bias``, times
+    ``logit_scale`` (Cohere), then ``cap · tanh(z / cap)`` with ``cap = logit_softcap`` (Gemma 2/3)."""
+    logits = hidden @ weight.T  # [..., D] @ [D, V] -> [..., V]
+    if bias is not None:
+        logits = logits + bias
+    if logit_scale is not None:
+        logits = logits * logit_scale
+    if logit_softcap is not None:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    return logits
+
+
 def token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -16,6 +30,8 @@ def token_logprobs(
     bias: Optional[torch.Tensor] = None,
     *,
     ignore_index: int = -100,
+    logit_softcap: Optional[float] = None,
+    logit_scale: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token log-prob, raw target logit and logsumexp, materializing the logits.
 
@@ -24,14 +40,13 @@ def token_logprobs(
         weight: ``[V, D]`` LM-head weight.
         labels: ``[...]`` target ids, ``ignore_index`` where there is no target.
         bias: optional ``[V]``.
+        logit_softcap, logit_scale: the head's logits transform (:func:`head_logits`).
 
     Returns:
         ``(logp, target_logit, lse)``, each of shape ``labels.shape`` and dtype ``hidden.dtype``; all three are 0 where
         ``labels == ignore_index`` (and carry no gradient there).
     """
-    logits = hidden @ weight.T  # [..., D] @ [D, V] -> [..., V]
-    if bias is not None:
-        logits = logits + bias
+    logits = head_logits(hidden, weight, bias, logit_softcap=logit_softcap, logit_scale=logit_scale)
     mask = labels != ignore_index
     safe = torch.where(mask, labels, torch.zeros_like(labels))
     lse = torch.logsumexp(logits, dim=-1)
