@@ -197,6 +197,50 @@ def test_target_logits_matches_oracle(dtype, bias):
     assert torch.allclose(z2, z.detach(), atol=1e-6, rtol=0)
 
 
+def _transformed_logprobs(h, W, labels, b, scale, cap):
+    """Materialized ``(logp, target)`` of ``z' = cap·tanh(scale·(h Wᵀ + b)/cap)`` (no cap: ``scale·z``); 0 on ignored
+    rows."""
+    z = (h @ W.T + (0 if b is None else b)) * scale
+    if cap:
+        z = cap * torch.tanh(z / cap)
+    valid = labels != -100
+    y = labels.clamp(min=0)[:, None]
+    return z.log_softmax(-1).gather(1, y)[:, 0] * valid, z.gather(1, y)[:, 0] * valid
+
+
+@pytest.mark.parametrize("scale,cap", [(0.7, 0.0), (1.3, 4.0)], ids=["scale", "softcap"])
+@pytest.mark.parametrize("mode", ["both", "target"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_logit_softcap_and_scale(dtype, mode, scale, cap):
+    """The fused kernels' logit transform (fwd and bwd, the target-only backward included) against a float64
+    materialized oracle, with PyTorch's own same-dtype error as the scale, and against the ops' "torch" path."""
+    from vpo.ops.linear_logprobs import linear_logprobs
+
+    h, W, labels, b = _flat_inputs(dtype, bias=True, scale=4.0, seed=7)
+    g1, g2 = torch.randn(N_, dtype=torch.float64), torch.randn(N_, dtype=torch.float64)
+    ref = {}
+    for rd in (torch.float64, dtype):
+        hh, WW, bb = _leaves(h, W, b, rd)
+        hx, Wx, bx = (hh.float(), WW.float(), bb.float()) if rd == dtype else (hh, WW, bb)  # fp32 math for halves
+        logp, tgt = _transformed_logprobs(hx, Wx, labels, bx, scale, cap)
+        ref[rd] = (logp.detach(), tgt.detach(), _grads(_loss(logp, tgt, g1.to(logp.dtype), g2.to(logp.dtype), mode),
+                                                       [hh, WW, bb]))
+    logp, tgt = LinearLogprobsTriton.apply(h, W, labels, b, -100, ODD, scale, cap)
+    atol = ATOL[dtype]
+    assert_close_to_oracle(logp, ref[torch.float64][0], ref[dtype][0], atol=atol, name="logp")
+    assert_close_to_oracle(tgt, ref[torch.float64][1], ref[dtype][1], atol=atol, name="target_logit")
+    grads = _grads(_loss(logp, tgt, g1.float(), g2.float(), mode), [h, W, b])
+    for name, g, o, t in zip(("dh", "dW", "db"), grads, ref[torch.float64][2], ref[dtype][2]):
+        assert g.dtype == dtype and torch.isfinite(g).all(), name
+        assert_close_to_oracle(g, o, t, atol=atol, name=name)
+    # the ops' torch path (the shared epilogue) computes the same function
+    t_logp, t_tgt = linear_logprobs(h, W, labels, b, impl="torch", logit_softcap=cap or None, logit_scale=scale)
+    assert torch.allclose(logp, t_logp, atol=10 * atol, rtol=0) and torch.allclose(tgt, t_tgt, atol=10 * atol, rtol=0)
+    t_grads = _grads(_loss(t_logp, t_tgt, g1.float(), g2.float(), mode), [h, W, b])
+    for name, g, t in zip(("dh", "dW", "db"), grads, t_grads):
+        assert torch.allclose(g.float(), t.float(), atol=10 * atol, rtol=1e-2), name
+
+
 def test_split_v_choice():
     cfg = LinearLogprobsConfig(sweep=TileConfig(128, 128, 64), bwd=TileConfig(128, 128, 64))
     cpu = torch.device("cpu")

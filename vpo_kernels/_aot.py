@@ -107,11 +107,14 @@ def _logprobs_variants(which: str) -> List[Variant]:
     for d in ("bf16", "fp32"):
         cfg = m.default_config(_torch_dtype(d), _N, _V, _D)
         t = cfg.sweep if which == "sweep" else cfg.bwd
-        base = dict(HAS_BIAS=True, IEEE=d == "fp32", BLOCK_N=t.block_n, BLOCK_V=t.block_v, GROUP_N=cfg.group_n)
+        base = dict(HAS_BIAS=True, SOFTCAP=False, IEEE=d == "fp32", BLOCK_N=t.block_n, BLOCK_V=t.block_v,
+                    GROUP_N=cfg.group_n)
         if which == "bwd":
             base.update(HAS_T=True, COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=True)
         out.append(Variant("pinned", d, {**base, "BLOCK_D": t.block_d}, t.num_warps, t.num_stages, d != "fp32"))
-        if d == "bf16":
+        if d == "bf16":  # the soft-capped variant (tanh on the tile: more live registers)
+            out.append(Variant("pinned", d, {**base, "SOFTCAP": True, "BLOCK_D": t.block_d}, t.num_warps,
+                               t.num_stages, True))
             out += _autotune_variants(m.autotune_configs(), base, d, True)
     return out
 
@@ -120,8 +123,8 @@ def _logprobs_combine_variants() -> List[Variant]:
     from vpo_kernels import target_logits as t
 
     g = t.default_gather_config(_D)
-    return [Variant("pinned", "bf16", dict(HAS_BIAS=True, BLOCK_N=g.block_n, BLOCK_D=g.block_d), g.num_warps,
-                    g.num_stages, False)]
+    return [Variant("pinned", "bf16", dict(HAS_BIAS=True, SOFTCAP=True, BLOCK_N=g.block_n, BLOCK_D=g.block_d),
+                    g.num_warps, g.num_stages, False)]
 
 
 def _target_fwd_variants() -> List[Variant]:
@@ -204,9 +207,9 @@ _TILE_SCALARS = {"scale": "fp32", "softcap": "fp32"}
 # tried (tests/test_aot_compile.py's history, see the configs' comments) is clean on sm_80. _image_probs_kernel keeps
 # a [64, 128] query tile and the [64, 64] accumulator over its loop on heads; 16 B at 8 warps (504 B at 4).
 KERNELS: List[AotKernel] = [
-    AotKernel(_LL, "_lse_partial_kernel", lambda: _logprobs_variants("sweep"), _STATS),
-    AotKernel(_LL, "_lse_combine_kernel", _logprobs_combine_variants, _STATS),
-    AotKernel(_LL, "_lse_bwd_kernel", lambda: _logprobs_variants("bwd"), _STATS),
+    AotKernel(_LL, "_lse_partial_kernel", lambda: _logprobs_variants("sweep"), _STATS, _TILE_SCALARS),
+    AotKernel(_LL, "_lse_combine_kernel", _logprobs_combine_variants, _STATS, _TILE_SCALARS),
+    AotKernel(_LL, "_lse_bwd_kernel", lambda: _logprobs_variants("bwd"), _STATS, _TILE_SCALARS),
     AotKernel(_TG, "_target_logits_fwd_kernel", _target_fwd_variants, _STATS),
     AotKernel(_TG, "_target_logits_bwd_kernel", _target_bwd_variants, {**_STATS, "dh_ptr": "in"}),
     AotKernel(_KL, "_kl_partial_kernel", lambda: _kl_variants("sweep"), _STATS),

@@ -82,20 +82,27 @@ def _tanh(u):
 
 
 @triton.jit
-def _transform(ptr, stride, b_ptr, rows, rmask, cols, cmask, scale, softcap, inv_cap,
-               HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr):
-    """``(z', tanh(scale·(z + b)/cap))`` of ``ptr[rows, cols]`` as fp32 ``[BLOCK_N, BLOCK_C]`` (the second is z'
-    itself without a cap). Masked positions load 0 and so transform to exactly 0."""
-    x = tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        x += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+def _head_transform(x, scale, softcap, inv_cap, SOFTCAP: tl.constexpr):
+    """``(z', t)`` of fp32 logits ``x = z + b``: ``z' = scale·x``, capped ``z' = cap·t`` with ``t = tanh(scale·x/cap)``
+    when SOFTCAP (``t`` is z' itself otherwise); ``∂z'/∂x = scale·(1 − t²)``. Also used by the fully fused kernels."""
     x = x * scale
     th = x
     if SOFTCAP:
         th = _tanh(x * inv_cap)
         x = softcap * th
     return x, th
+
+
+@triton.jit
+def _transform(ptr, stride, b_ptr, rows, rmask, cols, cmask, scale, softcap, inv_cap,
+               HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr):
+    """:func:`_head_transform` of ``ptr[rows, cols] (+ b[cols])``, fp32 ``[BLOCK_N, BLOCK_C]``. Masked positions load
+    0 and so transform to exactly 0."""
+    x = tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return _head_transform(x, scale, softcap, inv_cap, SOFTCAP)
 
 
 @triton.jit

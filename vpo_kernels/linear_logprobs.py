@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 
 from vpo_kernels import target_logits as _tgt
+from vpo_kernels.epilogue import _head_transform
 from vpo_kernels.target_logits import GatherConfig, _autotuning, _check_head, _gather_dot_rows, _interpreting
 
 __all__ = [
@@ -202,7 +203,8 @@ def _grouped_tile(pid, num_pid_n, SPLIT_V, GROUP_N: tl.constexpr):
 
 @triton.jit
 def _lse_partial_kernel(h_ptr, w_ptr, b_ptr, order_ptr, n_valid_ptr, m_part_ptr, s_part_ptr, N, V, D, SPLIT_V,
-                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, GROUP_N: tl.constexpr,
+                        scale, softcap,
+                        HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr, GROUP_N: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     # grid: (cdiv(N, BLOCK_N) * SPLIT_V,), 1-D (axis 0: no 65535 limit), in the grouped order of _grouped_tile.
     pid_n, pid_s = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), SPLIT_V, GROUP_N)
@@ -220,11 +222,13 @@ def _lse_partial_kernel(h_ptr, w_ptr, b_ptr, order_ptr, n_valid_ptr, m_part_ptr,
 
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)  # running max
     s = tl.zeros([BLOCK_N], dtype=tl.float32)  # running Σ exp(z - m)
+    inv_cap = 1.0 / softcap  # softcap is 1.0 when there is none
     for t in range(t_lo, t_hi):
         offs_v = (t * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
         v_mask = offs_v < V
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, D,
                          HAS_BIAS, IEEE, BLOCK_N, BLOCK_V, BLOCK_D)  # [BLOCK_N, BLOCK_V]
+        z, _ = _head_transform(z, scale, softcap, inv_cap, SOFTCAP)  # z' = cap·tanh(scale·z / cap)
         z = tl.where(v_mask[None, :], z, float("-inf"))  # padding columns add exp(-inf) = 0
         m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: each tile has >= 1 real column
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
@@ -236,8 +240,8 @@ def _lse_partial_kernel(h_ptr, w_ptr, b_ptr, order_ptr, n_valid_ptr, m_part_ptr,
 
 @triton.jit
 def _lse_combine_kernel(m_part_ptr, s_part_ptr, h_ptr, w_ptr, b_ptr, labels_ptr,
-                        logp_ptr, tgt_ptr, lse_ptr, N, D, ignore_index, SPLIT_V,
-                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                        logp_ptr, tgt_ptr, lse_ptr, N, D, ignore_index, SPLIT_V, scale, softcap,
+                        HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # grid: (cdiv(N, BLOCK_N),) in original row order; writes every row (0 where ignored).
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = offs_n < N
@@ -254,6 +258,7 @@ def _lse_combine_kernel(m_part_ptr, s_part_ptr, h_ptr, w_ptr, b_ptr, labels_ptr,
         big_s += s_s * tl.exp(m_s - big_m)
     lse = big_m + tl.log(tl.where(valid, big_s, 1.0))  # no log(0) on ignored rows
     tgt = _gather_dot_rows(h_ptr, w_ptr, b_ptr, offs_n, y, valid, D, HAS_BIAS, BLOCK_N, BLOCK_D)  # [BLOCK_N]
+    tgt, _ = _head_transform(tgt, scale, softcap, 1.0 / softcap, SOFTCAP)  # 0 stays 0 on ignored rows
     tl.store(lse_ptr + offs_n, tl.where(valid, lse, 0.0), mask=in_n)
     tl.store(tgt_ptr + offs_n, tgt, mask=in_n)
     tl.store(logp_ptr + offs_n, tl.where(valid, tgt - lse, 0.0), mask=in_n)
@@ -261,8 +266,8 @@ def _lse_combine_kernel(m_part_ptr, s_part_ptr, h_ptr, w_ptr, b_ptr, labels_ptr,
 
 @triton.jit
 def _lse_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, n_valid_ptr, lse_ptr, g_ptr, t_ptr,
-                    dh_ptr, dw_ptr, db_ptr, N, V, D,
-                    HAS_BIAS: tl.constexpr, HAS_T: tl.constexpr, IEEE: tl.constexpr,
+                    dh_ptr, dw_ptr, db_ptr, N, V, D, scale, softcap,
+                    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_T: tl.constexpr, IEEE: tl.constexpr,
                     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr):
     # grid: (cdiv(N, BLOCK_N) * cdiv(V, BLOCK_V),), 1-D. Tiles are visited in groups of GROUP_N N blocks x all V blocks
@@ -288,6 +293,7 @@ def _lse_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, n_valid_ptr, lse
 
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, v_mask, D,
                      HAS_BIAS, IEEE, BLOCK_N, BLOCK_V, BLOCK_D)  # [BLOCK_N, BLOCK_V]
+    z, th = _head_transform(z, scale, softcap, 1.0 / softcap, SOFTCAP)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)  # [BLOCK_N]
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)  # ∂L/∂logp
     y = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
@@ -298,6 +304,9 @@ def _lse_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, n_valid_ptr, lse
     z = tl.where(tile_mask, z, float("-inf"))  # padding rows / columns: p = 0 (and no exp overflow)
     p = tl.exp(z - lse[:, None])  # softmax from the saved lse, [BLOCK_N, BLOCK_V]
     dz = -g[:, None] * p + tl.where(offs_v[None, :] == y[:, None], coef[:, None], 0.0)  # y = -1 on padding rows
+    if SOFTCAP:
+        dz = dz * (1.0 - th * th)  # the chain rule through the transform: ∂z'/∂z = scale·(1 − t²)
+    dz = dz * scale
     if COMPUTE_DB:
         tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_mask, sem="relaxed")  # [BLOCK_V]
     if COMPUTE_DH or COMPUTE_DW:
@@ -357,8 +366,10 @@ def _tuned(name: str):
 
 def linear_logprobs_fwd(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor] = None,
                         ignore_index: int = -100, *, config: Optional[LinearLogprobsConfig] = None,
+                        scale: float = 1.0, softcap: float = 0.0,
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logp, target_logit, lse)``, each ``[N]`` fp32 and 0 where ``labels == ignore_index``.
+    """``(logp, target_logit, lse)``, each ``[N]`` fp32 and 0 where ``labels == ignore_index``, of the transformed
+    logits ``z' = scale·z``, ``z' = softcap·tanh(z'/softcap)`` when ``softcap > 0`` (``vpo.ops.epilogue``).
 
     h ``[N, D]``, W ``[V, D]``, labels ``[N]``, bias ``[V]`` or None. Extra memory: two ``[SPLIT_V, N]`` fp32 buffers
     and the row order; nothing O(N·V). No host sync.
@@ -381,8 +392,10 @@ def linear_logprobs_fwd(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, 
     ieee = h.dtype == torch.float32
     sw = cfg.sweep
     grid = (triton.cdiv(N, sw.block_n) * split,)
-    args = (h, W, b_arg, order, n_valid, m_part, s_part, N, V, D, split)
-    meta = dict(HAS_BIAS=bias is not None, IEEE=ieee, GROUP_N=cfg.group_n, BLOCK_N=sw.block_n, BLOCK_V=sw.block_v)
+    cap = float(softcap) if softcap else 1.0
+    args = (h, W, b_arg, order, n_valid, m_part, s_part, N, V, D, split, float(scale), cap)
+    meta = dict(HAS_BIAS=bias is not None, SOFTCAP=bool(softcap), IEEE=ieee, GROUP_N=cfg.group_n,
+                BLOCK_N=sw.block_n, BLOCK_V=sw.block_v)
     if _autotuning():
         _tuned("sweep")[grid](*args, **meta)
     else:
@@ -390,8 +403,8 @@ def linear_logprobs_fwd(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, 
                                   num_stages=sw.num_stages)
     gc = cfg.gather
     _lse_combine_kernel[(triton.cdiv(N, gc.block_n),)](
-        m_part, s_part, h, W, b_arg, labels, logp, tgt, lse, N, D, ignore_index, split,
-        HAS_BIAS=bias is not None, BLOCK_N=gc.block_n, BLOCK_D=gc.block_d,
+        m_part, s_part, h, W, b_arg, labels, logp, tgt, lse, N, D, ignore_index, split, float(scale), cap,
+        HAS_BIAS=bias is not None, SOFTCAP=bool(softcap), BLOCK_N=gc.block_n, BLOCK_D=gc.block_d,
         num_warps=gc.num_warps, num_stages=gc.num_stages,
     )
     return logp, tgt, lse
@@ -401,8 +414,12 @@ def linear_logprobs_bwd(grad_logp: Optional[torch.Tensor], grad_target: Optional
                         W: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor], lse: torch.Tensor,
                         ignore_index: int = -100, *, compute_dh: bool = True, compute_dw: bool = True,
                         compute_db: Optional[bool] = None, config: Optional[LinearLogprobsConfig] = None,
+                        scale: float = 1.0, softcap: float = 0.0, target: Optional[torch.Tensor] = None,
                         ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients ``(dh [N, D], dW [V, D], db [V])`` of ``Σ_n grad_logp[n]·logp[n] + grad_target[n]·tgt[n]``.
+
+    ``scale``, ``softcap``: the forward's logit transform (``dz = dz'·scale·(1 − (z'/cap)²)``); with a cap, the
+    target-only backward (``grad_logp`` None) needs ``target`` ``[N]``, the forward's (transformed) target logits.
 
     Either upstream gradient may be None (treated as 0); ``lse`` is the forward's. Returned in the inputs' dtype;
     a gradient whose ``compute_*`` flag is False (``compute_db`` defaults to ``bias is not None``) is None. Ignored rows
@@ -419,6 +436,12 @@ def linear_logprobs_bwd(grad_logp: Optional[torch.Tensor], grad_target: Optional
     if grad_logp is None:
         if grad_target is None:
             grad_target = torch.zeros((N,), dtype=torch.float32, device=dev)
+        elif softcap or scale != 1.0:  # ∂z'_y/∂z_y per row, O(N)
+            grad_target = grad_target.to(torch.float32) * scale
+            if softcap:
+                if target is None:
+                    raise ValueError("linear_logprobs_bwd: softcap needs the forward's target logits (target=)")
+                grad_target = grad_target * (1.0 - (target.to(torch.float32) / softcap) ** 2)
         # dz = t · 1[v = y]: the target-logit gather backward, O(N·D), no vocabulary sweep.
         return _tgt.target_logits_bwd(grad_target, h, W, labels, bias, ignore_index, compute_dh=compute_dh,
                                       compute_dw=compute_dw, compute_db=compute_db,
@@ -438,8 +461,9 @@ def linear_logprobs_bwd(grad_logp: Optional[torch.Tensor], grad_target: Optional
         args = (h, W, bias if bias is not None else h, labels, order, n_valid, lse, grad_logp,
                 grad_target if grad_target is not None else grad_logp,
                 dh if dh is not None else lse, dw if dw is not None else lse, db if db is not None else lse,
-                N, V, D)
-        meta = dict(HAS_BIAS=bias is not None, HAS_T=grad_target is not None, IEEE=h.dtype == torch.float32,
+                N, V, D, float(scale), float(softcap) if softcap else 1.0)
+        meta = dict(HAS_BIAS=bias is not None, SOFTCAP=bool(softcap), HAS_T=grad_target is not None,
+                    IEEE=h.dtype == torch.float32,
                     COMPUTE_DH=compute_dh, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
                     BLOCK_N=bw.block_n, BLOCK_V=bw.block_v, GROUP_N=cfg.group_n)
         if _autotuning():
@@ -455,27 +479,33 @@ def linear_logprobs_bwd(grad_logp: Optional[torch.Tensor], grad_target: Optional
 
 
 class LinearLogprobsTriton(torch.autograd.Function):
-    """``LinearLogprobsTriton.apply(h, W, labels, bias, ignore_index) -> (logp [N] fp32, target_logit [N] fp32)``.
+    """``LinearLogprobsTriton.apply(h, W, labels, bias, ignore_index, config=None, scale=1.0, softcap=0.0)
+    -> (logp [N] fp32, target_logit [N] fp32)`` of the transformed logits (see :func:`linear_logprobs_fwd`).
 
-    Saves lse ([N] fp32) for the backward; gradients flow to h, W and bias (None where not required). Either output's
-    gradient may be absent.
+    Saves lse and the target logits ([N] fp32 each) for the backward; gradients flow to h, W and bias (None where not
+    required). Either output's gradient may be absent.
     """
 
     @staticmethod
-    def forward(ctx, h, W, labels, bias=None, ignore_index=-100, config=None):
-        logp, tgt, lse = linear_logprobs_fwd(h, W, labels, bias, ignore_index, config=config)
-        ctx.save_for_backward(h, W, labels, bias, lse)
+    def forward(ctx, h, W, labels, bias=None, ignore_index=-100, config=None, scale=1.0, softcap=0.0):
+        scale, softcap = float(scale), float(softcap or 0.0)
+        logp, tgt, lse = linear_logprobs_fwd(h, W, labels, bias, ignore_index, config=config, scale=scale,
+                                             softcap=softcap)
+        ctx.save_for_backward(h, W, labels, bias, lse, tgt)
         ctx.ignore_index = ignore_index
         ctx.config = config
+        ctx.scale, ctx.softcap = scale, softcap
         ctx.set_materialize_grads(False)  # a None gradient means: skip that term (and the vocab sweep if logp's)
         return logp, tgt
 
     @staticmethod
     def backward(ctx, grad_logp, grad_target):
-        h, W, labels, bias, lse = ctx.saved_tensors
+        h, W, labels, bias, lse, tgt = ctx.saved_tensors
         need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
+        nones = (None,) * 4  # ignore_index, config, scale, softcap
         if (grad_logp is None and grad_target is None) or not (need_h or need_w or need_b):
-            return None, None, None, None, None, None
+            return (None,) * 4 + nones
         dh, dw, db = linear_logprobs_bwd(grad_logp, grad_target, h, W, labels, bias, lse, ctx.ignore_index,
-                                         compute_dh=need_h, compute_dw=need_w, compute_db=need_b, config=ctx.config)
-        return dh, dw, None, db, None, None
+                                         compute_dh=need_h, compute_dw=need_w, compute_db=need_b, config=ctx.config,
+                                         scale=ctx.scale, softcap=ctx.softcap, target=tgt)
+        return (dh, dw, None, db) + nones
