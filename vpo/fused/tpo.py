@@ -67,6 +67,10 @@ def fused_tpo_loss(
     impl: str = "auto",
     loss_type="sigmoid",
     loss_weights=None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    bco_delta: Optional[torch.Tensor] = None,
     label_smoothing: float = 0.0,
     chunking: Optional[_engine.Chunking] = None,
 ) -> Tuple[torch.Tensor, TPOOutput]:
@@ -134,7 +138,8 @@ def fused_tpo_loss(
                                    noised=ref_hidden_noised.detach()).tok
             ref = (rt["logp"] + _log_c(rt["s"], mask, B, a=a, rewards=rewards)).sum(1)  # [2B]
     kw = dict(beta=beta, label_smoothing=label_smoothing, loss_type=loss_type, loss_weights=loss_weights,
-              mean_chosen_tokens=ntok[:B].to(acc).mean())
+              mean_chosen_tokens=ntok[:B].to(acc).mean(), n_pairs=B, f_divergence_type=f_divergence_type,
+              f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, bco_delta=bco_delta)
 
     def pair_loss(tok, rows, P):
         """The chunk's share of the mean loss (pairs ``rows[:P]`` / ``rows[P:]``)."""

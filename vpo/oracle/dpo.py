@@ -127,6 +127,33 @@ def merge_metrics(*parts: Metrics) -> Metrics:
     return out
 
 
+def trl_token_metrics(logits: torch.Tensor, labels: torch.Tensor, n_pairs: int, *, ignore_index: int = -100) -> Metrics:
+    """TRL's token metrics from materialized logits ``[2B, T, V]`` (chosen rows first) and ``labels [2B, T]``:
+
+    - ``logits/chosen``, ``logits/rejected``: the mean over the vocabulary of each scored position's logits, averaged
+      over the scored tokens of the chosen (rejected) rows;
+    - ``mean_token_accuracy``: the fraction of the chosen rows' scored tokens whose target is the argmax (TRL 1.16
+      counts the chosen rows only);
+    - ``entropy``: the next-token entropy averaged over all scored tokens, chosen and rejected pooled.
+    """
+    with torch.no_grad():
+        mask = labels != ignore_index
+        mean_logit = logits.float().mean(-1) if logits.dtype in (torch.float16, torch.bfloat16) else logits.mean(-1)
+        logp = torch.log_softmax(logits.to(mean_logit.dtype), -1)
+        entropy = -(logp.exp() * logp).sum(-1)  # [2B, T]
+        safe = torch.where(mask, labels, torch.zeros_like(labels))
+        top1 = logits.argmax(-1) == safe
+        B = n_pairs
+        m = mask.to(mean_logit.dtype)
+
+        def avg(x, rows):
+            return (x[rows] * m[rows]).sum() / m[rows].sum().clamp_min(1)
+
+        c, r = slice(0, B), slice(B, 2 * B)
+        return {"logits/chosen": avg(mean_logit, c), "logits/rejected": avg(mean_logit, r),
+                "mean_token_accuracy": avg(top1.to(m.dtype), c), "entropy": avg(entropy, slice(None))}
+
+
 def dpo_loss(
     weight: torch.Tensor,
     hidden: torch.Tensor,
@@ -139,8 +166,14 @@ def dpo_loss(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
+    loss_type="sigmoid",
+    loss_weights=None,
+    use_weighting: bool = False,
+    ld_alpha: Optional[float] = None,
+    trl_metrics: bool = False,
+    **options,
 ) -> Tuple[torch.Tensor, Metrics]:
-    """DPO from last hidden states, materializing the logits (the oracle for the fused DPO loss).
+    """DPO and TRL's DPO variants from last hidden states, materializing the logits (the oracle for the fused DPO loss).
 
     Args:
         weight: ``[V, D]`` policy LM-head weight; ``bias``: optional ``[V]``.
@@ -150,9 +183,17 @@ def dpo_loss(
         ref_weight, ref_bias: the reference's head; None: the policy's ``weight``/``bias`` (a shared frozen head).
         beta, label_smoothing: as in :func:`vpo.losses.dpo_loss`.
         ignore_index: label of positions without a target (-100).
+        loss_type, loss_weights: TRL's loss types (:func:`vpo.losses.preference_pair_losses`).
+        use_weighting: WPO's pair weights (:func:`vpo.losses.wpo_weights`, ``log Σ p²`` from the full logits).
+        ld_alpha: LD-DPO's α (:func:`vpo.losses.ld_dpo_logps`), for the policy and the reference; None: plain sums.
+        trl_metrics: add :func:`trl_token_metrics` (``logits/chosen``, ``logits/rejected``, ``mean_token_accuracy``,
+            ``entropy``) to the metrics.
+        options: ``f_divergence_type``, ``f_alpha_divergence_coef``, ``discopop_tau``, ``bco_delta`` of
+            :func:`vpo.losses.preference_pair_losses`.
 
     Returns:
-        ``(loss, metrics)`` of :func:`vpo.losses.dpo_loss`. Gradients reach ``hidden``, ``weight`` and ``bias`` only.
+        ``(loss, metrics)``: :func:`vpo.losses.preference_metrics` (plus :func:`trl_token_metrics`). Gradients reach
+        ``hidden``, ``weight`` and ``bias`` only.
 
     Example:
         >>> import torch
@@ -166,14 +207,34 @@ def dpo_loss(
     head = heads(weight, bias, ref_weight, ref_bias)
     n_pairs = check_even_batch("hidden", check_float("hidden", hidden, ndim=3))
     check_reference_passes([("ref_hidden", ref_hidden)], ref_weight, ref_bias)
-    logps, ref_logps = pass_logps(
-        "hidden", hidden, "labels", labels, "ref_hidden", ref_hidden, head, ignore_index=ignore_index
-    )  # [2B], [2B]
-    return losses.dpo_loss(
-        logps[:n_pairs],
-        logps[n_pairs:],
-        ref_logps[:n_pairs],
-        ref_logps[n_pairs:],
-        beta=beta,
-        label_smoothing=label_smoothing,
-    )
+    check_pass("hidden", hidden, "labels", labels, "weight", head.weight, ignore_index=ignore_index, ndim=3)
+    if ref_hidden is not None:
+        check_pass("ref_hidden", ref_hidden, "labels", labels, head.ref_weight_name, head.ref_weight,
+                   ignore_index=ignore_index, ndim=3)
+    mask = labels != ignore_index
+    logits = hidden @ head.weight.T + (0 if head.bias is None else head.bias)  # [2B, T, D] @ [D, V] -> [2B, T, V]
+    logp, _, _ = token_logprobs(hidden, head.weight, labels, head.bias, ignore_index=ignore_index)  # [2B, T]
+    logps = losses.ld_dpo_logps(logp, mask, ld_alpha)  # [2B]
+    if ref_hidden is None:
+        ref_logps = torch.zeros_like(logps)
+    else:
+        with torch.no_grad():
+            ref_logp, _, _ = token_logprobs(ref_hidden, head.ref_weight, labels, head.ref_bias,
+                                            ignore_index=ignore_index)
+            ref_logps = losses.ld_dpo_logps(ref_logp, mask, ld_alpha)
+    B = n_pairs
+    n = mask.sum(-1)
+    pair_weights = None
+    if use_weighting:
+        w = losses.wpo_weights(logp, losses.log_sum_p2_from_logits(logits), mask)  # [2B]
+        pair_weights = w[:B] * w[B:]
+    per = losses.preference_pair_losses(
+        logps[:B], logps[B:], ref_logps[:B], ref_logps[B:], beta=beta, label_smoothing=label_smoothing,
+        loss_type=loss_type, loss_weights=loss_weights, chosen_tokens=n[:B], rejected_tokens=n[B:],
+        chosen_nll=-logp[:B].sum(-1), pair_weights=pair_weights, n_pairs=B, **options,
+    )  # fmt: skip
+    metrics = losses.preference_metrics(beta * (logps[:B] - ref_logps[:B]), beta * (logps[B:] - ref_logps[B:]),
+                                        logps[:B], logps[B:])
+    if trl_metrics:
+        metrics.update(trl_token_metrics(logits, labels, B, ignore_index=ignore_index))
+    return per.mean(), metrics
