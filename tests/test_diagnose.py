@@ -132,3 +132,19 @@ def test_diagnose_command_quick_run(tmp_path):
     lp = {r["signal"]: r["value"] for r in data["rows"] if r["method"] == "lpoi"}
     assert lp["visibility_rate"] == 1.0  # LPOI's construction hides more of the object at every step
     assert (out / "diagnose.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_settings_of_the_free_parameters_reach_the_method_configs(tmp_path):
+    """What `vpo diagnose` tunes (DemoSettings: TPO's k and a, Cat-PO's layers and α) reaches VPOConfig."""
+    import dataclasses
+
+    from vpo.demo import PRESETS
+    from vpo.demo_methods import _config
+
+    s = dataclasses.replace(PRESETS["full"], tpo_noise_step=321, tpo_a=0.25, catpo_layers="1,2", catpo_alpha=0.75)
+    tpo = _config("tpo", str(tmp_path), s, 0, "torch")
+    assert (tpo.noise_step, tpo.tpo_a) == (321, 0.25)
+    cat = _config("catpo", str(tmp_path), s, 0, "torch")
+    assert (cat.catpo_layer_list(), cat.catpo_alpha) == ([1, 2], 0.75)
+    dpo = _config("dpo", str(tmp_path), s, 0, "torch")
+    assert (dpo.noise_step, dpo.tpo_a, dpo.catpo_layers, dpo.catpo_alpha) == (500, 0.5, None, 0.5)  # untouched

@@ -94,6 +94,15 @@ class DemoSettings:
     # from 1.8 to 5.8, c runs to its bounds (chosen 1.46 of 1.5, rejected 0.60 of 0.5), the rejected captions'
     # log-prob falls less than DPO's (-9.0 -> -11.8 vs -12.3), and CHAIR_i moves by -0.5 SE. Detached: -2.6 SE.
     tpo_reward_grad: bool = False
+    # What each paper leaves free, chosen with `vpo diagnose` on validation pairs (benchmarks/results/diagnose-cpu.md):
+    # TPO's noise step k and offset a (vpo.trainer.VPOConfig noise_step, tpo_a), Cat-PO's layers and α (catpo_layers
+    # as in VPOConfig: None = all; catpo_alpha), CSR's λ and the shapes-world scorer's metric (vpo.construct.csr).
+    tpo_noise_step: int = 500
+    tpo_a: float = 0.5
+    catpo_layers: Optional[str] = None
+    catpo_alpha: float = 0.5
+    csr_lam: float = 0.9
+    csr_metric: str = "precision"
 
     def prior(self):
         from vpo.worlds.shapes import DEFAULT_PRIOR_PAIRS, CooccurrencePrior

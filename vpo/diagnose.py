@@ -328,35 +328,42 @@ def response_logps(model, processor, records: Sequence[Mapping], *, batch_size: 
 def csr_ranking(model, processor, records: Sequence[Mapping], *, lams: Sequence[float] = (0.9,), scorer=None,
                 batch_size: int = 16) -> Dict[str, Any]:
     """CSR's calibrated reward on each pair with a hallucination (module docstring): per ``λ`` in ``lams`` the rate
-    of R(chosen) > R(rejected); also ``R_T`` alone (λ = 0) and ``R_I`` alone (λ = 1). ``scorer``: an image-text
+    of R(chosen) > R(rejected); also ``R_T`` alone (λ = 0) and ``R_I`` alone (λ = 1), and per ``λ`` the rate on the
+    omission pairs (``omission_rates``, over ``n_omission``). ``scorer``: an image-text
     scorer ``(image, texts, record=) -> [R_I]`` (default: the shapes world's exact one)."""
     from PIL import Image
 
     from vpo.construct.csr_scorers import make_scorer
     from vpo.construct.csr_search import calibrated_reward
 
+    import math
+
     recs = [r for r in records if _spans(r)]
     if not recs:
         raise ValueError("records has no pair with hallucination spans: CSR's ranking needs grounded vs hallucinated")
+    # Pairs whose rejected response only leaves something out (the shapes world's "omission"): complete vs shorter.
+    omit = [r for r in records if not _spans(r) and (r.get("hallucination") or {}).get("kind") == "omission"]
     scorer = scorer or make_scorer("shapes")
-    import math
-
-    lps = response_logps(model, processor, recs, batch_size=batch_size)
+    lps = response_logps(model, processor, recs + omit, batch_size=batch_size)
     r_t, r_i = [], []
-    for rec, lp in zip(recs, lps):
+    for rec, lp in zip(recs + omit, lps):
         with Image.open(rec["image"]) as im:
             r_i.append(scorer(im.convert("RGB"), [rec["chosen"], rec["rejected"]], record=rec))
         r_t.append([math.exp(v) for v in lp])
 
-    def rate(lam):
+    def rate(lam, lo, hi):
+        if hi <= lo:
+            return float("nan")
         wins = 0.0
-        for (ti_c, ti_r), (tt_c, tt_r) in zip(r_i, r_t):
+        for (ti_c, ti_r), (tt_c, tt_r) in zip(r_i[lo:hi], r_t[lo:hi]):
             c, r = calibrated_reward(ti_c, tt_c, lam), calibrated_reward(ti_r, tt_r, lam)
             wins += 1.0 if c > r else 0.5 if c == r else 0.0
-        return wins / len(r_i)
+        return wins / (hi - lo)
 
-    return {"n": len(recs), "rates": {f"{lam:g}": rate(lam) for lam in lams}, "R_T_only": rate(0.0),
-            "R_I_only": rate(1.0)}
+    n, m = len(recs), len(recs) + len(omit)
+    return {"n": n, "rates": {f"{lam:g}": rate(lam, 0, n) for lam in lams}, "R_T_only": rate(0.0, 0, n),
+            "R_I_only": rate(1.0, 0, n), "n_omission": len(omit),
+            "omission_rates": {f"{lam:g}": rate(lam, n, m) for lam in lams}}
 
 
 def lpoi_order(model, processor, lists: Sequence[Mapping], *, batch_size: int = 16) -> Dict[str, Any]:

@@ -2,7 +2,7 @@
 
     vpo diagnose --model DIR --data PAIRS.jsonl|DIR [--create N] [--methods tpo,catpo,csr,lpoi,ovip] [--limit N]
                  [--noise-steps 250,500] [--tpo-a 0,0.5] [--catpo-layers "all;0;2"] [--catpo-alpha 0.5]
-                 [--csr-lams 0.1,0.9] [--lpoi-lists FILE] [--out DIR] [--seed S] [--threads T]
+                 [--csr-lams 0.1,0.9] [--csr-metrics precision,f1] [--lpoi-lists FILE] [--out DIR] [--seed S] [--threads T]
 
 ``--data``: preference records whose rejected response marks its hallucinated words (the shapes world's
 ``hallucination.spans``; a record without them, such as an RLHF-V pair, is diffed against its chosen correction:
@@ -37,6 +37,8 @@ def add_arguments(p) -> None:
                    help="Cat-PO: layer sets to try, ';'-separated, each 'all' or comma-separated ints")
     p.add_argument("--catpo-alpha", default="0.5", help="Cat-PO: α values to try (comma-separated)")
     p.add_argument("--csr-lams", default="0.9", help="CSR: λ values to try (comma-separated, in [0, 1])")
+    p.add_argument("--csr-metrics", default="precision",
+                   help="CSR on the shapes world: the scorer's metrics to try (precision, f1; comma-separated)")
     p.add_argument("--lpoi-lists", default=None,
                    help="LPOI lists (vpo lpoi-lists output JSONL); default: built from --data into --out/lpoi")
     p.add_argument("--out", default="vpo-diagnose", help="output folder (diagnose.json, diagnose.png)")
@@ -87,7 +89,14 @@ def parse_settings(args) -> Dict[str, Any]:
     return {"methods": methods, "noise_steps": [int(v) for v in steps], "tpo_a": _floats("tpo-a", args.tpo_a, 0),
             "catpo_layers": _layer_sets(args.catpo_layers), "catpo_alpha": _floats("catpo-alpha", args.catpo_alpha,
                                                                                     0, 1),
-            "csr_lams": _floats("csr-lams", args.csr_lams, 0, 1)}
+            "csr_lams": _floats("csr-lams", args.csr_lams, 0, 1), "csr_metrics": _metrics(args.csr_metrics)}
+
+
+def _metrics(text: str) -> List[str]:
+    vals = [v.strip() for v in text.split(",") if v.strip()]
+    if not vals or any(v not in ("precision", "f1") for v in vals):
+        raise ValueError(f"--csr-metrics must be comma-separated, from precision, f1, got {text!r}")
+    return vals
 
 
 def create_pairs(folder: str, n: int, seed: int = 0) -> str:
@@ -145,13 +154,21 @@ def run(model, processor, records, settings: Dict[str, Any], *, out: str, seed: 
         res["seconds"]["catpo"] = time.perf_counter() - t
     if "csr" in m:
         t = time.perf_counter()
-        csr = dg.csr_ranking(model, processor, records, lams=settings["csr_lams"], batch_size=batch_size)
-        for lam, rate in csr["rates"].items():
-            rows.append({"method": "csr", "setting": f"lambda={lam}", "signal": "R(chosen) > R(rejected)",
-                         "kind": "rate", "value": rate, "n": csr["n"]})
-        for key, label in (("R_T_only", "R_T only"), ("R_I_only", "R_I only")):
-            rows.append({"method": "csr", "setting": label, "signal": "R(chosen) > R(rejected)", "kind": "rate",
-                         "value": csr[key], "n": csr["n"]})
+        from vpo.construct.csr_scorers import ShapesWorldScorer
+
+        for metric in settings["csr_metrics"]:
+            csr = dg.csr_ranking(model, processor, records, lams=settings["csr_lams"], batch_size=batch_size,
+                                 scorer=ShapesWorldScorer(metric))
+            for lam, rate in csr["rates"].items():
+                rows.append({"method": "csr", "setting": f"{metric}, lambda={lam}", "signal": "R(chosen) > R(rej.)",
+                             "kind": "rate", "value": rate, "n": csr["n"]})
+                if csr["n_omission"]:
+                    rows.append({"method": "csr", "setting": f"{metric}, lambda={lam}",
+                                 "signal": "omission: R(full) > R(rej.)", "kind": "rate",
+                                 "value": csr["omission_rates"][lam], "n": csr["n_omission"]})
+            for key, label in (("R_T_only", "R_T only"), ("R_I_only", f"{metric}, R_I only")):
+                rows.append({"method": "csr", "setting": label, "signal": "R(chosen) > R(rej.)", "kind": "rate",
+                             "value": csr[key], "n": csr["n"]})
         res["seconds"]["csr"] = time.perf_counter() - t
     if "lpoi" in m:
         t = time.perf_counter()
@@ -201,13 +218,13 @@ def _build_lpoi(records, folder: str) -> str:
 
 def format_table(rows) -> str:
     """The diagnostics as aligned text: method, setting, signal, grounded / hallucinated means, AUROC or rate."""
-    head = f"{'method':<7}{'setting':<24}{'signal':<24}{'grounded':>10}{'halluc.':>10}{'AUROC/rate':>12}{'n':>12}"
+    head = f"{'method':<7}{'setting':<26}{'signal':<28}{'grounded':>10}{'halluc.':>10}{'AUROC/rate':>12}{'n':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
         g = f"{r['grounded_mean']:.3f}" if "grounded_mean" in r else ""
         h = f"{r['hallucinated_mean']:.3f}" if "hallucinated_mean" in r else ""
         extra = f"  log c gap {r['log_c_gap']:+.3f}" if "log_c_gap" in r else ""
-        lines.append(f"{r['method']:<7}{r['setting']:<24}{r['signal']:<24}{g:>10}{h:>10}{r['value']:>12.3f}"
+        lines.append(f"{r['method']:<7}{r['setting']:<26}{r['signal']:<28}{g:>10}{h:>10}{r['value']:>12.3f}"
                      f"{str(r['n']):>12}{extra}")
     return "\n".join(lines)
 
