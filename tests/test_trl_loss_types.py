@@ -196,5 +196,5 @@ def test_num_tokens_is_trls_running_total_of_attended_tokens():
 
     _, _, mt, fake = trl_loss("sigmoid")
     ids, completion, attention, *_ = _batch()
-    assert mt["num_tokens"] == int(attention.sum()) == count_tokens({"attention_mask": attention})
+    assert mt["num_tokens"] == int(attention.sum()) == int(count_tokens({"input_ids": ids, "attention_mask": attention}))
     assert math.isfinite(mt["entropy"])
