@@ -148,3 +148,14 @@ def test_demo_settings_of_the_free_parameters_reach_the_method_configs(tmp_path)
     assert (cat.catpo_layer_list(), cat.catpo_alpha) == ([1, 2], 0.75)
     dpo = _config("dpo", str(tmp_path), s, 0, "torch")
     assert (dpo.noise_step, dpo.tpo_a, dpo.catpo_layers, dpo.catpo_alpha) == (500, 0.5, None, 0.5)  # untouched
+
+
+def test_png_with_any_subset_of_methods(tmp_path):
+    from vpo.diagnose_cli import diagnose_png, format_table
+
+    rows = [{"method": "csr", "setting": "lambda=0.9", "signal": "R(chosen) > R(rej.)", "kind": "rate",
+             "value": 0.75, "n": 4}]
+    for dists in ({}, {"catpo": {"setting": "layers=all", "T": {"grounded": [0.1, 0.2], "hallucinated": [0.0]}}}):
+        path = diagnose_png(rows, dists, str(tmp_path / f"d{len(dists)}.png"))
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "0.750" in format_table(rows)

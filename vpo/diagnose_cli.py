@@ -234,11 +234,12 @@ def diagnose_png(rows, dists, path: str) -> str:
     from vpo.visualize import _makedirs_for, _pyplot
 
     plt = _pyplot()
-    panels = [(k, v) for k, v in (("TPO s ({})".format(f"k={dists['tpo']['k']}"), dists.get("tpo", {}).get("s")),
-                                  ("TPO c, rejected (k={}, a={:g})".format(dists["tpo"]["k"], dists["tpo"]["a"])
-                                   if "tpo" in dists else "", dists.get("tpo", {}).get("c")),
-                                  ("Cat-PO T ({})".format(dists["catpo"]["setting"]) if "catpo" in dists else "",
-                                   dists.get("catpo", {}).get("T"))) if v]
+    panels = []
+    if "tpo" in dists:
+        t = dists["tpo"]
+        panels += [(f"TPO s (k={t['k']})", t["s"]), (f"TPO c, rejected (k={t['k']}, a={t['a']:g})", t["c"])]
+    if "catpo" in dists:
+        panels.append((f"Cat-PO T ({dists['catpo']['setting']})", dists["catpo"]["T"]))
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 3.6), dpi=110, squeeze=False)
     for ax, (title, d) in zip(axes[0], panels):
         for cls, col in (("grounded", "#2166ac"), ("hallucinated", "#b2182b")):
