@@ -159,3 +159,19 @@ def test_png_with_any_subset_of_methods(tmp_path):
         path = diagnose_png(rows, dists, str(tmp_path / f"d{len(dists)}.png"))
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert "0.750" in format_table(rows)
+
+
+def test_csr_search_pairs_against_the_truth():
+    from vpo.diagnose import csr_pairs
+
+    objs = [{"shape": "circle", "color": "red", "size": "large", "position": "center", "bbox": [0, 0, 4, 4]},
+            {"shape": "square", "color": "blue", "size": "large", "position": "top left", "bbox": [5, 5, 9, 9]}]
+    rows = [{"objects": objs, "chosen": "a red circle and a blue square.", "rejected": "a red circle and a cross."},
+            {"objects": objs, "chosen": "a red circle.", "rejected": "a red circle and a blue square."},  # says less
+            {"objects": objs, "chosen": "a red circle and a cross.", "rejected": "a blue square."}]
+    out = csr_pairs(rows)
+    assert out["n"] == 3
+    assert (out["fewer"], out["equal"], out["more"]) == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+    assert (out["covers_more"], out["covers_fewer"]) == pytest.approx((1 / 3, 1 / 3))
+    with pytest.raises(ValueError, match="no row with 'objects'"):
+        csr_pairs([{"chosen": "a", "rejected": "b"}])

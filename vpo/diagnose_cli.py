@@ -2,7 +2,8 @@
 
     vpo diagnose --model DIR --data PAIRS.jsonl|DIR [--create N] [--methods tpo,catpo,csr,lpoi,ovip] [--limit N]
                  [--noise-steps 250,500] [--tpo-a 0,0.5] [--catpo-layers "all;0;2"] [--catpo-alpha 0.5]
-                 [--csr-lams 0.1,0.9] [--csr-metrics precision,f1] [--lpoi-lists FILE] [--out DIR] [--seed S] [--threads T]
+                 [--csr-lams 0.1,0.9] [--csr-metrics precision,f1] [--csr-pairs F]
+                 [--lpoi-lists FILE] [--out DIR] [--seed S] [--threads T]
 
 ``--data``: preference records whose rejected response marks its hallucinated words (the shapes world's
 ``hallucination.spans``; a record without them, such as an RLHF-V pair, is diffed against its chosen correction:
@@ -39,6 +40,9 @@ def add_arguments(p) -> None:
     p.add_argument("--csr-lams", default="0.9", help="CSR: λ values to try (comma-separated, in [0, 1])")
     p.add_argument("--csr-metrics", default="precision",
                    help="CSR on the shapes world: the scorer's metrics to try (precision, f1; comma-separated)")
+    p.add_argument("--csr-pairs", default=None,
+                   help="CSR: datasets its search built (vpo csr train.jsonl, comma-separated): chosen vs rejected "
+                        "against the shapes world's truth")
     p.add_argument("--lpoi-lists", default=None,
                    help="LPOI lists (vpo lpoi-lists output JSONL); default: built from --data into --out/lpoi")
     p.add_argument("--out", default="vpo-diagnose", help="output folder (diagnose.json, diagnose.png)")
@@ -89,7 +93,8 @@ def parse_settings(args) -> Dict[str, Any]:
     return {"methods": methods, "noise_steps": [int(v) for v in steps], "tpo_a": _floats("tpo-a", args.tpo_a, 0),
             "catpo_layers": _layer_sets(args.catpo_layers), "catpo_alpha": _floats("catpo-alpha", args.catpo_alpha,
                                                                                     0, 1),
-            "csr_lams": _floats("csr-lams", args.csr_lams, 0, 1), "csr_metrics": _metrics(args.csr_metrics)}
+            "csr_lams": _floats("csr-lams", args.csr_lams, 0, 1), "csr_metrics": _metrics(args.csr_metrics),
+            "csr_pairs": [p for p in (args.csr_pairs or "").split(",") if p.strip()]}
 
 
 def _metrics(text: str) -> List[str]:
@@ -169,6 +174,11 @@ def run(model, processor, records, settings: Dict[str, Any], *, out: str, seed: 
             for key, label in (("R_T_only", "R_T only"), ("R_I_only", f"{metric}, R_I only")):
                 rows.append({"method": "csr", "setting": label, "signal": "R(chosen) > R(rej.)", "kind": "rate",
                              "value": csr[key], "n": csr["n"]})
+        for path in settings.get("csr_pairs") or []:
+            cp = dg.csr_pairs(dg.read_pairs(path))
+            for key in ("fewer", "equal", "more", "covers_more", "covers_fewer"):
+                rows.append({"method": "csr", "setting": f"search pairs {os.path.basename(os.path.dirname(path))}",
+                             "signal": f"chosen: {key}", "kind": "rate", "value": cp[key], "n": cp["n"]})
         res["seconds"]["csr"] = time.perf_counter() - t
     if "lpoi" in m:
         t = time.perf_counter()
