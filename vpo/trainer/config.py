@@ -208,6 +208,7 @@ class VPOConfig(TrainingArguments):
                     or self.online_buffer_size < 1:
                 raise ValueError(f"online_buffer_size must be an int >= 1, got {self.online_buffer_size!r}")
             self.per_device_train_batch_size = self.online_buffer_size  # one buffer take = one training batch
+        self._check_training_numbers()
         super().__post_init__()
         _choice("method", self.method, METHODS)
         if self.online:
@@ -262,6 +263,22 @@ class VPOConfig(TrainingArguments):
                 raise ValueError(f"ref_mode='precomputed' with method='catpo' needs kl_coef=0 (the KL term needs the "
                                  f"reference's full distribution at every step), got kl_coef={self.kl_coef}")
         self.catpo_layer_list()  # validate early
+
+    def _check_training_numbers(self) -> None:
+        """Training settings that would run nothing or train backwards (ValueError naming the option), checked
+        before anything loads."""
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be > 0 (or -1: num_train_epochs decides), got {self.max_steps}")
+        if self.max_steps == -1 and not self.num_train_epochs > 0:
+            raise ValueError(f"num_train_epochs must be > 0 when max_steps is -1, got {self.num_train_epochs}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
 
     def _check_online(self) -> None:
         if self.method != "ovip":
