@@ -400,3 +400,24 @@ def test_demo_runs_tpo_with_the_settings_reward_grad(tmp_path):
     paper = dataclasses.replace(full, tpo_reward_grad=True)
     assert _config("tpo", str(tmp_path), paper, 0, "torch").reward_grad is True
     assert _config("dpo", str(tmp_path), full, 0, "torch").reward_grad is True  # the VPOConfig default, untouched
+
+
+def test_summary_holds_per_image_counts_and_paired_changes(quick):
+    """summary.json: each model's per-image counts, and each method's change against SFT (and TPO's against DPO)
+    with the paired standard error recomputed from those counts (vpo.eval.paired)."""
+    from vpo.eval.paired import paired_change
+
+    s = quick["summary"]
+    per = s["per_image"]
+    n = s["settings"]["eval_images"]
+    for name in ["sft"] + list(s["methods"]):
+        assert len(per[name]["mentions"]) == n
+        row = s["before"] if name == "sft" else s["methods"][name]["after"]
+        assert sum(per[name]["mentions"]) == row["mentions"]
+        assert sum(per[name]["hallucinated"]) / sum(per[name]["mentions"]) == pytest.approx(row["CHAIR_i"])
+    tpo = s["paired"]["tpo"]
+    assert tpo["vs_sft"]["CHAIR_i"]["diff"] == pytest.approx(s["methods"]["tpo"]["after"]["CHAIR_i"]
+                                                             - s["before"]["CHAIR_i"])
+    assert tpo["vs_dpo"]["CHAIR_i"] == pytest.approx(paired_change(per["tpo"], per["dpo"], "CHAIR_i"))
+    assert tpo["vs_sft"]["CHAIR_i"]["se"] > 0 and "vs_dpo" not in s["paired"]["dpo"]
+    assert "paired on the same images" in quick["stdout"]

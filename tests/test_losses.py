@@ -430,7 +430,8 @@ def test_docstring_examples():
 
 # --- DPO loss types (TRL's names) on per-sequence terms ----------------------------------------------------------------
 
-from vpo.losses import LOSS_TYPES, preference_loss, preference_pair_losses  # noqa: E402
+from vpo.losses import (LOSS_TYPES, SMOOTHED_LOSS_TYPES, f_divergence_scores, ld_dpo_logps,  # noqa: E402
+                        preference_loss, preference_pair_losses, wpo_weights)
 
 
 def _sig(x: float) -> float:
@@ -447,12 +448,23 @@ _HAND = {
     "apo_zero": (1 - _sig(0.25)) + _sig(-0.25),
     "sigmoid_norm": nls(0.5 * 0.375),
     "sft": 1.0 / 2,  # NLL 1 over 2 chosen tokens
+    # q = σ(βd) = σ(0.5) against the smoothed label (1 - ε, ε)
+    "exo_pair": _sig(0.5) * math.log(_sig(0.5) / 0.8) + _sig(-0.5) * math.log(_sig(-0.5) / 0.2),
+    "nca_pair": nls(0.25) + 0.5 * nls(-0.25) + 0.5 * nls(0.25),
+    "bco_pair": nls(0.25) + nls(0.25),
+    "sppo_hard": (0.5 - 1.0) ** 2 + (-0.5 + 1.0) ** 2,
+    # one pair: the sorted differences are the pair's own, 1 - 0 (aot) and 0.5 - (-0.5) (aot_unpaired)
+    "aot": 0.8 * nls(0.5) + 0.2 * nls(-0.5),
+    "aot_unpaired": 0.8 * nls(0.5) + 0.2 * nls(-0.5),
+    "apo_down": _sig(0.25) + (1 - _sig(0.5)),
+    # x = 0.5, m = σ(x / 0.05) = σ(10)
+    "discopop": nls(0.5) * (1 - _sig(10.0)) + math.exp(-0.5) * _sig(10.0),
 }
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_loss_types_hand_worked(loss_type):
-    kw = dict(beta=0.5, label_smoothing=0.2 if loss_type in ("sigmoid", "robust") else 0.0, loss_type=loss_type,
+    kw = dict(beta=0.5, label_smoothing=0.2 if loss_type in SMOOTHED_LOSS_TYPES else 0.0, loss_type=loss_type,
               chosen_tokens=t(2), rejected_tokens=t(4))
     loss, m = preference_loss(t(-1.0), t(-2.0), t(-1.5), t(-1.5), **kw)
     close(loss, _HAND[loss_type])
@@ -494,7 +506,7 @@ def test_loss_types_gradcheck(loss_type):
 def test_loss_types_bad_arguments():
     args = (t(-1.0), t(-2.0), t(-1.5), t(-1.5))
     with pytest.raises(ValueError, match=r"loss_type must be one of \['sigmoid', 'robust', 'hinge', 'ipo', "
-                                         r"'apo_zero', 'sigmoid_norm', 'sft'\], got 'kto'"):
+                                         r"'apo_zero', 'sigmoid_norm', 'sft', 'exo_pair', .*'discopop'\], got 'kto'"):
         preference_pair_losses(*args, loss_type="kto")
     with pytest.raises(ValueError, match="loss_type must be a str or a non-empty list"):
         preference_pair_losses(*args, loss_type=[])
@@ -504,3 +516,64 @@ def test_loss_types_bad_arguments():
         preference_pair_losses(*args, loss_type=["sigmoid"], loss_weights=[float("nan")])
     with pytest.raises(ValueError, match=r"needs chosen_tokens and rejected_tokens"):
         preference_pair_losses(*args, loss_type="ipo")
+
+
+def test_trl_loss_options_bad_arguments():
+    args = (t(-1.0, 0.0), t(-2.0, 1.0), t(-1.5, 0.0), t(-1.5, 0.0))
+    with pytest.raises(ValueError, match=r"'exo_pair' needs label_smoothing > 0"):
+        preference_pair_losses(*args, loss_type="exo_pair")
+    with pytest.raises(ValueError, match=r"discopop_tau must be > 0, got 0"):
+        preference_pair_losses(*args, loss_type="discopop", discopop_tau=0.0)
+    with pytest.raises(ValueError, match=r"f_divergence_type='forward_kl' applies only to .* \['nca_pair'\]"):
+        preference_pair_losses(*args, loss_type=["sigmoid", "nca_pair"], f_divergence_type="forward_kl")
+    with pytest.raises(ValueError, match=r"f_divergence_type must be one of \['reverse_kl'"):
+        preference_pair_losses(*args, f_divergence_type="kl")
+    with pytest.raises(ValueError, match=r"sorts over the whole batch: it needs all 4 pairs in one call, got 2"):
+        preference_pair_losses(*args, loss_type="aot", n_pairs=4)
+    with pytest.raises(ValueError, match=r"pair_weights .* cannot weight loss_type \['aot_unpaired'\]"):
+        preference_pair_losses(*args, loss_type="aot_unpaired", pair_weights=t(1.0, 1.0))
+    with pytest.raises(ValueError, match=r"ld_alpha must be in \[0.0, 1.0\], got 1.5"):
+        ld_dpo_logps(torch.zeros(2, 3, dtype=F64), torch.ones(2, 3, dtype=torch.bool), 1.5)
+    with pytest.raises(ValueError, match=r"mask has shape \(2, 2\) but logp has shape \(2, 3\)"):
+        wpo_weights(torch.zeros(2, 3, dtype=F64), torch.zeros(2, 3, dtype=F64), torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_aot_sorts_over_the_batch():
+    # policy log-ratios chosen - rejected: 3, -1; reference: 0, 2 -> sorted (-1, 3) - (0, 2) = (-1, 1)
+    per = preference_pair_losses(t(1.0, 0.0), t(-2.0, 1.0), t(0.0, 1.0), t(0.0, -1.0), beta=1.0, loss_type="aot")
+    close(per.mean(), (nls(-1.0) + nls(1.0)) / 2)
+    # unpaired: Δ_w = (1, -1), Δ_l = (-2, 2) -> sorted (-1, 1) - (-2, 2) = (1, -1)
+    per = preference_pair_losses(t(1.0, 0.0), t(-2.0, 1.0), t(0.0, 1.0), t(0.0, -1.0), beta=1.0,
+                                 loss_type="aot_unpaired")
+    close(per.mean(), (nls(1.0) + nls(-1.0)) / 2)
+
+
+def test_f_divergence_scores_and_bco_delta_hand_worked():
+    x = t(0.5)
+    close(f_divergence_scores(x, "forward_kl")[0], 1 - math.exp(-0.5))
+    close(f_divergence_scores(x, "js_divergence")[0], math.log(2) - nls(0.5))
+    close(f_divergence_scores(x, "alpha_divergence", 0.25)[0], (math.exp(-0.75 * 0.5) - 1) / -0.75)
+    close(f_divergence_scores(x, "alpha_divergence", 1.0)[0], 0.5)
+    # forward_kl on sigmoid: d = (1 - e^-0.5) - (1 - e^0.5)
+    d = math.exp(0.5) - math.exp(-0.5)
+    close(preference_loss(t(-1.0), t(-2.0), t(-1.5), t(-1.5), beta=0.5, f_divergence_type="forward_kl")[0],
+          nls(0.5 * d))
+    close(preference_loss(t(-1.0), t(-2.0), t(-1.5), t(-1.5), beta=0.5, loss_type="bco_pair",
+                          bco_delta=torch.tensor(0.1, dtype=F64))[0], nls(0.25 - 0.1) + nls(0.25 + 0.1))
+
+
+def test_wpo_weights_and_ld_dpo_hand_worked():
+    # row 0: two tokens, logp = log 0.5 each, Σp² = 0.5 -> weight exp(0) = 1; row 1: one token p = 0.25 of
+    # Σp² = 0.5 -> exp(log 0.5) = 0.5; the ignored token's value does not count
+    lp = torch.log(t(0.5, 0.5)).expand(2, 2).clone()
+    lp[1, 0] = math.log(0.25)
+    lp[1, 1] = 123.0
+    w = wpo_weights(lp, torch.log(torch.full((2, 2), 0.5, dtype=F64)), torch.tensor([[1, 1], [1, 0]]) > 0)
+    torch.testing.assert_close(w, t(1.0, 0.5))
+    per = preference_pair_losses(t(-1.0), t(-2.0), t(-1.5), t(-1.5), beta=0.5, pair_weights=w[:1] * w[1:])
+    close(per[0], 0.5 * nls(0.5))
+    # LD-DPO: chosen has 3 scored tokens, rejected 1 (shared length 1): chosen = -1 + 0.25 * (-2 - 3)
+    lp = t(-1.0, -2.0, -3.0, -4.0, -5.0, -6.0).reshape(2, 3)
+    mask = torch.tensor([[1, 1, 1], [0, 1, 0]]) > 0
+    torch.testing.assert_close(ld_dpo_logps(lp, mask, 0.25), t(-1.0 - 0.25 * 5.0, -5.0))
+    torch.testing.assert_close(ld_dpo_logps(lp, mask, None), t(-6.0, -5.0))

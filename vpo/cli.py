@@ -3,6 +3,7 @@
     vpo demo [--quick] [--out DIR] [--methods tpo,dpo] ...     the main job (README quickstart)
     vpo eval --model PATH|tiny-cache --data DIR [--out F]      CHAIR / POPE / coverage on held-out images
     vpo visualize rewards|curves ...                           per-token TPO rewards (HTML + PNG); training curves
+    vpo diagnose --model DIR --data PAIRS [--create N]         each method's signal against ground truth (AUROCs)
     vpo info                                                   what is built and available
     vpo train --config FILE.yaml                               train a VLM with any method (vpo.trainer)
     vpo precompute-ref --config FILE.yaml                      reference terms stored with the dataset
@@ -83,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("visualize", help="per-token TPO rewards / Cat-PO weights (HTML + PNG); training curves (PNG)")
     visualize_cli.add_subcommands(v)
     v.set_defaults(func=_visualize)
+    from vpo import diagnose_cli
+
+    g = sub.add_parser("diagnose", help="each method's signal on pairs with ground truth: AUROCs, rates (table + PNG)",
+                       description="Does each method's signal (TPO's s and c, Cat-PO's weights, CSR's reward, LPOI's "
+                                   "order, OViP's negative image) separate grounded from hallucinated content?")
+    diagnose_cli.add_arguments(g)
+    g.set_defaults(func=lambda args: diagnose_cli.main(args))
     i = sub.add_parser("info", help="what is built and available")
     i.set_defaults(func=_info)
     _register_optional(sub)

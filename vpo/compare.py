@@ -94,6 +94,12 @@ def format_markdown(result: Dict[str, Any]) -> str:
         diff = f"{vs['mean']:+.3f} ± {vs['se']:.3f}" if vs else "—"
         verdict = "—" if method == "dpo" else ("yes" if a.get("beats_dpo") else "no")
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {diff} | {verdict} |")
+    if result.get("paired"):
+        from vpo.eval.paired import paired_markdown
+
+        lines += ["", "Paired on the same test images (mean over seeds ± the delta-method standard error from the "
+                      "choice of images, vpo.eval.paired; the ± above is the spread over seeds):", "",
+                  paired_markdown(result["paired"])]
     return "\n".join(lines) + "\n"
 
 
@@ -158,6 +164,9 @@ def merge_compare(out: str, parts: Sequence[str]) -> Dict[str, Any]:
     merged["parts"] = [os.path.abspath(p) for p in parts]
     merged["part_seconds"] = [r.get("total_seconds") for r in results]
     merged["aggregate"] = aggregate({m: {int(s): v for s, v in by_seed.items()} for m, by_seed in merged["runs"].items()})
+    per_image = _read_per_image(parts)
+    if per_image is not None:
+        merged["paired"] = _write_per_image(out, per_image)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "compare.md"), "w", encoding="utf-8") as f:
         f.write(format_markdown(merged))
@@ -217,8 +226,9 @@ def run_compare(out: str, *, quick: bool = False, seeds: Sequence[int] = (0, 1, 
             sft = prepare_sft(data, settings, data_seed, cache_dir=cache_dir, impl=impl, progress=progress, log=log)
             log(f"      SFT {'cached' if sft['cached'] else 'trained'}: {sft['model']}")
             model, processor = load_pretrained(sft["model"])
-            result["before"] = row_metrics(evaluate(model, processor, data["root"], eval_split, desc="eval sft",
-                                                    progress=progress))
+            report = evaluate(model, processor, data["root"], eval_split, desc="eval sft", progress=progress)
+            result["before"] = row_metrics(report)
+            per_image: Dict[str, Any] = {"sft": report["per_image"], "runs": {}}  # vpo.eval.paired
             result["sft"] = {"model": sft["model"], "cached": sft["cached"], "key": sft["key"]}
             curve = coverage_curve(model, processor, data["root"], eval_split, biases=TRADEOFF_BIASES,
                                    progress=progress)
@@ -234,8 +244,10 @@ def run_compare(out: str, *, quick: bool = False, seeds: Sequence[int] = (0, 1, 
                     policy, res, _ = train_method(method, sft["model"], data, settings, seed,
                                                   os.path.join(out, f"{method}-seed{seed}"), impl=impl,
                                                   progress=progress, bar=_quiet_trainer)
-                    after = row_metrics(evaluate(policy, processor, data["root"], eval_split,
-                                                 desc=f"eval {method}", progress=progress))
+                    report = evaluate(policy, processor, data["root"], eval_split, desc=f"eval {method}",
+                                      progress=progress)
+                    after = row_metrics(report)
+                    per_image["runs"].setdefault(method, {})[str(seed)] = report["per_image"]
                     after["matched_gain"] = matched_coverage(curve, after, result["before"])["gain"]
                     del policy
                     result["runs"].setdefault(method, {})[str(seed)] = after
@@ -244,6 +256,7 @@ def run_compare(out: str, *, quick: bool = False, seeds: Sequence[int] = (0, 1, 
                         f"{after['coverage']:.3f}  ({time.perf_counter() - t:.0f}s)")
                     result["aggregate"] = aggregate({m: {int(s): r for s, r in v.items()}
                                                      for m, v in result["runs"].items()})
+                    result["paired"] = _write_per_image(out, per_image)
                     _write_json(os.path.join(out, "compare.json"), result)
     finally:
         torch.set_num_threads(old_threads)
@@ -303,6 +316,33 @@ def _run_parallel(out: str, *, seeds, jobs: int, log=None, progress: bool = True
     log()
     log(format_markdown(merged))
     log(f"bar chart: {merged['png']}   total {merged['total_seconds']:.0f}s")
+    return merged
+
+
+def _write_per_image(out: str, per_image: Dict[str, Any]) -> Dict[str, Any]:
+    """Write ``out/per_image.json`` (each model's per-image counts, compact) and return the paired statistics
+    (:func:`vpo.eval.paired.paired_runs`) that go into ``compare.json``."""
+    from vpo.eval.paired import paired_runs
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "per_image.json"), "w", encoding="utf-8") as f:
+        json.dump(per_image, f)
+    return paired_runs(per_image["runs"], per_image["sft"])
+
+
+def _read_per_image(parts: Sequence[str]) -> Optional[Dict[str, Any]]:
+    """The parts' ``per_image.json`` merged (None when a part has none)."""
+    merged: Optional[Dict[str, Any]] = None
+    for part in parts:
+        path = os.path.join(part, "per_image.json")
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            p = json.load(f)
+        if merged is None:
+            merged = {"sft": p["sft"], "runs": {}}
+        for m, by_seed in p["runs"].items():
+            merged["runs"].setdefault(m, {}).update(by_seed)
     return merged
 
 

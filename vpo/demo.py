@@ -94,6 +94,15 @@ class DemoSettings:
     # from 1.8 to 5.8, c runs to its bounds (chosen 1.46 of 1.5, rejected 0.60 of 0.5), the rejected captions'
     # log-prob falls less than DPO's (-9.0 -> -11.8 vs -12.3), and CHAIR_i moves by -0.5 SE. Detached: -2.6 SE.
     tpo_reward_grad: bool = False
+    # What each paper leaves free, chosen with `vpo diagnose` on validation pairs (benchmarks/results/diagnose-cpu.md):
+    # TPO's noise step k and offset a (vpo.trainer.VPOConfig noise_step, tpo_a), Cat-PO's layers and α (catpo_layers
+    # as in VPOConfig: None = all; catpo_alpha), CSR's λ and the shapes-world scorer's metric (vpo.construct.csr).
+    tpo_noise_step: int = 500
+    tpo_a: float = 0.5
+    catpo_layers: Optional[str] = None
+    catpo_alpha: float = 0.5
+    csr_lam: float = 0.9
+    csr_metric: str = "precision"
 
     def prior(self):
         from vpo.worlds.shapes import DEFAULT_PRIOR_PAIRS, CooccurrencePrior
@@ -359,6 +368,7 @@ def _run(out, quick, seed, methods, settings, cache_dir, progress, impl, log, ev
     for sample in before["samples"][:2]:
         log(f"      e.g. {display_text(sample['response'])!r}  (truth: {_truth(sample)!r})")
     summary["before"] = row_metrics(before)
+    per_image = {"sft": before["per_image"]}  # paired statistics on the same images (vpo.eval.paired)
     # The SFT model's own trade-off: decoded to stop earlier, it says less and hallucinates less. Every method is
     # also compared with this curve at its own coverage (vpo.eval.tradeoff): a gain there is not "saying less".
     curve = coverage_curve(model, processor, data["root"], eval_split, biases=TRADEOFF_BIASES, progress=progress)
@@ -383,6 +393,7 @@ def _run(out, quick, seed, methods, settings, cache_dir, progress, impl, log, ev
         _write_json(os.path.join(mdir, "eval.json"), after)
         log("      " + format_report(after).split("\npope/")[0].replace("\n", "\n      "))
         res["after"] = row_metrics(after)
+        per_image[method] = after["per_image"]
         res["matched"] = matched_coverage(curve, res["after"], summary["before"])
         summary["methods"][method] = res
         if method == "tpo":
@@ -399,12 +410,20 @@ def _run(out, quick, seed, methods, settings, cache_dir, progress, impl, log, ev
         del policy
 
     # 7. report ------------------------------------------------------------------------------------------------
+    from vpo.eval.paired import paired_table
+
+    summary["paired"] = paired_table(per_image, methods)
+    summary["per_image"] = per_image
     summary["curves"] = curves
     summary["seconds"] = time.perf_counter() - log.start
     log.stage(7, n_stages, "report")
     table = format_table(summary)
     log()
     log(table)
+    from vpo.eval.paired import format_paired
+
+    log("CHAIR_i change, paired on the same images (delta-method SE):\n      "
+        + format_paired(summary["paired"]).replace("\n", "\n      "))
     log()
     log("training curves (PNG): " + ", ".join(curves[k] for k in curves))
     if "pictures" in summary:

@@ -37,6 +37,11 @@ def _config(method: str, out_dir: str, settings, seed: int, impl: str, steps: Op
     steps = settings.pref_steps if steps is None else steps
     if method == "tpo":
         extra.setdefault("reward_grad", settings.tpo_reward_grad)
+        extra.setdefault("noise_step", settings.tpo_noise_step)
+        extra.setdefault("tpo_a", settings.tpo_a)
+    if method == "catpo":
+        extra.setdefault("catpo_layers", settings.catpo_layers)
+        extra.setdefault("catpo_alpha", settings.catpo_alpha)
     return VPOConfig(
         output_dir=out_dir, method=method, max_steps=steps, per_device_train_batch_size=settings.pref_batch,
         learning_rate=settings.pref_lr, beta=settings.beta, warmup_steps=min(10, steps // 5),
@@ -103,7 +108,8 @@ def train_method(method: str, sft_model_dir: str, data: Dict[str, str], settings
         else:
             config = _config(method, out_dir, settings, seed, impl)
             dataset = PreferenceDataset.from_jsonl(data["pairs"])
-        collator = PreferenceCollator(processor, "llava", method=method, seed=seed, list_size=config.list_size)
+        collator = PreferenceCollator(processor, "llava", method=method, seed=seed, list_size=config.list_size,
+                                      noise_step=config.noise_step)
         history = _fit(policy, reference, config, dataset, collator, method, progress, bar)
         del reference
     policy.eval()
@@ -115,7 +121,7 @@ def train_method(method: str, sft_model_dir: str, data: Dict[str, str], settings
 def _train_csr(sft_model_dir, data, settings, seed, out_dir, impl, progress, bar):
     """CSR's loop (:func:`vpo.construct.csr.csr_iterate`) with :data:`CSR_ITERATIONS` rounds of
     ``pref_steps / CSR_ITERATIONS`` steps; the search uses the world's scorer on the pairs' prompts and images."""
-    from vpo.construct.csr import CSRConfig, csr_iterate, make_scorer
+    from vpo.construct.csr import CSRConfig, csr_iterate
     from vpo.data import PreferenceCollator, PreferenceDataset
     from vpo.models.cache import load_pretrained, save_pretrained
 
@@ -136,9 +142,12 @@ def _train_csr(sft_model_dir, data, settings, seed, out_dir, impl, progress, bar
         history.append({"csr_round_end": it, "pairs": len(dataset)})
         return save_pretrained(policy.eval(), processor, os.path.join(out_dir, f"iter{it}_model"))
 
-    config = CSRConfig(max_new_tokens=24, max_sentences=1, max_response_tokens=24)
+    from vpo.construct.csr_scorers import ShapesWorldScorer
+
+    config = CSRConfig(max_new_tokens=24, max_sentences=1, max_response_tokens=24, lam=settings.csr_lam)
     rounds = csr_iterate(data["pairs"], out_dir, model_path=sft_model_dir, train_fn=train_fn,
-                         scorer=make_scorer("shapes"), iterations=CSR_ITERATIONS, config=config, limit=CSR_PROMPTS,
+                         scorer=ShapesWorldScorer(settings.csr_metric), iterations=CSR_ITERATIONS, config=config,
+                         limit=CSR_PROMPTS,
                          load_fn=load_pretrained)
     policy, _ = load_pretrained(rounds[-1].model_path)
     return policy, [h for h in history if "csr_round_end" not in h]

@@ -2,6 +2,14 @@
 
 Also: ``assert_close_to_oracle``, the tolerance rule from STYLE.md — the fast path's error against a high-precision
 oracle must be at most ``k`` times PyTorch's own error in the same dtype, plus a small absolute slack.
+
+Checking a new architecture (README, "Architectures"): collate a few records with its processor
+(:class:`vpo.data.PreferenceCollator`, ``family="generic"``), then
+
+- :func:`check_logprobs_match_model`: the trainer's per-token log-probs (the backbone's hidden states through the LM
+  head, soft-capping / logit scale included) equal ``log_softmax`` of the model's own logits on every scored token;
+- :func:`check_causal`: changing the last response token of a row leaves the model's log-probs at every earlier
+  position of that row unchanged (no response token sees a later one: PaliGemma's prefix types, a bad mask).
 """
 from __future__ import annotations
 
@@ -207,3 +215,70 @@ def head_input_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
         "target_is_top1": float((lp.argmax(-1) == y[idx]).float().mean()),
         "rows": int(idx.numel()),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Architecture checks: the trainer's log-probs are the model's, and the collated rows are causal where they are scored
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def trainer_and_model_logprobs(model, batch) -> tuple:
+    """``(ours [N], model's [N])`` float64 log-probs of the ``N`` scored tokens of ``batch``'s main pass: ours as the
+    trainer computes them (:class:`vpo.trainer.passes.Passes`: backbone hook + :func:`vpo.linear_logprobs` with the
+    model's head transform), the model's from ``log_softmax`` of its own forward's logits."""
+    from vpo.ops.linear_logprobs import linear_logprobs
+    from vpo.trainer.passes import Passes, model_inputs
+    from vpo.trainer.reference import Reference
+
+    p = Passes(batch, model, Reference("model", model=model), need_grad=False, impl="torch")
+    labels = p.labels()  # [R, T] in the label window
+    ours, _ = linear_logprobs(p.hidden(), p.weight, labels, p.bias, impl="torch", **p.head_kw(linear_logprobs))
+    logits = model(**model_inputs(batch), use_cache=False).logits[:, :-1][:, p.window()].double()  # [R, T, V]
+    mask = labels != -100
+    theirs = torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+    return ours[mask].double(), theirs[mask]
+
+
+def check_logprobs_match_model(model, batch, *, atol: float = 1e-4) -> float:
+    """Raise AssertionError unless the trainer's log-prob of every scored token of ``batch`` is within ``atol`` of the
+    model's own (:func:`trainer_and_model_logprobs`); returns the largest difference. ``batch``: a
+    :class:`vpo.data.PreferenceCollator` batch with at least one scored token."""
+    ours, theirs = trainer_and_model_logprobs(model, batch)
+    if ours.numel() == 0:
+        raise AssertionError("the batch has no scored token: nothing to compare")
+    err = (ours - theirs).abs().max().item()
+    if not err <= atol:
+        raise AssertionError(f"{type(model).__name__}: the trainer's log-probs differ from the model's by {err:.3e} "
+                             f"(> {atol:.1e}) on the scored tokens")
+    return err
+
+
+@torch.no_grad()
+def check_causal(model, batch, *, row: int = 0, atol: float = 1e-5) -> float:
+    """Change the last response token of ``row`` (the last scored label) to another response token and raise
+    AssertionError if the model's log-softmax moves by more than ``atol`` at any earlier position of the row (prompt
+    and response alike); returns the largest change."""
+    from vpo.trainer.passes import model_inputs
+
+    labels = batch["labels"][row]
+    scored = (labels != -100).nonzero().flatten()
+    if scored.numel() < 2:
+        raise AssertionError(f"row {row} has {scored.numel()} scored tokens: need 2 to check causality")
+    k = int(scored[-1])  # the last response token's position
+    old = int(batch["input_ids"][row, k])
+    candidates = [int(t) for t in labels[scored].tolist() if int(t) != old]
+    if not candidates:
+        raise AssertionError(f"row {row}: no other response token to substitute")
+    inputs = model_inputs(batch)
+    changed = dict(inputs)
+    changed["input_ids"] = inputs["input_ids"].clone()
+    changed["input_ids"][row, k] = candidates[0]
+    a = torch.log_softmax(model(**inputs, use_cache=False).logits[row, :k].double(), -1)
+    b = torch.log_softmax(model(**changed, use_cache=False).logits[row, :k].double(), -1)
+    err = (a - b).abs().max().item()
+    if not err <= atol:
+        where = int((a - b).abs().amax(-1).argmax())
+        raise AssertionError(f"{type(model).__name__}: changing the token at position {k} moved the log-probs at "
+                             f"earlier position {where} by {err:.3e} (> {atol:.1e}): a response token sees a later one")
+    return err

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -144,13 +145,25 @@ def ovip_main(args: argparse.Namespace) -> int:
     return 0
 
 
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow")
+
+
+def out_folder(value: str) -> str:
+    """``--out``: a folder (created if missing). An existing file, or a name ending like a data file
+    (``x.jsonl``), is refused: the commands write several files inside the folder."""
+    if os.path.isfile(value) or value.lower().endswith(_FILE_SUFFIXES):
+        raise argparse.ArgumentTypeError(f"{value!r} must be a folder (the command writes train.jsonl and more "
+                                         f"inside it), not a file: e.g. --out {os.path.splitext(value)[0] or 'out'}")
+    return value
+
+
 def register(sub) -> None:
     """Add ``csr``, ``lpoi-lists``, ``mdpo-crops`` and ``ovip`` to ``sub`` (an ``argparse`` subparsers object); each
     sets ``func`` to its main function (``args.func(args) -> exit code``)."""
     c = sub.add_parser("csr", help="CSR: sentence-level beam search with a calibrated reward -> preference pairs")
     c.add_argument("--data", required=True, help="prompts: a .jsonl (image + prompt per line) or a folder with "
                                                  "train.jsonl")
-    c.add_argument("--out", required=True, help="output folder (train.jsonl; iter{t}/ with --iterations > 1)")
+    c.add_argument("--out", required=True, type=out_folder, help="output folder (train.jsonl; iter{t}/ with --iterations > 1)")
     c.add_argument("--model", default="tiny:llava", help="tiny:<family> or a local model folder (π_0)")
     c.add_argument("--scorer", choices=["shapes", "clip"], default="shapes", help="R_I: the shapes world's ground "
                                                                                  "truth, or CLIP from --clip-path")
@@ -181,7 +194,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("lpoi-lists", help="LPOI: progressively masked image lists with a visual prompt")
     p.add_argument("--data", required=True, help="preference data: a .jsonl or a folder with train.jsonl")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, type=out_folder)
     p.add_argument("--list-size", type=int, default=5, help="L (x_1 = the original image)")
     p.add_argument("--ellipse-color", type=int, nargs=3, default=[255, 0, 0], metavar=("R", "G", "B"))
     p.add_argument("--ellipse-width", type=int, default=2, help="0 = no visual prompt")
@@ -200,7 +213,7 @@ def register(sub) -> None:
 
     m = sub.add_parser("mdpo-crops", help="mDPO: record each example's crop (keeping 1-20%% of the area)")
     m.add_argument("--data", required=True, help="preference data: a .jsonl or a folder with train.jsonl")
-    m.add_argument("--out", required=True)
+    m.add_argument("--out", required=True, type=out_folder)
     m.add_argument("--seed", type=int, default=0, help="use the training collator's seed")
     m.add_argument("--keep", type=float, nargs=2, default=[0.01, 0.2], metavar=("LO", "HI"),
                    help="the fraction of the area a crop keeps, drawn uniformly in [LO, HI] (mDPO's code: 0.01 0.2)")
@@ -214,7 +227,7 @@ def register(sub) -> None:
                                     "dataset (offline; `vpo train` with online: true runs the loop in the trainer)")
     o.add_argument("--data", required=True, help="source rows: a .jsonl with image, prompt and a ground truth "
                                                  "(answer, response or chosen), e.g. the shapes world's train.jsonl")
-    o.add_argument("--out", required=True, help="output folder ({split}.jsonl, images/, {split}_ovip_stats.json)")
+    o.add_argument("--out", required=True, type=out_folder, help="output folder ({split}.jsonl, images/, {split}_ovip_stats.json)")
     o.add_argument("--model", default="tiny:llava", help="tiny:<family> or a local model folder (the policy)")
     o.add_argument("--judge", choices=["shapes", "http"], default="shapes",
                    help="G_r: the shapes world's exact judge, or an OpenAI-compatible chat endpoint")

@@ -65,7 +65,8 @@ from vpo.data.records import (
     warn_skip,
 )
 from vpo.data.augment import MDPO_CROP_KEEP, _bicubic, _to_pil, _to_unit_tensor, crop_box, derive_seed  # noqa: F401
-from vpo.data.encoding import GENERIC, ChatEncoding, _cat_vision
+from vpo.data.encoding import (GENERIC, PER_TOKEN_VISION_KEYS, RESPONSE_TOKEN_TYPE, ChatEncoding, _cat_vision,
+                               architecture_of, extend_per_token)
 from vpo.noise import NUM_DIFFUSION_STEPS, add_diffusion_noise
 
 METHODS = ("dpo", "csr", "tpo", "mdpo", "ovip", "lpoi", "catpo")
@@ -516,16 +517,26 @@ class PreferenceCollator(ChatEncoding):
             return out  # the image-free pass: no vision keys at all
         if any(v is None for v in visions):
             raise RuntimeError("a sub-batch mixes rows with and without an image")
+        arch = architecture_of(self.processor)
         if self.family == GENERIC:
+            response_types = RESPONSE_TOKEN_TYPE.get(arch, {})
             for key in self._type_keys:
-                types = torch.zeros((n, length), dtype=torch.long)
+                # the prompt's types from the processor; the response's (and the padding's) from RESPONSE_TOKEN_TYPE
+                types = torch.full((n, length), response_types.get(key, 0), dtype=torch.long)
                 for i, v in enumerate(visions):
                     t = v.get(key)
                     if t is not None:
                         types[i, : t.shape[-1]] = t[0]
                 out[key] = types
             visions = [{k: t for k, t in v.items() if k not in self._type_keys} for v in visions]
-        out.update(_cat_vision(visions))
+            visions = [{k: extend_per_token(t, len(r.ids), length) if k in PER_TOKEN_VISION_KEYS else t
+                        for k, t in v.items()} for v, r in zip(visions, rows)]
+        out.update(_cat_vision(visions, arch))
+        for key in (*PER_TOKEN_VISION_KEYS, *self._type_keys):
+            t = out.get(key)
+            if t is not None and tuple(t.shape[:2]) != (n, length):
+                raise ValueError(f"{arch}: {key} has shape {tuple(t.shape)} but input_ids has shape {(n, length)}: "
+                                 f"expected {key}.shape[:2] == input_ids.shape")
         if "mm_token_type_ids" in VISION_KEYS.get(self.family, ()):
             mm = (input_ids == self.image_token_id).long()
             if self.video_token_id is not None:

@@ -16,8 +16,21 @@ from vpo.data.conversation import prompt_messages, with_response
 from vpo.data.records import BAD_IMAGE, SkipRecord
 
 GENERIC = "generic"
-# Keys of a processor output that are text-side (rebuilt by the collator), not vision tensors.
-_TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+# Keys of a processor output that are text-side (rebuilt by the collator), not vision tensors. ``labels``: PaliGemma's
+# processor returns prompt-only labels (all -100); kept, they would overwrite the collator's.
+_TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "labels")
+# Vision tensors indexed by token ``[1, T_prompt, ...]`` (Mllama's cross_attention_mask ``[1, T, images, tiles]``):
+# the collator extends them over the response (each response token sees what the last prompt token sees) and pads
+# them to the row (0: padding attends to no image).
+PER_TOKEN_VISION_KEYS = ("cross_attention_mask",)
+# The token type of RESPONSE tokens where it is not 0: PaliGemma's token_type_ids are 0 on the prefix (image + prompt,
+# attended bidirectionally) and 1 on the suffix (the response, causal); elsewhere they mark image tokens.
+RESPONSE_TOKEN_TYPE = {"PaliGemmaProcessor": {"token_type_ids": 1}}
+
+
+def architecture_of(processor) -> str:
+    """A short name of the architecture behind ``processor`` for error messages (its class name)."""
+    return type(processor).__name__
 
 
 class ChatEncoding:
@@ -88,15 +101,32 @@ class ChatEncoding:
         return ids, vision
 
 
-def _cat_vision(visions: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+def extend_per_token(t: torch.Tensor, row_len: int, length: int) -> torch.Tensor:
+    """``[1, T_prompt, ...]`` -> ``[1, length, ...]``: positions ``T_prompt .. row_len-1`` (the response) repeat the
+    last prompt position, positions from ``row_len`` on (padding) are 0."""
+    out = t.new_zeros((t.shape[0], length, *t.shape[2:]))
+    n = min(t.shape[1], row_len)
+    out[:, :n] = t[:, :n]
+    if row_len > n and n > 0:
+        out[:, n:row_len] = t[:, n - 1:n]
+    return out
+
+
+def _cat_vision(visions: List[Dict[str, torch.Tensor]], arch: str = "the processor") -> Dict[str, torch.Tensor]:
     """Concatenate per-row vision tensors on dim 0, zero-padding trailing dims that differ (Idefics2's image sizes;
-    a zero ``pixel_attention_mask`` marks the padding)."""
+    a zero ``pixel_attention_mask`` marks the padding). ``arch`` names the architecture in errors."""
     out = {}
     for key in visions[0]:
+        missing = [i for i, v in enumerate(visions) if key not in v]
+        if missing:
+            raise ValueError(f"{arch}: cannot batch vision input {key}: row 0 has it, row {missing[0]} does not "
+                             f"(its keys: {sorted(visions[missing[0]])})")
         ts = [v[key] for v in visions]
         if any(t.shape[1:] != ts[0].shape[1:] for t in ts):
             if any(t.dim() != ts[0].dim() for t in ts):
-                raise RuntimeError(f"cannot batch {key}: ranks differ across rows")
+                shapes = sorted({tuple(t.shape) for t in ts})
+                raise ValueError(f"{arch}: cannot batch vision input {key}: its rank differs across rows (shapes "
+                                 f"{shapes}); expected one rank")
             size = [max(t.shape[d] for t in ts) for d in range(1, ts[0].dim())]
             padded = []
             for t in ts:

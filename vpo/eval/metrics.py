@@ -339,8 +339,9 @@ def evaluate_model(
     ``images``: the images of ``scenes`` (default: rendered with ``clutter``). ``prior_pairs``: the language prior's
     ``(trigger, partner)`` shape pairs; when given the report has ``"prior"`` (:func:`prior_chair`).
 
-    Returns ``{"chair": {...}, "prior": {...}?, "pope": {...}, "pope/<mode>": {...}, "samples": [...]}``
-    (JSON-serializable; the first 8 responses under ``"samples"``).
+    Returns ``{"chair": {...}, "prior": {...}?, "pope": {...}, "pope/<mode>": {...}, "samples": [...],
+    "per_image": {...}}`` (JSON-serializable; the first 8 responses under ``"samples"``; ``"per_image"``: each image's
+    mention, hallucination and coverage counts, :func:`vpo.eval.paired.per_image`, for paired statistics).
     """
     from vpo.worlds.shapes import DESCRIBE_PROMPTS, render
 
@@ -354,7 +355,11 @@ def evaluate_model(
     images = list(images)
     prompt = DESCRIBE_PROMPTS[0] if prompt is None else prompt
     captions = _batched(generate_fn, [prompt] * len(scenes), images, batch_size)
-    report: Dict[str, Any] = {"chair": chair(captions, scenes).to_dict()}
+    scored = chair(captions, scenes)
+    report: Dict[str, Any] = {"chair": scored.to_dict()}
+    from vpo.eval.paired import per_image
+
+    report["per_image"] = per_image(scored.per_response)  # the counts behind the paired statistics
     if prior_pairs:
         report["prior"] = prior_chair(captions, scenes, prior_pairs).to_dict()
     report["samples"] = [{"response": c, "objects": [o.to_dict() for o in s.objects]}

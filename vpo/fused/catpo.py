@@ -55,6 +55,10 @@ def fused_catpo_loss(
     impl: str = "auto",
     loss_type="sigmoid",
     loss_weights=None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    bco_delta: Optional[torch.Tensor] = None,
     label_smoothing: float = 0.0,
     chunking: Optional[_engine.Chunking] = None,
     logit_softcap: Optional[float] = None,
@@ -108,7 +112,8 @@ def fused_catpo_loss(
     w_all = torch.where(mask, token_weights.detach().to(acc), torch.zeros((), dtype=acc, device=hidden.device))
     ref_given = None if has_ref else ref_logps.detach().to(acc)
     kw = dict(beta=beta, label_smoothing=label_smoothing, loss_type=loss_type, loss_weights=loss_weights,
-              mean_chosen_tokens=ntok[:B].to(acc).mean())
+              mean_chosen_tokens=ntok[:B].to(acc).mean(), n_pairs=B, f_divergence_type=f_divergence_type,
+              f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, bco_delta=bco_delta)
 
     def pair_loss(tok, rows, P):
         """The chunk's share of the mean loss (pairs ``rows[:P]`` / ``rows[P:]``): wDPO (+ λ · weighted KL)."""

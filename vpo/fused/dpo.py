@@ -31,6 +31,10 @@ def fused_dpo_loss(
     impl: str = "auto",
     loss_type="sigmoid",
     loss_weights=None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    bco_delta: Optional[torch.Tensor] = None,
     chunking: Optional[_engine.Chunking] = None,
     logit_softcap: Optional[float] = None,
     logit_scale: Optional[float] = None,
@@ -90,7 +94,8 @@ def fused_dpo_loss(
     ref_given = ref_logps.detach().to(acc) if mode == "logps" else None
     mean_n = ntok[:B].to(acc).mean()
     kw = dict(beta=beta, label_smoothing=label_smoothing, loss_type=loss_type, loss_weights=loss_weights,
-              mean_chosen_tokens=mean_n)
+              mean_chosen_tokens=mean_n, n_pairs=B, f_divergence_type=f_divergence_type,
+              f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, bco_delta=bco_delta)
 
     def pair_loss(tok, rows, P):
         """The chunk's share of the mean loss: pairs ``rows[:P]`` (chosen) / ``rows[P:]`` (rejected)."""

@@ -67,6 +67,10 @@ def fused_tpo_loss(
     impl: str = "auto",
     loss_type="sigmoid",
     loss_weights=None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    bco_delta: Optional[torch.Tensor] = None,
     label_smoothing: float = 0.0,
     chunking: Optional[_engine.Chunking] = None,
     logit_softcap: Optional[float] = None,
@@ -131,7 +135,8 @@ def fused_tpo_loss(
     acc = _engine.acc_dtype(hidden.dtype)
     ref_given = ref_logps.detach().to(acc) if mode == "logps" else None
     kw = dict(beta=beta, label_smoothing=label_smoothing, loss_type=loss_type, loss_weights=loss_weights,
-              mean_chosen_tokens=ntok[:B].to(acc).mean())
+              mean_chosen_tokens=ntok[:B].to(acc).mean(), n_pairs=B, f_divergence_type=f_divergence_type,
+              f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, bco_delta=bco_delta)
 
     def ref_terms(tok, m, P):
         """``Σ_i (logp_ref + log c_ref)`` ``[2P]`` of the reference swept with the chunk."""

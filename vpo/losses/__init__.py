@@ -5,8 +5,11 @@ terms and call these. Every head takes ``[B]`` tensors (one value per pair) and 
 over the batch and a dict of detached 0-dim tensors named as TRL names them (``rewards/chosen``, ...).
 
 - :mod:`vpo.losses.heads`: DPO, the anchors, OViP's image-side heads, LPOI's listwise head, mDPO's conditional head.
-- :mod:`vpo.losses.loss_types`: TRL's DPO loss types (``sigmoid``, ``robust``, ``hinge``, ``ipo``, ``apo_zero``,
+- :mod:`vpo.losses.loss_types`: TRL's 15 DPO loss types (``sigmoid``, ``robust``, ``hinge``, ``ipo``, ``exo_pair``,
+  ``nca_pair``, ``bco_pair``, ``sppo_hard``, ``aot``, ``aot_unpaired``, ``apo_zero``, ``apo_down``, ``discopop``,
   ``sigmoid_norm``, ``sft``) as one per-pair function.
+- :mod:`vpo.losses.trl_terms`: what TRL's other ``DPOConfig`` options change in the per-sequence terms:
+  f-divergence scores, WPO weights, LD-DPO sums.
 """
 from vpo.losses.heads import (
     Metrics,
@@ -20,10 +23,22 @@ from vpo.losses.heads import (
     ovip_symmetric_image_loss,
     preference_metrics,
 )
-from vpo.losses.loss_types import LOSS_TYPES, preference_loss, preference_pair_losses, resolve_loss_types
+from vpo.losses.loss_types import (BATCH_LOSS_TYPES, LOSS_TYPES, SMOOTHED_LOSS_TYPES, check_loss_options,
+                                   preference_loss, preference_pair_losses, resolve_loss_types)
+from vpo.losses.trl_terms import (F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, f_divergence_scores, ld_dpo_logps,
+                                  log_sum_p2_from_logits, wpo_weights)
 
 __all__ = [
+    "BATCH_LOSS_TYPES",
+    "F_DIVERGENCES",
+    "F_DIVERGENCE_LOSS_TYPES",
     "LOSS_TYPES",
+    "SMOOTHED_LOSS_TYPES",
+    "check_loss_options",
+    "f_divergence_scores",
+    "ld_dpo_logps",
+    "log_sum_p2_from_logits",
+    "wpo_weights",
     "Metrics",
     "anchor_loss",
     "bi_anchor_loss",

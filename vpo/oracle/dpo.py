@@ -20,7 +20,7 @@ import torch
 from vpo import losses
 from vpo._heads import check_head, check_pass, check_reference_passes, default_reference_head
 from vpo._validate import check_even_batch, check_float, check_same_device, check_same_dtype
-from vpo.oracle.logprobs import sequence_logps, token_logprobs
+from vpo.oracle.logprobs import head_logits, sequence_logps, token_logprobs
 
 Metrics = Dict[str, torch.Tensor]
 
@@ -54,12 +54,9 @@ def sequence_logps_from_hidden(
     bias: Optional[torch.Tensor],
     *,
     ignore_index: int,
-    transform: Optional[dict] = None,
 ) -> torch.Tensor:
-    """``[..., T, D] -> [...]``: per-token log-probs via the full logits, summed over response tokens
-    (``transform``: ``logit_softcap`` / ``logit_scale`` of :func:`vpo.oracle.logprobs.head_logits`)."""
-    logp, _, _ = token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index,
-                                **(transform or {}))  # [..., T]
+    """``[..., T, D] -> [...]``: per-token log-probs via the full logits, summed over response tokens."""
+    logp, _, _ = token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index)  # [..., T]
     return sequence_logps(logp, labels, ignore_index=ignore_index)  # [...]
 
 
@@ -71,14 +68,12 @@ def reference_sequence_logps(
     *,
     like: torch.Tensor,
     ignore_index: int,
-    transform: Optional[dict] = None,
 ) -> torch.Tensor:
     """Reference per-sequence log-probs without gradient; zeros shaped like ``like`` when ``ref_hidden`` is None."""
     if ref_hidden is None:
         return torch.zeros_like(like).detach()
     with torch.no_grad():
-        return sequence_logps_from_hidden(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index,
-                                          transform=transform)
+        return sequence_logps_from_hidden(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index)
 
 
 @dataclass(frozen=True)
@@ -109,7 +104,6 @@ def pass_logps(
     *,
     ignore_index: int,
     ndim: int = 3,
-    transform: Optional[dict] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Validate one forward pass (policy and, if given, reference on the same labels) and return its per-sequence
     ``(logps, ref_logps)``, each ``hidden.shape[:-2]``; ``ref_logps`` is zeros when ``ref_hidden`` is None."""
@@ -119,10 +113,9 @@ def pass_logps(
             ref_hidden_name, ref_hidden, labels_name, labels, head.ref_weight_name, head.ref_weight,
             ignore_index=ignore_index, ndim=ndim,
         )  # fmt: skip
-    logps = sequence_logps_from_hidden(hidden, head.weight, labels, head.bias, ignore_index=ignore_index,
-                                       transform=transform)
+    logps = sequence_logps_from_hidden(hidden, head.weight, labels, head.bias, ignore_index=ignore_index)
     ref_logps = reference_sequence_logps(
-        ref_hidden, labels, head.ref_weight, head.ref_bias, like=logps, ignore_index=ignore_index, transform=transform
+        ref_hidden, labels, head.ref_weight, head.ref_bias, like=logps, ignore_index=ignore_index
     )
     return logps, ref_logps
 
@@ -132,6 +125,33 @@ def merge_metrics(*parts: Metrics) -> Metrics:
     for part in parts:
         out.update(part)
     return out
+
+
+def trl_token_metrics(logits: torch.Tensor, labels: torch.Tensor, n_pairs: int, *, ignore_index: int = -100) -> Metrics:
+    """TRL's token metrics from materialized logits ``[2B, T, V]`` (chosen rows first) and ``labels [2B, T]``:
+
+    - ``logits/chosen``, ``logits/rejected``: the mean over the vocabulary of each scored position's logits, averaged
+      over the scored tokens of the chosen (rejected) rows;
+    - ``mean_token_accuracy``: the fraction of the chosen rows' scored tokens whose target is the argmax (TRL 1.16
+      counts the chosen rows only);
+    - ``entropy``: the next-token entropy averaged over all scored tokens, chosen and rejected pooled.
+    """
+    with torch.no_grad():
+        mask = labels != ignore_index
+        mean_logit = logits.float().mean(-1) if logits.dtype in (torch.float16, torch.bfloat16) else logits.mean(-1)
+        logp = torch.log_softmax(logits.to(mean_logit.dtype), -1)
+        entropy = -(logp.exp() * logp).sum(-1)  # [2B, T]
+        safe = torch.where(mask, labels, torch.zeros_like(labels))
+        top1 = logits.argmax(-1) == safe
+        B = n_pairs
+        m = mask.to(mean_logit.dtype)
+
+        def avg(x, rows):
+            return (x[rows] * m[rows]).sum() / m[rows].sum().clamp_min(1)
+
+        c, r = slice(0, B), slice(B, 2 * B)
+        return {"logits/chosen": avg(mean_logit, c), "logits/rejected": avg(mean_logit, r),
+                "mean_token_accuracy": avg(top1.to(m.dtype), c), "entropy": avg(entropy, slice(None))}
 
 
 def dpo_loss(
@@ -148,8 +168,14 @@ def dpo_loss(
     ignore_index: int = -100,
     logit_softcap: Optional[float] = None,
     logit_scale: Optional[float] = None,
+    loss_type="sigmoid",
+    loss_weights=None,
+    use_weighting: bool = False,
+    ld_alpha: Optional[float] = None,
+    trl_metrics: bool = False,
+    **options,
 ) -> Tuple[torch.Tensor, Metrics]:
-    """DPO from last hidden states, materializing the logits (the oracle for the fused DPO loss).
+    """DPO and TRL's DPO variants from last hidden states, materializing the logits (the oracle for the fused DPO loss).
 
     Args:
         weight: ``[V, D]`` policy LM-head weight; ``bias``: optional ``[V]``.
@@ -160,9 +186,17 @@ def dpo_loss(
         beta, label_smoothing: as in :func:`vpo.losses.dpo_loss`.
         ignore_index: label of positions without a target (-100).
         logit_softcap, logit_scale: the heads' logits transform (:func:`vpo.oracle.logprobs.head_logits`).
+        loss_type, loss_weights: TRL's loss types (:func:`vpo.losses.preference_pair_losses`).
+        use_weighting: WPO's pair weights (:func:`vpo.losses.wpo_weights`, ``log Σ p²`` from the full logits).
+        ld_alpha: LD-DPO's α (:func:`vpo.losses.ld_dpo_logps`), for the policy and the reference; None: plain sums.
+        trl_metrics: add :func:`trl_token_metrics` (``logits/chosen``, ``logits/rejected``, ``mean_token_accuracy``,
+            ``entropy``) to the metrics.
+        options: ``f_divergence_type``, ``f_alpha_divergence_coef``, ``discopop_tau``, ``bco_delta`` of
+            :func:`vpo.losses.preference_pair_losses`.
 
     Returns:
-        ``(loss, metrics)`` of :func:`vpo.losses.dpo_loss`. Gradients reach ``hidden``, ``weight`` and ``bias`` only.
+        ``(loss, metrics)``: :func:`vpo.losses.preference_metrics` (plus :func:`trl_token_metrics`). Gradients reach
+        ``hidden``, ``weight`` and ``bias`` only.
 
     Example:
         >>> import torch
@@ -176,15 +210,35 @@ def dpo_loss(
     head = heads(weight, bias, ref_weight, ref_bias)
     n_pairs = check_even_batch("hidden", check_float("hidden", hidden, ndim=3))
     check_reference_passes([("ref_hidden", ref_hidden)], ref_weight, ref_bias)
-    logps, ref_logps = pass_logps(
-        "hidden", hidden, "labels", labels, "ref_hidden", ref_hidden, head, ignore_index=ignore_index,
-        transform=dict(logit_softcap=logit_softcap, logit_scale=logit_scale),
-    )  # [2B], [2B]
-    return losses.dpo_loss(
-        logps[:n_pairs],
-        logps[n_pairs:],
-        ref_logps[:n_pairs],
-        ref_logps[n_pairs:],
-        beta=beta,
-        label_smoothing=label_smoothing,
-    )
+    check_pass("hidden", hidden, "labels", labels, "weight", head.weight, ignore_index=ignore_index, ndim=3)
+    if ref_hidden is not None:
+        check_pass("ref_hidden", ref_hidden, "labels", labels, head.ref_weight_name, head.ref_weight,
+                   ignore_index=ignore_index, ndim=3)
+    mask = labels != ignore_index
+    tr = dict(logit_softcap=logit_softcap, logit_scale=logit_scale)
+    logits = head_logits(hidden, head.weight, head.bias, **tr)  # [2B, T, D] @ [D, V] -> [2B, T, V]
+    logp, _, _ = token_logprobs(hidden, head.weight, labels, head.bias, ignore_index=ignore_index, **tr)  # [2B, T]
+    logps = losses.ld_dpo_logps(logp, mask, ld_alpha)  # [2B]
+    if ref_hidden is None:
+        ref_logps = torch.zeros_like(logps)
+    else:
+        with torch.no_grad():
+            ref_logp, _, _ = token_logprobs(ref_hidden, head.ref_weight, labels, head.ref_bias,
+                                            ignore_index=ignore_index, **tr)
+            ref_logps = losses.ld_dpo_logps(ref_logp, mask, ld_alpha)
+    B = n_pairs
+    n = mask.sum(-1)
+    pair_weights = None
+    if use_weighting:
+        w = losses.wpo_weights(logp, losses.log_sum_p2_from_logits(logits), mask)  # [2B]
+        pair_weights = w[:B] * w[B:]
+    per = losses.preference_pair_losses(
+        logps[:B], logps[B:], ref_logps[:B], ref_logps[B:], beta=beta, label_smoothing=label_smoothing,
+        loss_type=loss_type, loss_weights=loss_weights, chosen_tokens=n[:B], rejected_tokens=n[B:],
+        chosen_nll=-logp[:B].sum(-1), pair_weights=pair_weights, n_pairs=B, **options,
+    )  # fmt: skip
+    metrics = losses.preference_metrics(beta * (logps[:B] - ref_logps[:B]), beta * (logps[B:] - ref_logps[B:]),
+                                        logps[:B], logps[B:])
+    if trl_metrics:
+        metrics.update(trl_token_metrics(logits, labels, B, ignore_index=ignore_index))
+    return per.mean(), metrics

@@ -38,11 +38,20 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> "VPOConfig":
 
     from vpo.trainer.config import VPOConfig
 
+    from vpo.trainer.cli_help import UsageError
+    from vpo.trainer.cli_report import join_negative_numbers
+
     argv = [("--data_path" if a == "--data" else a) for a in (sys.argv[1:] if argv is None else argv)]
+    argv = join_negative_numbers(argv)  # --learning_rate -1e-4 is a value, not an unknown option
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
     parser = HfArgumentParser(VPOConfig)
+
+    def _usage(message):  # one line instead of argparse's full usage dump
+        raise UsageError(message)
+
+    parser.error = _usage
     if known.config is not None and not os.path.isfile(known.config):
         raise FileNotFoundError(f"--config {known.config}: no such file")
     if known.config is not None and not rest:
@@ -102,20 +111,23 @@ def build_data(config: "VPOConfig", family: str, processor, tiny):
     if processor is None:
         raise ValueError(f"data_path {config.data_path!r} needs the model's processor, and none was loaded")
     read = dict(layout=config.data_layout, image_root=config.image_root)
+    from vpo.trainer import cli_report
+
     if config.online:  # OViP online: data_path holds the source rows; the pairs are sampled during training
         from vpo.trainer.online import build_online_dataset
 
         train = build_online_dataset(config, processor, rank=config.process_index, world_size=config.world_size)
     else:
-        train = open_preference_data(config.data_path, **read)  # all records skipped: an error naming the reason
+        train = _read_quietly(config.data_path, read)  # all records skipped: an error naming the reason
     evaluation = None
     if config.eval_data_path is not None:
-        evaluation = open_preference_data(config.eval_data_path, **read)
-    for name, ds in (("train", train), ("eval", evaluation)):
-        stats = getattr(ds, "stats", None)
-        if stats is not None and stats.skipped:
-            print(f"vpo: {name} data: skipped {dict(stats.skipped)} of {stats.seen} records while reading",
-                  file=sys.stderr)
+        evaluation = _read_quietly(config.eval_data_path, read)
+    for name, path, ds in (("train", config.data_path, train), ("eval", config.eval_data_path, evaluation)):
+        line = cli_report.data_summary(name, path, ds)  # one line per file, not one warning per skipped record
+        if line is not None and ds.stats.skipped:
+            print(line, file=sys.stderr, flush=True)
+        if ds is not None:
+            cli_report.check_image_files(ds, name)  # a stat per path, before training (decoding stays lazy)
     if not config.online and len(train) == 0:
         raise ValueError(f"{config.data_path}: no usable record")
     collator = PreferenceCollator(processor, family, method=config.method, max_length=config.max_length,
@@ -124,6 +136,24 @@ def build_data(config: "VPOConfig", family: str, processor, tiny):
                                   crop_keep=(config.crop_keep_min, config.crop_keep_max),
                                   noise_clip=config.noise_clip, ovip_rejected=_ovip_rejected(config))
     return train, evaluation, collator
+
+
+def _read_quietly(path: str, read: dict):
+    """:func:`vpo.data.sources.open_preference_data` without its per-record warnings (the caller prints one
+    summary); a source with no usable record names the columns it found."""
+    import warnings
+
+    from vpo.data.records import DataWarning
+    from vpo.data.sources import NoUsableRecordError, open_preference_data
+    from vpo.trainer.cli_report import columns_of
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        try:
+            return open_preference_data(path, **read)
+        except NoUsableRecordError as e:
+            cols = columns_of(path)
+            raise NoUsableRecordError(f"{e}; columns found: {', '.join(cols)}" if cols else str(e)) from None
 
 
 def _ovip_rejected(config: "VPOConfig") -> bool:
@@ -190,9 +220,17 @@ def train(config: "VPOConfig"):
 
     # true / last: the newest COMPLETE checkpoint, an error if there is none (vpo.trainer.resume)
     resume = config.resume_from_checkpoint
+    from vpo.trainer import cli_report
+    from vpo.trainer.cli_help import Interrupted
+
     trainer = VPOTrainer(model, config, ref_model=ref_model, ref_table=ref_table, train_dataset=train,
                          eval_dataset=evaluation, data_collator=collator, processing_class=processor)
-    trainer.train(resume_from_checkpoint=resume)
+    if trainer.args.should_log:
+        cli_report.print_lines(cli_report.banner(trainer, config, train, evaluation))
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        raise Interrupted(cli_report.interrupted_message(trainer, config.output_dir)) from None
     eval_metrics = trainer.evaluate() if evaluation is not None else None
     trainer.save_model()
     trainer.save_state()
@@ -200,6 +238,7 @@ def train(config: "VPOConfig"):
         from vpo.trainer.model_card import write_model_card
 
         write_model_card(trainer, config.output_dir, eval_metrics=eval_metrics)
+        cli_report.say(f"vpo train: saved to {os.path.abspath(config.output_dir)}")
     return trainer
 
 

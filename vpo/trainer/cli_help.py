@@ -35,6 +35,10 @@ class UsageError(Exception):
     """A command line that cannot mean anything (exit 2)."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training, with the line to print (the step, the last checkpoint, how to resume)."""
+
+
 def _first_sentence(text: str, width: int = 78) -> str:
     text = re.sub(r"\s+", " ", text or "").strip()
     text = re.sub(r"\[((?:'[^']*'(?:, )?)+)\]", lambda m: "|".join(re.findall(r"'([^']*)'", m.group(1))), text)
@@ -115,10 +119,10 @@ def run(command: str, argv: Optional[Sequence[str]], fn: Callable[[List[str]], o
         print(f"usage: vpo {command} --config FILE.yaml | --model_name_or_path DIR --data PATH  (--help)\n"
               f"vpo {command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        print(f"vpo {command}: interrupted", file=sys.stderr)
+        print(f"vpo {command}: {str(e) or 'interrupted'}", file=sys.stderr, flush=True)
         return 130
     except SystemExit:
         raise

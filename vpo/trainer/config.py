@@ -12,11 +12,15 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
+from vpo.trainer.trl_options import check_trl_options, refuse_trl_fields
+
 METHODS = ("dpo", "tpo", "catpo", "ovip", "lpoi", "mdpo", "csr")
 REF_MODES = ("auto", "adapter", "model", "precomputed")
 FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics2", "generic")
-# TRL's DPO loss variants (on per-sequence log-probs; vpo.losses / the fused losses' loss_type).
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "sigmoid_norm", "sft")
+# TRL's DPO loss variants (on per-sequence log-probs; vpo.losses / the fused losses' loss_type), TRL's order.
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 TPO_REWARDS = ("both", "only_win", "only_loss", "opposite")
 OVIP_IMAGE_LOSSES = ("ovip", "base", "symmetric")
 OVIP_ANCHORS = ("none", "anchor", "bi-anchor")
@@ -48,16 +52,39 @@ class VPOConfig(TrainingArguments):
         learning_rate: 1.0e-3
     """
 
+    # TrainingArguments fields with TRL's DPOConfig default (docs/trl.md: the defaults table)
+    logging_steps: float = field(default=10, metadata={"help": "log every N optimizer steps (TRL's default 10)"})
+
     # --- method -------------------------------------------------------------------------------------------------
     method: str = field(default="dpo", metadata={"help": f"preference method, one of {list(METHODS)}"})
     beta: float = field(default=0.1, metadata={"help": "β of the DPO-style terms (every method)"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "conservative-DPO ε of the DPO term, in [0, 0.5)"})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "ε in [0, 0.5) of the DPO term: conservative DPO (sigmoid, aot, aot_unpaired), rDPO's flip rate "
+                "(robust), EXO's ε (exo_pair); the other loss types ignore it, with a warning"})
     loss_impl: str = field(default="auto", metadata={"help": "kernel choice of the fused losses: auto|torch|triton"})
     loss_type: str = field(default="sigmoid", metadata={
         "help": f"DPO-family loss variant(s) of the preference term, one of {list(LOSS_TYPES)} or several "
                 "comma-separated (e.g. sigmoid,sft), summed with loss_weights (docs/methods.md)"})
     loss_weights: Optional[str] = field(default=None, metadata={
         "help": "comma-separated weights of the loss_type terms (default: 1 each)"})
+    # TRL's DPOConfig options (same names, defaults and meaning; docs/trl.md)
+    f_divergence_type: str = field(default="reverse_kl", metadata={
+        "help": f"f-DPO divergence of the DPO term, one of {list(F_DIVERGENCES)}"})
+    f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "α of f_divergence_type alpha_divergence"})
+    discopop_tau: float = field(default=0.05, metadata={"help": "τ of loss_type discopop"})
+    use_weighting: bool = field(default=False, metadata={
+        "help": "WPO: weight each pair by its responses' probability under the policy (needs log Σp² from the "
+                "fused losses' vocabulary sweep)"})
+    ld_alpha: Optional[float] = field(default=None, metadata={
+        "help": "LD-DPO α in [0, 1]: response tokens beyond the pair's shorter length count α times"})
+    sync_ref_model: bool = field(default=False, metadata={
+        "help": "TR-DPO: every ref_model_sync_steps steps, reference = α·policy + (1−α)·reference (ref_mode model)"})
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO mixing α"})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO: steps between reference updates"})
+    disable_dropout: bool = field(default=True, metadata={
+        "help": "set the model's dropout to 0 before training, as TRL does (LoRA's own lora_dropout is kept)"})
+    model_init_kwargs: Optional[dict] = field(default=None, metadata={
+        "help": "from_pretrained keywords when VPOTrainer gets a model path (a string)"})
     # TPO
     tpo_a: float = field(default=0.5, metadata={"help": "TPO calibration offset a (c = a + σ(±s))"})
     reward_grad: bool = field(default=True, metadata={"help": "TPO: let gradients flow through c_θ (paper default); "
@@ -181,14 +208,17 @@ class VPOConfig(TrainingArguments):
                     or self.online_buffer_size < 1:
                 raise ValueError(f"online_buffer_size must be an int >= 1, got {self.online_buffer_size!r}")
             self.per_device_train_batch_size = self.online_buffer_size  # one buffer take = one training batch
+        self._check_training_numbers()
         super().__post_init__()
         _choice("method", self.method, METHODS)
         if self.online:
             self._check_online()
         _choice("ref_mode", self.ref_mode, REF_MODES)
+        self.ref_mode_given = self.ref_mode  # before auto resolves (an explicit ref_model overrides auto only)
         if self.ref_mode == "auto":  # TRL's habit: LoRA -> the adapter-disabled policy; full fine-tuning -> a copy
             self.ref_mode = "adapter" if self.use_lora else "model"
         self.loss_type_list()  # validate early
+        check_trl_options(self)
         _choice("tpo_rewards", self.tpo_rewards, TPO_REWARDS)
         _choice("ovip_image_loss", self.ovip_image_loss, OVIP_IMAGE_LOSSES)
         _choice("ovip_anchor", self.ovip_anchor, OVIP_ANCHORS)
@@ -233,6 +263,22 @@ class VPOConfig(TrainingArguments):
                 raise ValueError(f"ref_mode='precomputed' with method='catpo' needs kl_coef=0 (the KL term needs the "
                                  f"reference's full distribution at every step), got kl_coef={self.kl_coef}")
         self.catpo_layer_list()  # validate early
+
+    def _check_training_numbers(self) -> None:
+        """Training settings that would run nothing or train backwards (ValueError naming the option), checked
+        before anything loads."""
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be > 0 (or -1: num_train_epochs decides), got {self.max_steps}")
+        if self.max_steps == -1 and not self.num_train_epochs > 0:
+            raise ValueError(f"num_train_epochs must be > 0 when max_steps is -1, got {self.num_train_epochs}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
 
     def _check_online(self) -> None:
         if self.method != "ovip":
@@ -307,3 +353,6 @@ class VPOConfig(TrainingArguments):
         if not names:
             raise ValueError("lora_target_modules must name at least one module, or be all-linear")
         return names
+
+
+VPOConfig.__init__ = refuse_trl_fields(VPOConfig.__init__)  # TRL field names vpo does not take: one line, not TypeError

@@ -41,6 +41,7 @@ from vpo.ops.linear_logprobs import linear_logprobs, target_logits
 from vpo.ops.segment_sum import sequence_sum
 from vpo.oracle.tpo import tpo_log_calibrated_reward
 from vpo.trainer.passes import IGNORE_INDEX, MAIN, Passes
+from vpo.trainer.trl_options import loss_option_kwargs
 
 Metrics = Dict[str, torch.Tensor]
 
@@ -63,17 +64,27 @@ def _takes_loss_type(fn) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def _takes(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _loss_type_kwargs(fn, cfg) -> dict:
-    """``loss_type`` / ``loss_weights`` for a loss head (TRL's DPO variants, ``cfg.loss_type_list()``); nothing for
-    the default plain sigmoid loss. A head without the keywords and a non-default choice raise ValueError."""
+    """``loss_type`` / ``loss_weights`` for a loss head (TRL's DPO variants, ``cfg.loss_type_list()``) and TRL's
+    other options where set (:func:`vpo.trainer.trl_options.loss_option_kwargs`); nothing for the default plain
+    sigmoid loss. A head without the keywords and a non-default choice raise ValueError."""
     types, weights = cfg.loss_type_list() if hasattr(cfg, "loss_type_list") else (["sigmoid"], [1.0])
+    extra = loss_option_kwargs(fn, cfg, _takes) if hasattr(cfg, "f_divergence_type") else {}
     if types == ["sigmoid"] and weights == [1.0]:
-        return {}
+        return extra
     name = getattr(fn, "__name__", repr(fn))
     if not _takes_loss_type(fn):
         raise ValueError(f"loss_type={types} is not available for method {cfg.method!r} in this build ({name} takes "
                          f"no loss_type)")
-    return {"loss_type": types if len(types) > 1 else types[0], "loss_weights": weights}
+    return {"loss_type": types if len(types) > 1 else types[0], "loss_weights": weights, **extra}
 
 
 def _check_same_labels(p: Passes, name: str) -> None:
@@ -87,7 +98,7 @@ def dpo(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
     """DPO on the main pass."""
     loss, out = fused_dpo_loss(p.weight, p.hidden(), p.labels(), p.bias, **_ref_kwargs(p), beta=cfg.beta,
                                label_smoothing=cfg.label_smoothing, impl=cfg.loss_impl,
-                               **_loss_type_kwargs(fused_dpo_loss, cfg))
+                               **_loss_type_kwargs(fused_dpo_loss, cfg), **p.head_kw(fused_dpo_loss))
     return loss, dict(out.metrics)
 
 
@@ -104,7 +115,7 @@ def tpo(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
     loss, out = fused_tpo_loss(
         p.weight, p.hidden(), hidden_noised, p.labels(), p.bias, **_ref_kwargs(p, ("noised", "ref_hidden_noised")),
         beta=cfg.beta, a=cfg.tpo_a, reward_grad=cfg.reward_grad, rewards=cfg.tpo_rewards, impl=cfg.loss_impl,
-        **_loss_type_kwargs(fused_tpo_loss, cfg),
+        **_loss_type_kwargs(fused_tpo_loss, cfg), **p.head_kw(fused_tpo_loss),
     )
     return loss, dict(out.metrics)
 
@@ -135,7 +146,7 @@ def catpo(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
     ref = _ref_kwargs(p)
     loss, out = fn(p.weight, p.hidden(), p.labels(), w, p.bias, ref.get("ref_hidden"), ref.get("ref_weight"),
                    ref.get("ref_bias"), ref_logps=ref.get("ref_logps"), beta=cfg.beta, kl_coef=cfg.kl_coef,
-                   impl=cfg.loss_impl, **_loss_type_kwargs(fn, cfg))
+                   impl=cfg.loss_impl, **_loss_type_kwargs(fn, cfg), **p.head_kw(fn))
     metrics = dict(out.metrics)
     with torch.no_grad():
         mask = (p.labels() != IGNORE_INDEX).float()
@@ -231,6 +242,26 @@ def mdpo(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
     return dpo_term + cond + anchor, metrics
 
 
+def check_head_supported(model, method: str) -> None:
+    """Raise ValueError (one line: the model type, the transform, the function) when ``model``'s head transform
+    (soft-capping, logit scale: :func:`vpo.trainer.modeling.head_transform`) cannot be passed to the functions
+    ``method`` scores with, before any data is read."""
+    from vpo.trainer.modeling import head_kwargs, head_transform, model_type_of
+
+    transform = head_transform(model)
+    if transform == (None, None):
+        return
+    fns = [linear_logprobs]
+    if method in ("dpo", "csr"):
+        fns.append(fused_dpo_loss)
+    elif method == "tpo":
+        fns += [fused_tpo_loss, target_logits]
+    elif method == "catpo":
+        fns.append(_fused_catpo())
+    for fn in fns:
+        head_kwargs(fn, transform, model_type_of(model))
+
+
 METHODS: Dict[str, Callable[[Passes, object], Tuple[torch.Tensor, Metrics]]] = {
     "dpo": dpo, "tpo": tpo, "catpo": catpo, "ovip": ovip, "lpoi": lpoi, "mdpo": mdpo, "csr": csr,
 }
@@ -271,7 +302,8 @@ def reference_terms(p: Passes, cfg) -> Dict[str, torch.Tensor]:
     if method == "catpo":
         w = _catpo_weights(p, cfg)
         weight, bias = _ref_head(p)
-        logp, _ = linear_logprobs(p.ref_hidden(MAIN), weight, p.labels(), bias, impl=cfg.loss_impl)
+        logp, _ = linear_logprobs(p.ref_hidden(MAIN), weight, p.labels(), bias, impl=cfg.loss_impl,
+                                  **p.head_kw(linear_logprobs))
         return {MAIN: sequence_sum(logp * w.to(logp.dtype))}
     names = {"ovip": ("noimg", "negimg"), "lpoi": ("list",), "mdpo": ("crop",)}[method]
     out = {MAIN: p.ref_logps(MAIN)}
@@ -292,8 +324,10 @@ def _tpo_reference_term(p: Passes, cfg) -> torch.Tensor:
     _check_same_labels(p, "noised")
     weight, bias = _ref_head(p)
     labels = p.labels()
-    logp, z = linear_logprobs(p.ref_hidden(MAIN), weight, labels, bias, impl=cfg.loss_impl)
-    z_noised = target_logits(p.ref_hidden("noised"), weight, labels, bias, impl=cfg.loss_impl)
+    logp, z = linear_logprobs(p.ref_hidden(MAIN), weight, labels, bias, impl=cfg.loss_impl,
+                              **p.head_kw(linear_logprobs))
+    z_noised = target_logits(p.ref_hidden("noised"), weight, labels, bias, impl=cfg.loss_impl,
+                             **p.head_kw(target_logits))
     mask = labels != IGNORE_INDEX
     s = torch.where(mask, z - z_noised, torch.zeros_like(z))
     is_chosen_row = torch.arange(labels.shape[0], device=labels.device) < p.B

@@ -53,8 +53,9 @@ def _data(trainer) -> str:
     return ", ".join(parts)
 
 
-def model_card(trainer, eval_metrics: Optional[Dict[str, float]] = None) -> str:
-    """The card's Markdown text for ``trainer`` after training."""
+def model_card(trainer, eval_metrics: Optional[Dict[str, float]] = None, output_dir: Optional[str] = None) -> str:
+    """The card's Markdown text for ``trainer`` after training; its usage snippet loads from ``output_dir`` (the
+    folder the card is written to; default ``args.output_dir``), as an absolute path."""
     import vpo
 
     args = trainer.args
@@ -77,15 +78,17 @@ def model_card(trainer, eval_metrics: Optional[Dict[str, float]] = None) -> str:
     tags = ["vpo", args.method, "preference-optimization", "vision-language-model"] + (["lora", "peft"] if lora else [])
     front = "\n".join(["---", f"base_model: {base}", "library_name: " + ("peft" if lora else "transformers"),
                        "tags:", *[f"- {t}" for t in tags], "---"])
+    folder = os.path.abspath(output_dir or args.output_dir)
     load = (f"from peft import PeftModel\nfrom transformers import AutoModelForImageTextToText\n"
-            f"model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(\"{base}\"), \"PATH\")"
+            f"model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(\"{base}\"), "
+            f"\"{folder}\")"
             if lora else
             "from transformers import AutoModelForImageTextToText\n"
-            "model = AutoModelForImageTextToText.from_pretrained(\"PATH\")")
+            f"model = AutoModelForImageTextToText.from_pretrained(\"{folder}\")")
     lines = [
         front,
         "",
-        f"# {os.path.basename(os.path.abspath(args.output_dir))}",
+        f"# {os.path.basename(folder)}",
         "",
         f"A {'LoRA adapter for' if lora else 'fine-tuned'} `{base}` trained with **{args.method}** by "
         f"vpo {vpo.__version__} (`docs/methods.md` has the method's loss).",
@@ -121,5 +124,5 @@ def write_model_card(trainer, output_dir: Optional[str] = None, eval_metrics: Op
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "README.md")
     with open(path, "w", encoding="utf-8") as f:
-        f.write(model_card(trainer, eval_metrics))
+        f.write(model_card(trainer, eval_metrics, out))
     return path

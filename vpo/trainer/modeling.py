@@ -1,17 +1,28 @@
-"""Model plumbing for the trainer: loading, the language-model-only LoRA, the LM head, the backbone.
+r"""Model plumbing for the trainer: loading, the language-model-only LoRA, the LM head, the backbone.
 
-LoRA targets. A plain ``q_proj``/``v_proj`` target also matches the attention projections of the vision tower (CLIP in
-LLaVA, the Idefics2 perceiver, ...). :func:`lora_target_regex` therefore builds the target from the names of the
-modules that live inside the LANGUAGE model (``model.get_decoder()``, located by identity among ``named_modules()``)::
+LoRA targets are module PATHS and TYPES, never bare leaf names. A leaf name such as ``q_proj`` also names attention
+projections of the vision tower (CLIP in LLaVA, the Idefics2 perceiver, ...), and a numeric leaf (Gemma 3n's
+``altup_projections.0``) would match a whole decoder layer (``layers.0``). :func:`lora_target_modules` therefore lists
+the full names of the modules to adapt: inside the LANGUAGE model (``model.get_decoder()``, located by identity among
+``named_modules()``), of type ``nn.Linear`` with ``nn.Linear``'s own ``forward`` (a subclass that overrides it, such as
+Llama 4's MoE router returning ``(scores, logits)``, is left out), and not an MoE router (leaf ``router`` / ``gate``:
+its output picks experts, adapting it is not what LoRA on the layers means). :func:`lora_target_regex` writes that set
+as one anchored regex (peft full-matches a string target), the layer indices folded into ``\d+``::
 
-    ^model\\.language_model\\..*\\.(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$
+    ^(?:model\.language_model\.layers\.\d+\.self_attn\.q_proj|model\.language_model\.layers\.\d+\.mlp\.up_proj|...)$
 
-(peft full-matches a string target against every module name), so nothing outside the language model is adapted,
-whatever the vision tower names its layers. ``all-linear`` collects the leaf names of every ``nn.Linear`` inside the
-language model.
+and checks that the regex matches exactly that set in the model (a pattern that would also match another module is
+written out name by name instead).
+
+Head transforms. Some models do not take their logits straight from ``h · Wᵀ``: Gemma 2 / 3n and PaliGemma soft-cap
+them (``z = cap · tanh(z / cap)``, ``final_logit_softcapping``), Cohere and Aya Vision scale them (``z = s · z``,
+``logit_scale``). :func:`head_transform` reads both from the model's configs (top level, ``text_config`` and nested
+ones) when the model's own ``forward`` applies them, so the fused losses can apply the same transform.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 from typing import Optional, Sequence, Tuple, Union
 
@@ -47,15 +58,54 @@ def model_family(model) -> str:
     return FAMILY_OF_MODEL_TYPE[model_type]
 
 
+def model_type_of(model) -> str:
+    """``config.model_type`` of the transformers model inside ``model`` (its class name when it has none)."""
+    base = unwrap_model(model)
+    return str(getattr(getattr(base, "config", None), "model_type", None) or type(base).__name__)
+
+
+def _has_lm_head(module: torch.nn.Module) -> bool:
+    get = getattr(module, "get_output_embeddings", None)
+    try:
+        return callable(get) and isinstance(get(), torch.nn.Module)
+    except (AttributeError, NotImplementedError):
+        return False
+
+
+def decoder_of(model) -> Optional[torch.nn.Module]:
+    """The language model's body (``get_decoder()``), descending through a ``*ForCausalLM`` that ``get_decoder()``
+    may return (Llama 4's ``language_model`` -> ``language_model.model``); None when there is none."""
+    module = unwrap_model(model)
+    for _ in range(3):
+        get_decoder = getattr(module, "get_decoder", None)
+        inner = get_decoder() if callable(get_decoder) else None
+        if not isinstance(inner, torch.nn.Module):
+            return None
+        if not _has_lm_head(inner):
+            return inner
+        body = getattr(inner, "model", None)  # a *ForCausalLM (whose get_decoder() may return itself)
+        if isinstance(body, torch.nn.Module) and not _has_lm_head(body):
+            return body
+        if inner is module:
+            return None
+        module = inner
+    return None
+
+
 def backbone(model) -> torch.nn.Module:
-    """The ``*Model`` under the ``*ForConditionalGeneration`` head: its output's ``last_hidden_state`` is post-norm."""
+    """The module whose output's ``last_hidden_state`` is the post-norm hidden state the LM head reads: the ``*Model``
+    under a ``*ForConditionalGeneration`` (``.model``), else the language model itself (``get_decoder()``: Llama 4's
+    ``language_model.model``)."""
     base = unwrap_model(model)
     inner = getattr(base, "model", None)
-    if not isinstance(inner, torch.nn.Module):
-        raise ValueError(
-            f"{type(base).__name__} has no `.model` backbone module: expected a transformers *ForConditionalGeneration"
-        )
-    return inner
+    # ``.model`` may alias a model with its own LM head (Llama 4: the *ForCausalLM), whose output is logits
+    if isinstance(inner, torch.nn.Module) and not _has_lm_head(inner):
+        return inner
+    decoder = decoder_of(base)
+    if decoder is not None:
+        return decoder
+    raise ValueError(f"{model_type_of(base)} ({type(base).__name__}) has neither a `.model` backbone module nor a "
+                     f"get_decoder(): expected a transformers *ForConditionalGeneration")
 
 
 def lm_head(model) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -73,7 +123,9 @@ def lm_head(model) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
 def language_model_prefix(model) -> str:
     """Dotted name of the language model (``model.get_decoder()``) inside ``model``, e.g. ``model.language_model``."""
     base = unwrap_model(model)
-    decoder = base.get_decoder()
+    decoder = decoder_of(base)
+    if decoder is None:
+        raise ValueError(f"{model_type_of(base)} ({type(base).__name__}) has no language model (get_decoder())")
     for name, module in base.named_modules():
         if module is decoder and name:
             return name
@@ -81,40 +133,147 @@ def language_model_prefix(model) -> str:
                      f"{type(base).__name__}")
 
 
-def lora_target_regex(model, targets: Union[str, Sequence[str]] = "all-linear", scope: str = "language_model") -> str:
-    """The peft ``target_modules`` regex adapting ``targets`` inside the language model only (module docstring).
+# Leaf names of MoE routers: their output chooses experts (Mixtral / Qwen-MoE ``gate``, Llama 4 ``router``).
+_ROUTER_LEAVES = frozenset({"router", "gate"})
+# Quantized linear layers peft adapts (their forward returns a tensor like nn.Linear's).
+_QUANT_PACKAGES = ("bitsandbytes", "auto_gptq", "gptqmodel", "awq", "hqq", "torchao", "optimum")
+
+
+def _adaptable_linear(name: str, module: torch.nn.Module) -> bool:
+    """An ``nn.Linear`` whose forward is ``nn.Linear``'s (or a quantized one's), not an MoE router."""
+    if not isinstance(module, torch.nn.Linear) or name.rsplit(".", 1)[-1] in _ROUTER_LEAVES:
+        return False
+    cls = type(module)
+    return cls.forward is torch.nn.Linear.forward or cls.__module__.split(".")[0] in _QUANT_PACKAGES
+
+
+def lora_target_modules(model, targets: Union[str, Sequence[str]] = "all-linear",
+                        scope: str = "language_model") -> list:
+    """Full module names (``named_modules()`` of the transformers model) that LoRA adapts (module docstring).
 
     Args:
         model: a transformers VLM (not yet wrapped by peft).
-        targets: leaf module names (``["q_proj", "v_proj"]``) or ``"all-linear"`` (every ``nn.Linear`` leaf name of
-            the language model).
-        scope: ``"language_model"`` (default) or ``"all"`` (any module with a matching leaf name, vision included).
+        targets: ``"all-linear"`` (every adaptable linear layer in scope) or leaf names (``["q_proj", "v_proj"]``):
+            the adaptable linear layers in scope whose last name component is one of them.
+        scope: ``"language_model"`` (default) or ``"all"`` (the whole model, vision tower included; never the LM
+            head, which the fused losses read directly).
+    """
+    base = unwrap_model(model)
+    if scope == "language_model":
+        prefix = language_model_prefix(base) + "."
+        where = f"the language model ({prefix[:-1]})"
+    elif scope == "all":
+        prefix = ""
+        where = f"{type(base).__name__}"
+    else:
+        raise ValueError(f"scope must be 'language_model' or 'all', got {scope!r}")
+    head = base.get_output_embeddings()
+    found = [n for n, m in base.named_modules()
+             if n.startswith(prefix) and m is not head and _adaptable_linear(n, m)]
+    if targets != "all-linear":
+        if isinstance(targets, str):
+            targets = [targets]
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in found})
+        missing = [t for t in targets if t not in leaves]
+        if missing:
+            raise ValueError(f"lora_target_modules {missing} name no nn.Linear inside {where}; its linear layers are "
+                             f"{leaves}")
+        found = [n for n in found if n.rsplit(".", 1)[-1] in set(targets)]
+    if not found:
+        raise ValueError(f"{model_type_of(base)}: {where} has no nn.Linear layer to adapt")
+    return found
+
+
+def _names_regex(names: Sequence[str], all_names: Sequence[str]) -> str:
+    """One anchored regex matching exactly ``names`` among ``all_names``: layer indices folded into ``\\d+`` where
+    that matches nothing else, the names written out otherwise."""
+    groups: dict = {}
+    for n in names:
+        pattern = r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in n.split("."))
+        groups.setdefault(pattern, []).append(n)
+    wanted = set(names)
+    alternatives = []
+    for pattern, members in groups.items():
+        rx = re.compile(pattern)
+        if all(n in wanted for n in all_names if rx.fullmatch(n)):
+            alternatives.append(pattern)
+        else:  # the folded pattern would reach another module: list the names
+            alternatives.extend(re.escape(n) for n in members)
+    return "^(?:" + "|".join(alternatives) + ")$"
+
+
+def lora_target_regex(model, targets: Union[str, Sequence[str]] = "all-linear", scope: str = "language_model") -> str:
+    """The peft ``target_modules`` regex of :func:`lora_target_modules` (module docstring).
 
     Example:
         >>> from vpo.models import tiny_llava
         >>> lora_target_regex(tiny_llava().model, ["q_proj", "v_proj"])
-        '^model\\\\.language_model\\\\..*\\\\.(?:q_proj|v_proj)$'
+        '^(?:model\\\\.language_model\\\\.layers\\\\.\\\\d+\\\\.self_attn\\\\.q_proj|model\\\\.language_model\\\\.layers\\\\.\\\\d+\\\\.self_attn\\\\.v_proj)$'
     """
     base = unwrap_model(model)
-    prefix = language_model_prefix(base)
-    decoder = base.get_decoder()
-    linear_leaves = sorted({n.rsplit(".", 1)[-1] for n, m in decoder.named_modules() if isinstance(m, torch.nn.Linear)})
-    if targets == "all-linear":
-        leaves = linear_leaves
-    else:
-        leaves = list(targets)
-        missing = [t for t in leaves if t not in linear_leaves]
-        if missing:
-            raise ValueError(f"lora_target_modules {missing} name no nn.Linear inside the language model "
-                             f"({prefix}); its linear layers are {linear_leaves}")
-    if not leaves:
-        raise ValueError(f"the language model ({prefix}) has no nn.Linear layer to adapt")
-    alternatives = "|".join(re.escape(x) for x in leaves)
-    if scope == "all":
-        return rf"^(?:.*\.)?(?:{alternatives})$"
-    if scope != "language_model":
-        raise ValueError(f"scope must be 'language_model' or 'all', got {scope!r}")
-    return rf"^{re.escape(prefix)}\..*\.(?:{alternatives})$"
+    names = lora_target_modules(base, targets, scope)
+    return _names_regex(names, [n for n, _ in base.named_modules()])
+
+
+def head_transform(model) -> Tuple[Optional[float], Optional[float]]:
+    """``(softcap, scale)`` the model applies to its logits ``z = h · Wᵀ (+ b)``: soft-capping ``cap · tanh(z / cap)``
+    (Gemma 2 / 3n, PaliGemma), scaling ``scale · z`` (Cohere, Aya Vision); ``None``: not applied. Read from the first config (top level,
+    ``get_text_config()``, then nested sub-configs) that sets ``final_logit_softcapping`` / ``logit_scale``, and only
+    when the model's own ``forward`` applies it (Gemma 3's ``*ForConditionalGeneration`` ignores its text config's
+    cap; Cohere2-Vision its ``logit_scale``)."""
+    base = unwrap_model(model)
+    config = base.config
+    configs = [config]
+    if hasattr(config, "get_text_config"):
+        configs.append(config.get_text_config())
+    for key in ("text_config", "language_config", "llm_config"):
+        sub = getattr(config, key, None)
+        if sub is not None:
+            configs.append(sub)
+    try:
+        source = inspect.getsource(type(base).forward)
+    except (OSError, TypeError):  # no source: trust the config
+        source = None
+
+    def read(key: str, neutral: float) -> Optional[float]:
+        if source is not None and key not in source:
+            return None
+        for c in configs:
+            value = getattr(c, key, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value != neutral:
+                return float(value)
+        return None
+
+    softcap = read("final_logit_softcapping", 0.0)
+    scale = read("logit_scale", 1.0)
+    return softcap, scale
+
+
+@functools.lru_cache(maxsize=None)
+def _keywords(fn) -> frozenset:
+    try:
+        return frozenset(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def head_kwargs(fn, transform: Tuple[Optional[float], Optional[float]], model_type: str = "the model") -> dict:
+    """The keyword arguments carrying a :func:`head_transform` ``(softcap, scale)`` to ``fn`` (a fused loss or an
+    op): ``logit_softcap`` / ``logit_scale``, only those that are set (so a plain head passes nothing). Raises
+    ValueError naming the model type when ``fn`` does not take a keyword the model needs."""
+    softcap, scale = transform
+    kw = {}
+    if softcap is not None:
+        kw["logit_softcap"] = float(softcap)
+    if scale is not None:
+        kw["logit_scale"] = float(scale)
+    missing = [k for k in kw if k not in _keywords(fn)]
+    if missing:
+        what = {"logit_softcap": f"soft-caps its logits (final_logit_softcapping={softcap})",
+                "logit_scale": f"scales its logits (logit_scale={scale})"}[missing[0]]
+        raise ValueError(f"{model_type} {what}, but this vpo build's {getattr(fn, '__name__', fn)} takes no "
+                         f"{missing[0]}: the log-probs would not be the model's")
+    return kw
 
 
 def apply_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.05,

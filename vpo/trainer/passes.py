@@ -28,16 +28,32 @@ import torch
 from vpo.distributed import unshard_head
 from vpo.ops.linear_logprobs import linear_logprobs
 from vpo.ops.segment_sum import sequence_sum
-from vpo.trainer.modeling import backbone, lm_head, unwrap_model
+from vpo.trainer.modeling import backbone, head_kwargs, head_transform, lm_head, model_type_of, unwrap_model
 
 IGNORE_INDEX = -100
 # Batch keys that are not model inputs.
 NON_MODEL_KEYS = frozenset({"labels", "ref_logps", "token_weights", "ids", "skipped", "sub"})
 MAIN = "main"
+# Model inputs indexed by token like input_ids: ``[R, L, ...]``.
+PER_TOKEN_INPUTS = ("attention_mask", "token_type_ids", "mm_token_type_ids", "cross_attention_mask")
+
+
+def check_model_inputs(model, inputs: Dict[str, torch.Tensor]) -> None:
+    """Every per-token input (:data:`PER_TOKEN_INPUTS`) has ``input_ids``'s ``[R, L]`` as its leading dims; else a
+    ValueError naming the input and the architecture (instead of a tensor-size error deep in the model)."""
+    ids = inputs.get("input_ids")
+    if not isinstance(ids, torch.Tensor):
+        return
+    for key in PER_TOKEN_INPUTS:
+        t = inputs.get(key)
+        if isinstance(t, torch.Tensor) and tuple(t.shape[:2]) != tuple(ids.shape):
+            raise ValueError(f"{model_type_of(model)}: model input {key} has shape {tuple(t.shape)} but input_ids has "
+                             f"shape {tuple(ids.shape)}: expected {key}.shape[:2] == input_ids.shape")
 
 
 def forward_hidden(model, inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
     """``[R, L, D]`` post-norm last hidden states of ``model`` on ``inputs`` (module docstring: how)."""
+    check_model_inputs(model, inputs)
     captured = {}
 
     def grab(_module, _args, output):
@@ -150,6 +166,13 @@ class Passes:
         vision = getattr(config, "vision_config", None)
         self._merge = int(getattr(vision, "spatial_merge_size", 2) or 2)
         self._image_token_id = getattr(config, "image_token_id", None)
+        # soft-capping / logit scale of the model's head (vpo.trainer.modeling.head_transform)
+        self.transform = head_transform(policy)
+        self.model_type = model_type_of(policy)
+
+    def head_kw(self, fn) -> dict:
+        """``logit_softcap`` / ``logit_scale`` keywords of ``fn`` for this model's head (empty for a plain head)."""
+        return head_kwargs(fn, self.transform, self.model_type)
 
     # -- inputs ---------------------------------------------------------------------------------------------------
 
@@ -221,7 +244,8 @@ class Passes:
 
     def logps(self, name: str = MAIN) -> torch.Tensor:
         """``[R]`` the policy's per-sequence ``Σ_t logp(y_t)`` on pass ``name``."""
-        logp, _ = linear_logprobs(self.hidden(name), self.weight, self.labels(name), self.bias, impl=self.impl)
+        logp, _ = linear_logprobs(self.hidden(name), self.weight, self.labels(name), self.bias, impl=self.impl,
+                                  **self.head_kw(linear_logprobs))
         return sequence_sum(logp)
 
     # -- reference ------------------------------------------------------------------------------------------------
@@ -246,7 +270,8 @@ class Passes:
         with torch.no_grad():
             w = self.weight.detach() if self.ref_weight is None else self.ref_weight
             b = (None if self.bias is None else self.bias.detach()) if self.ref_weight is None else self.ref_bias
-            logp, _ = linear_logprobs(self.ref_hidden(name), w, self.labels(name), b, impl=self.impl)
+            logp, _ = linear_logprobs(self.ref_hidden(name), w, self.labels(name), b, impl=self.impl,
+                                      **self.head_kw(linear_logprobs))
             return sequence_sum(logp)
 
     def ref_terms(self, name: str = MAIN) -> torch.Tensor:

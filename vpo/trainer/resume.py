@@ -108,6 +108,9 @@ class ResumeMixin:
             "epoch_done": self._vpo_epoch_done, "raw_batches": self._vpo_raw, "real_batches": self._vpo_real,
             "dropped_batches": self._vpo_dropped, "skipped_total": dict(self._vpo_skip_totals),
             "first_skip_reason": self._vpo_first_reason,
+            # TRL's running num_tokens (vpo.trainer.metrics): the total at the last log, and this process's since
+            "num_tokens": int(getattr(self, "num_tokens", 0)),
+            "num_tokens_pending": int(getattr(self, "_tokens_since_log", 0)),
             "eval_draw": getattr(eval_collator, "draw", None) if eval_collator is not self.data_collator else None,
         }
 
@@ -124,6 +127,9 @@ class ResumeMixin:
         self._vpo_first_reason = state.get("first_skip_reason")
         self._vpo_real = int(state.get("real_batches", 0))
         self._vpo_dropped = int(state.get("dropped_batches", 0))
+        self.num_tokens = int(state.get("num_tokens", 0))
+        if hasattr(self, "_tokens_since_log"):
+            self._tokens_since_log.fill_(int(state.get("num_tokens_pending", 0)))
         eval_collator = getattr(self, "_eval_collator", None)
         if state.get("eval_draw") is not None and hasattr(eval_collator, "draw"):
             eval_collator.draw = int(state["eval_draw"])

@@ -23,7 +23,7 @@ from transformers import Trainer, TrainingArguments
 
 from vpo.data.collator import IGNORE_INDEX, PreferenceCollator
 from vpo.ops.linear_logprobs import linear_logprobs
-from vpo.trainer.modeling import lm_head
+from vpo.trainer.modeling import head_kwargs, head_transform, lm_head, model_type_of
 from vpo.trainer.passes import forward_hidden, select_rows
 
 _ROW_KEYS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")
@@ -120,7 +120,8 @@ def sft_loss(model, inputs: Mapping[str, torch.Tensor], impl: str = "auto") -> t
     hidden = forward_hidden(model, model_in)[:, :-1]
     weight, bias = lm_head(model)
     shifted = labels[:, 1:]
-    logp, _ = linear_logprobs(hidden.to(weight.dtype), weight, shifted, bias, impl=impl)
+    kw = head_kwargs(linear_logprobs, head_transform(model), model_type_of(model))  # soft-cap / logit scale
+    logp, _ = linear_logprobs(hidden.to(weight.dtype), weight, shifted, bias, impl=impl, **kw)
     n = (shifted != IGNORE_INDEX).sum().clamp_min(1)
     return -logp.sum() / n
 

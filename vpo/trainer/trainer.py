@@ -27,14 +27,18 @@ from typing import Dict, Optional
 import torch
 from transformers import Trainer, TrainerCallback
 
-from vpo.trainer import distributed, trl_compat
+from vpo.trainer import distributed, trl_compat, trl_options
 from vpo.trainer.config import VPOConfig
 from vpo.trainer.methods import compute
+from vpo.trainer.metrics import count_tokens
 from vpo.trainer.modeling import apply_lora, freeze_outside_language_model, unwrap_peft
 from vpo.trainer.online import is_online_dataset
 from vpo.trainer.passes import Passes
 from vpo.trainer.reference import Reference, load_reference_table
 from vpo.trainer.resume import ResumeMixin
+
+
+_TOKENS = "\0num_tokens"  # the per-log token increment inside _flush's per-process totals
 
 
 class VPOTrainer(ResumeMixin, Trainer):
@@ -77,13 +81,19 @@ class VPOTrainer(ResumeMixin, Trainer):
                  ref_table: Optional[Dict[str, Dict]] = None, data_collator=None, peft_config=None, **kwargs):
         if not isinstance(args, VPOConfig):
             raise ValueError(f"args must be a VPOConfig, got {type(args).__name__}")
+        # TRL's constructor semantics (vpo.trainer.trl_options): a model path is loaded, no data is an error now, an
+        # explicit ref_model is used (LoRA too), a PeftModel with peft_config is refused; dropout off by default.
+        model, kwargs["processing_class"] = trl_options.resolve_model(model, args, kwargs.get("processing_class"))
+        trl_options.check_constructor(model, args, ref_model, peft_config, kwargs.get("train_dataset"))
+        if args.disable_dropout:
+            trl_options.disable_dropout(model)
+        trl_compat.check_plain_head(model, args.method)  # before any data is read
         # TRL's habits (vpo.trainer.trl_compat): datasets in any source/layout, the collator from processing_class,
         # peft_config, a frozen reference copy for full fine-tuning.
         for key in ("train_dataset", "eval_dataset"):
             kwargs[key] = trl_compat.open_dataset(kwargs.get(key), args, key, data_collator)
         if data_collator is None:
             data_collator = trl_compat.default_collator(kwargs.get("processing_class"), model, args)
-        trl_compat.check_plain_head(model)
         if args.ref_mode == "model" and ref_model is None:
             ref_model = trl_compat.load_reference(args) or trl_compat.reference_copy(model)
         if peft_config is not None and unwrap_peft(model) is None:
@@ -97,6 +107,8 @@ class VPOTrainer(ResumeMixin, Trainer):
                                    targets=args.lora_target_list(), scope=args.lora_scope)
             elif args.freeze_vision:
                 freeze_outside_language_model(model)
+        if ref_model is not None and args.ref_mode == "adapter":  # auto chose the adapter; the explicit model wins
+            args.ref_mode = "model"
         if args.ref_mode != "model":
             ref_model = None
         if args.ref_mode == "precomputed" and ref_table is None and args.ref_logps_path:
@@ -115,6 +127,10 @@ class VPOTrainer(ResumeMixin, Trainer):
             ref_model = distributed.prepare_reference(self, ref_model)  # sharded like the policy (FSDP2, ZeRO-3)
         self.ref_model = ref_model
         self.reference = Reference(args.ref_mode, model=ref_model, table=ref_table)
+        if args.sync_ref_model:  # TR-DPO
+            self.add_callback(trl_options.sync_reference_callback(self))
+        self.num_tokens = 0  # TRL's num_tokens: attended tokens trained on so far (vpo.trainer.metrics)
+        self._tokens_since_log = torch.zeros((), dtype=torch.long, device=args.device)
         self._stored_metrics = defaultdict(lambda: defaultdict(list))
         self._skipped = defaultdict(lambda: defaultdict(int))
         self._online = self._setup_online(self.train_dataset)
@@ -197,6 +213,8 @@ class VPOTrainer(ResumeMixin, Trainer):
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         loss, metrics = self._loss_and_metrics(model, inputs, "train")
         self.store_metrics(metrics, "train")
+        # TRL's num_tokens (vpo.trainer.metrics): no host sync here, summed at the next log
+        self._tokens_since_log = self._tokens_since_log + count_tokens(inputs).to(self._tokens_since_log.device)
         return (loss, metrics) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
@@ -245,6 +263,9 @@ class VPOTrainer(ResumeMixin, Trainer):
             sums = torch.stack([torch.stack([torch.as_tensor(v, device=device).float().reshape(()) for v in stored[k]])
                                 .sum() for k in keys]).tolist()  # one host sync per log
             local = {k: (total, len(stored[k])) for k, total in zip(keys, sums)}
+        if split == "train":  # the tokens since the last log, summed over processes below
+            local[_TOKENS] = (float(self._tokens_since_log), 1)
+            self._tokens_since_log.zero_()
         parts = [(local, dict(skipped))]
         if self.args.world_size > 1:
             from accelerate.utils import gather_object
@@ -259,7 +280,9 @@ class VPOTrainer(ResumeMixin, Trainer):
                 acc[1] += n
             for reason, n in skip_part.items():
                 counts[reason] += n
+        self.num_tokens += int(totals.pop(_TOKENS, (0.0, 0))[0])
         out = {k: total / max(n, 1) for k, (total, n) in totals.items()}
+        out["num_tokens"] = float(self.num_tokens)  # TRL's running total (the training one, in eval logs too)
         out.update({f"data/skipped_{reason}": float(n) for reason, n in counts.items()})
         return out
 

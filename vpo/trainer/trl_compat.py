@@ -33,20 +33,12 @@ def family_for(model) -> str:
     return FAMILY_OF_MODEL_TYPE.get(model_type, "generic")
 
 
-def check_plain_head(model) -> None:
-    """Raise ValueError when the model's logits are not ``h · Wᵀ (+ b)``: the fused losses read ``lm_head.weight``
-    and would silently compute other probabilities (Gemma-2-style soft-capping, Cohere-style logit scaling)."""
-    cfg = unwrap_model(model).config
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    for c in {id(cfg): cfg, id(text): text}.values():
-        cap = getattr(c, "final_logit_softcapping", None)
-        if cap:
-            raise ValueError(f"{type(unwrap_model(model)).__name__} soft-caps its logits (final_logit_softcapping="
-                             f"{cap}): the fused losses compute log-probs from h · W and do not support it")
-        scale = getattr(c, "logit_scale", None)
-        if scale not in (None, 1, 1.0):
-            raise ValueError(f"{type(unwrap_model(model)).__name__} scales its logits (logit_scale={scale}): the "
-                             "fused losses compute log-probs from h · W and do not support it")
+def check_plain_head(model, method: str = "dpo") -> None:
+    """Raise ValueError when the model's logits are not ``h · Wᵀ (+ b)`` and the fused functions of ``method`` cannot
+    apply its transform (:func:`vpo.trainer.methods.check_head_supported`)."""
+    from vpo.trainer.methods import check_head_supported
+
+    check_head_supported(model, method)
 
 
 def default_collator(processor, model, args):

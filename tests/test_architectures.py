@@ -1,0 +1,174 @@
+"""Every tiny image-text-to-text architecture trains correctly through the generic collator or is refused in one line
+(issue 20): the trainer's log-probs equal the model's own on the scored tokens, no response token sees a later one,
+LoRA adapts only plain linear layers of the language model, DPO and TPO train, and ``vpo train`` runs a saved folder.
+
+Architectures whose head soft-caps or scales its logits (PaliGemma 2, Aya Vision) need the fused functions'
+``logit_softcap`` / ``logit_scale``: until this vpo build has them they are refused before any data is read (tested),
+and their equality tests are skipped with that reason."""
+import inspect
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from PIL import Image  # noqa: E402
+
+import vpo  # noqa: E402
+from vpo.data import PreferenceCollator, record_from_row  # noqa: E402
+from vpo.models.tiny_generic import ARCHS as GENERIC_ARCHS  # noqa: E402
+from vpo.models.tiny_zoo import ZOO, tiny_architecture  # noqa: E402
+from vpo.testing import check_causal, check_logprobs_match_model  # noqa: E402
+from vpo.trainer import VPOConfig, VPOTrainer  # noqa: E402
+from vpo.trainer.modeling import apply_lora, head_transform, language_model_prefix  # noqa: E402
+
+ARCHITECTURES = sorted((*GENERIC_ARCHS, *ZOO))
+HEAD_KEYWORDS = set(inspect.signature(vpo.fused_dpo_loss).parameters)
+NEEDS = {"paligemma2": "logit_softcap", "aya_vision": "logit_scale"}  # the head transform each needs
+COLORS = ["red", "green", "blue", "white"]
+
+
+def rows(n=2):
+    return [{"id": f"r{i}", "images": [Image.new("RGB", (24, 16), COLORS[i % 4])], "prompt": "what color is the cat ?",
+             "chosen": f"the cat is {COLORS[i % 4]} .", "rejected": f"the cat is {COLORS[(i + 1) % 4]} . it is big"}
+            for i in range(n)]
+
+
+def supported(arch) -> bool:
+    return NEEDS.get(arch) is None or NEEDS[arch] in HEAD_KEYWORDS
+
+
+def skip_unsupported(arch):
+    if not supported(arch):
+        pytest.skip(f"{arch} needs vpo.fused_dpo_loss(..., {NEEDS[arch]}=...), which this build does not have yet")
+
+
+def test_at_least_16_architectures():
+    assert len(ARCHITECTURES) >= 16
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_logprobs_equal_the_models_and_responses_are_causal(arch):
+    skip_unsupported(arch)
+    model, proc = tiny_architecture(arch)
+    batch = PreferenceCollator(proc, "generic", method="tpo")([record_from_row(r) for r in rows()])
+    assert batch["skipped"] == {} and batch["input_ids"].shape[0] == 4
+    check_logprobs_match_model(model, batch, atol=1e-4)
+    check_logprobs_match_model(model, dict(batch["sub"]["noised"]), atol=1e-4)
+    for row in (0, 3):  # a chosen row and the longest rejected one
+        check_causal(model, batch, row=row, atol=1e-5)
+    text = proc.tokenizer.decode(batch["input_ids"][0][batch["labels"][0] != -100])
+    assert "red" in text and "image" not in text.lower()
+
+
+def test_causality_check_catches_paligemmas_prefix_types():
+    """With response tokens typed 0 (PaliGemma's bidirectional prefix), as the collator did before, a response token
+    sees the later ones and the check fails."""
+    model, proc = tiny_architecture("paligemma")
+    batch = PreferenceCollator(proc, "generic", method="dpo")([record_from_row(r) for r in rows()])
+    assert (batch["token_type_ids"][batch["labels"] != -100] == 1).all()
+    check_causal(model, batch, row=0)
+    bad = dict(batch, token_type_ids=torch.zeros_like(batch["token_type_ids"]))
+    with pytest.raises(AssertionError, match="sees a later one"):
+        check_causal(model, bad, row=0)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_lora_adapts_plain_linear_layers_of_the_language_model_only(arch):
+    model, _ = tiny_architecture(arch)
+    prefix = language_model_prefix(model) + "."
+    head = model.get_output_embeddings()
+    want = {n for n, m in model.named_modules() if n.startswith(prefix) and type(m) is torch.nn.Linear
+            and m is not head and n.rsplit(".", 1)[-1] not in ("router", "gate")}
+    peft = apply_lora(model, r=2, dropout=0.0)
+    adapted = {n for n, m in peft.get_base_model().named_modules() if hasattr(m, "lora_A")}
+    assert adapted == want and adapted
+    if arch == "llama4":  # the MoE router (an nn.Linear subclass returning a tuple) is left out
+        assert any(n.endswith(".router") for n, _ in model.named_modules())
+        assert not any(n.endswith(".router") for n in adapted)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_dpo_and_tpo_train_two_steps(arch, tmp_path):
+    import datasets
+
+    skip_unsupported(arch)
+    for method in ("dpo", "tpo"):
+        model, proc = tiny_architecture(arch)
+        args = VPOConfig(output_dir=str(tmp_path / method), method=method, max_steps=2, per_device_train_batch_size=2,
+                         learning_rate=5e-3, report_to="none", use_cpu=True, lora_dropout=0.0, lora_r=2,
+                         logging_steps=1, save_strategy="no", disable_tqdm=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = VPOTrainer(model, args, train_dataset=datasets.Dataset.from_list(rows(4)),
+                                 processing_class=proc)
+            trainer.train()
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs), (method, logs)
+        assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # LoRA starts at the reference
+        assert logs[-1]["num_tokens/chosen"] > 0
+        lora = [q for n, q in trainer.model.named_parameters() if "lora_B" in n]
+        assert lora and any(q.abs().sum() > 0 for q in lora), method  # the adapter moved
+
+
+# `vpo train` from a saved folder: architectures whose processor AutoProcessor reloads without torchvision
+CLI_ARCHS = ["paligemma", "mllama", "vipllava", "gemma3", "aya_vision"]
+
+
+@pytest.mark.parametrize("arch", CLI_ARCHS)
+def test_vpo_train_from_a_saved_folder(arch, tmp_path):
+    from vpo.trainer.cli import train_main
+
+    skip_unsupported(arch)
+    model, proc = tiny_architecture(arch)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    data = tmp_path / "train.jsonl"
+    lines = []
+    for i, r in enumerate(rows(4)):
+        r["images"][0].save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"id": r["id"], "image": f"{i}.png", "prompt": r["prompt"], "chosen": r["chosen"],
+                                 "rejected": r["rejected"]}))
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert train_main(["--model_name_or_path", str(folder), "--data", str(data), "--output_dir", str(out),
+                           "--max_steps", "1", "--per_device_train_batch_size", "2", "--use_cpu", "true",
+                           "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
+                           "--logging_steps", "1", "--lora_r", "2"]) == 0
+    card = (out / "README.md").read_text()
+    assert "| method | dpo |" in card and "num_tokens/chosen | 0 |" not in card
+
+
+def test_head_transforms_are_read_from_the_config():
+    assert head_transform(tiny_architecture("paligemma2")[0]) == (30.0, None)
+    assert head_transform(tiny_architecture("aya_vision")[0]) == (None, 0.5)
+    assert head_transform(tiny_architecture("paligemma")[0]) == (None, None)
+    # Gemma 3's *ForConditionalGeneration does not apply its text config's cap: nothing to apply here either
+    model, _ = tiny_architecture("gemma3")
+    model.config.text_config.final_logit_softcapping = 30.0
+    assert head_transform(model) == (None, None)
+
+
+@pytest.mark.parametrize("arch", sorted(NEEDS))
+def test_a_head_transform_this_build_lacks_is_refused_before_any_data_is_read(arch, tmp_path):
+    if supported(arch):
+        pytest.skip(f"this build's fused losses take {NEEDS[arch]}: nothing to refuse")
+    model, proc = tiny_architecture(arch)
+
+    class Unreadable(torch.utils.data.Dataset):
+        def __len__(self):
+            raise AssertionError("the data was read")
+
+        def __getitem__(self, i):
+            raise AssertionError("the data was read")
+
+    args = VPOConfig(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True)
+    with pytest.raises(ValueError) as err:
+        VPOTrainer(model, args, train_dataset=Unreadable(), processing_class=proc)
+    msg = str(err.value)
+    assert "\n" not in msg and model.config.model_type in msg and NEEDS[arch] in msg

@@ -1,0 +1,189 @@
+"""TRL's DPOTrainer/DPOConfig semantics on VPOTrainer/VPOConfig: the constructor's cases, the DPOConfig fields (taken
+with TRL's defaults, or refused with vpo's equivalent), TR-DPO's reference sync, TRL's num_tokens, label_smoothing's
+warning, and the options reaching the loss."""
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from PIL import Image  # noqa: E402
+
+from vpo.data import build_tiny_processor  # noqa: E402
+from vpo.models import tiny_llava  # noqa: E402
+from vpo.trainer import VPOConfig, VPOTrainer  # noqa: E402
+from vpo.trainer.trl_options import REFUSED_TRL_FIELDS  # noqa: E402
+
+COLORS = ["red", "green", "blue", "white"]
+ROWS = [{"image": Image.new("RGB", (24, 24), c), "prompt": "what color ?", "chosen": f"{c} .", "rejected": "black ."}
+        for c in COLORS]
+
+
+def args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, learning_rate=1e-2,
+                report_to="none", use_cpu=True, lora_dropout=0.0, logging_steps=1, save_strategy="no",
+                disable_tqdm=True, loss_impl="torch")
+    base.update(kw)
+    return VPOConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def proc():
+    return build_tiny_processor("llava", tiny=tiny_llava())
+
+
+def _perturb(model, seed=0, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def test_explicit_ref_model_is_used_with_lora(tmp_path, proc):
+    ref = _perturb(tiny_llava().model).eval().requires_grad_(False)
+    trainer = VPOTrainer(tiny_llava().model, args(tmp_path), ref_model=ref, train_dataset=ROWS, processing_class=proc)
+    assert trainer.args.use_lora and trainer.reference.mode == "model" and trainer.ref_model is ref
+    batch = trainer.data_collator(trainer.train_dataset[:2] if isinstance(trainer.train_dataset, list) else
+                                  [trainer.train_dataset[i] for i in range(2)])
+    _, m = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    # LoRA B starts at 0, so the policy is the base model: with the adapter-off reference the rewards would be 0
+    assert abs(float(m["rewards/chosen"])) > 1e-4
+    with pytest.raises(ValueError, match=r"ref_model was passed but ref_mode='adapter'"):
+        VPOTrainer(tiny_llava().model, args(tmp_path, ref_mode="adapter"), ref_model=ref, train_dataset=ROWS,
+                   processing_class=proc)
+
+
+def test_peft_model_with_peft_config_is_refused(tmp_path, proc):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=2, target_modules=["q_proj"])
+    peft_model = get_peft_model(tiny_llava().model, cfg)
+    with pytest.raises(ValueError, match=r"peft_config was passed with a model that is already a PeftModel"):
+        VPOTrainer(peft_model, args(tmp_path), train_dataset=ROWS, processing_class=proc, peft_config=cfg)
+
+
+def test_no_train_dataset_is_an_error_at_construction(tmp_path, proc):
+    with pytest.raises(ValueError, match=r"train_dataset is required"):
+        VPOTrainer(tiny_llava().model, args(tmp_path), processing_class=proc)
+
+
+def test_model_path_string_is_loaded(tmp_path, proc):
+    folder = tmp_path / "m"
+    tiny_llava().model.save_pretrained(folder)
+    trainer = VPOTrainer(str(folder), args(tmp_path / "o", model_init_kwargs={"dtype": torch.float32}),
+                         train_dataset=ROWS, processing_class=proc)
+    assert type(trainer.model.get_base_model()).__name__ == "LlavaForConditionalGeneration"
+    trainer.train()
+    tiny = VPOTrainer("tiny:llava", args(tmp_path / "t"), train_dataset=ROWS)  # the processor comes with it
+    assert tiny.processing_class is not None
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_TRL_FIELDS))
+def test_refused_dpo_config_fields_name_vpo_s_equivalent(tmp_path, name):
+    with pytest.raises(ValueError) as info:
+        VPOConfig(output_dir=str(tmp_path), use_cpu=True, **{name: 1})
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"{name} is a TRL DPOConfig field vpo does not take: ")
+
+
+def test_defaults_equal_dpo_config_where_the_meaning_is_the_same(tmp_path):
+    trl = pytest.importorskip("trl", exc_type=ImportError)
+    same = ("beta", "label_smoothing", "loss_weights", "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau",
+            "use_weighting", "ld_alpha", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps",
+            "max_length", "disable_dropout", "model_init_kwargs", "logging_steps")
+    ours = VPOConfig(output_dir=str(tmp_path), use_cpu=True)
+    theirs = trl.DPOConfig(output_dir=str(tmp_path), use_cpu=True)
+    for name in same:
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert [ours.loss_type] == theirs.loss_type
+    from vpo.trainer.config import LOSS_TYPES
+
+    assert set(LOSS_TYPES) == set(__import__("vpo").losses.LOSS_TYPES)
+
+
+def test_label_smoothing_warns_where_a_loss_type_ignores_it(tmp_path):
+    with pytest.warns(UserWarning, match=r"label_smoothing=0.1 is ignored by loss_type \['hinge'\]"):
+        VPOConfig(output_dir=str(tmp_path), use_cpu=True, loss_type="sigmoid,hinge", label_smoothing=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        VPOConfig(output_dir=str(tmp_path), use_cpu=True, loss_type="robust", label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"'exo_pair' needs label_smoothing > 0"):
+        VPOConfig(output_dir=str(tmp_path), use_cpu=True, loss_type="exo_pair")
+    with pytest.raises(ValueError, match=r"f_divergence_type='forward_kl' applies only to"):
+        VPOConfig(output_dir=str(tmp_path), use_cpu=True, loss_type="bco_pair", f_divergence_type="forward_kl")
+    with pytest.raises(ValueError, match=r"use_weighting \(WPO\) cannot weight loss_type \['aot'\]"):
+        VPOConfig(output_dir=str(tmp_path), use_cpu=True, loss_type="aot", use_weighting=True)
+    with pytest.raises(ValueError, match=r"sync_ref_model needs a separate reference model"):
+        VPOConfig(output_dir=str(tmp_path), use_cpu=True, sync_ref_model=True)
+
+
+def test_sync_ref_model_mixes_the_policy_into_the_reference(tmp_path, proc):
+    a = args(tmp_path, use_lora=False, sync_ref_model=True, ref_model_mixup_alpha=0.25, ref_model_sync_steps=2,
+             max_steps=2)
+    trainer = VPOTrainer(tiny_llava().model, a, train_dataset=ROWS, processing_class=proc)
+    ref0 = {n: p.detach().clone() for n, p in trainer.ref_model.named_parameters()}
+    seen = {}
+
+    from transformers import TrainerCallback
+
+    class Grab(TrainerCallback):  # the policy right after step 2's update, before the sync callback runs
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step == 2:
+                seen.update({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    trainer.callback_handler.callbacks.insert(0, Grab())
+    trainer.train()
+    head = "lm_head.weight"
+    name = next(n for n in ref0 if n.endswith(head))
+    want = 0.75 * ref0[name] + 0.25 * seen[name]
+    assert not torch.equal(seen[name], ref0[name])
+    torch.testing.assert_close(dict(trainer.ref_model.named_parameters())[name], want)
+
+
+def test_num_tokens_is_a_running_total_of_attended_tokens(tmp_path, proc):
+    trainer = VPOTrainer(tiny_llava().model, args(tmp_path, max_steps=3), train_dataset=ROWS, processing_class=proc)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    counts = [h["num_tokens"] for h in logs]
+    assert len(counts) == 3 and counts[0] > 0 and counts[0] < counts[1] < counts[2]
+    for key in ("num_tokens/chosen", "rewards/margins", "logps/chosen"):
+        assert key in logs[-1]  # vpo's split metrics stay, under their own names
+    # step 3 re-reads batch 1 (4 records, batches of 2; no shuffling across the same epoch's draw is assumed): the
+    # total is the sum of the three batches' attention masks
+    collated = [trainer.data_collator([trainer.train_dataset[i] for i in idx]) for idx in ((0, 1), (2, 3))]
+    sizes = sorted(int(b["attention_mask"].sum()) for b in collated)
+    assert counts[0] in sizes and counts[1] == sum(sizes)
+
+
+def test_f_divergence_reaches_the_loss(tmp_path, proc):
+    trainer = VPOTrainer(tiny_llava().model, args(tmp_path, f_divergence_type="js_divergence", use_lora=False),
+                         ref_model=_perturb(tiny_llava().model).eval(), train_dataset=ROWS, processing_class=proc)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    loss, m = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    beta = trainer.args.beta
+    dw, dl = m["rewards/chosen"] / beta, m["rewards/rejected"] / beta  # batch means; recompute per pair below
+    assert torch.isfinite(loss) and abs(float(dw - dl)) > 0
+    plain = VPOTrainer(tiny_llava().model, args(tmp_path / "p", use_lora=False),
+                       ref_model=_perturb(tiny_llava().model).eval(), train_dataset=ROWS, processing_class=proc)
+    loss0 = plain.compute_loss(plain.model, batch)
+    assert abs(float(loss - loss0)) > 1e-6  # the per-pair formulas are checked in tests/test_trl_loss_types.py
+
+
+def test_options_the_build_cannot_apply_are_refused_naming_them(tmp_path, proc):
+    trainer = VPOTrainer(tiny_llava().model, args(tmp_path, method="mdpo", ld_alpha=0.5), train_dataset=ROWS,
+                         processing_class=proc)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    with pytest.raises(ValueError, match=r"ld_alpha=0.5 is not available for method 'mdpo'"):
+        trainer.compute_loss(trainer.model, batch)
+
+
+def test_disable_dropout_by_default(tmp_path, proc):
+    model = tiny_llava().model
+    model.extra_dropout = torch.nn.Dropout(0.3)  # the tiny model has none of its own (functional attention dropout)
+    VPOTrainer(model, args(tmp_path, use_lora=False), train_dataset=ROWS, processing_class=proc)
+    assert model.extra_dropout.p == 0.0
+    model = tiny_llava().model
+    model.extra_dropout = torch.nn.Dropout(0.3)
+    VPOTrainer(model, args(tmp_path, use_lora=False, disable_dropout=False), train_dataset=ROWS, processing_class=proc)
+    assert model.extra_dropout.p == 0.3
