@@ -12,7 +12,9 @@ import torch
 
 import vpo.distributed
 from vpo._heads import check_head_transform, check_labels_like, check_linear_head, default_reference_head  # noqa: F401
-from vpo._validate import assert_labels_in_range, check_choice, check_even_batch, check_float, check_labels
+from vpo._validate import (assert_labels_in_range, check_choice, check_even_batch, check_float, check_labels,
+                           check_range)
+from vpo.losses import ld_dpo_logps, wpo_weights
 
 IMPLS = ("auto", "torch", "triton")
 
@@ -101,8 +103,8 @@ def token_metrics(tok, mask: torch.Tensor, B: int) -> Dict[str, torch.Tensor]:
     """Per-token metrics over the scored tokens, from the vocabulary sweep's statistics (nothing materialized).
 
     TRL's names and meanings: ``logits/chosen``, ``logits/rejected`` (the mean logit over the vocabulary, averaged
-    over the chosen / rejected scored tokens), ``mean_token_accuracy`` (fraction of scored tokens, chosen and rejected
-    pooled, whose target is the argmax), ``entropy`` (mean per-token entropy in nats, pooled). vpo's split metrics:
+    over the chosen / rejected scored tokens), ``mean_token_accuracy`` (fraction of the chosen rows' scored tokens whose
+    target is the argmax, as TRL 1.16 counts it), ``entropy`` (mean per-token entropy in nats, pooled). vpo's split metrics:
     ``entropy/chosen``, ``entropy/rejected``; ``num_tokens/chosen``, ``num_tokens/rejected`` (the mean number of
     scored tokens per chosen / rejected row, float, as the trainer's ``token_count_metrics``). A metric whose
     per-token statistic the path did not compute (``impl="triton"`` computes no entropy, mean logit or argmax) is left
@@ -113,8 +115,8 @@ def token_metrics(tok, mask: torch.Tensor, B: int) -> Dict[str, torch.Tensor]:
         n_all = m.sum().clamp_min(1)
         if "entropy" in tok:
             out["entropy"] = (tok["entropy"] * m).sum() / n_all
-        if "is_argmax" in tok:
-            out["mean_token_accuracy"] = (tok["is_argmax"] * m).sum() / n_all
+        if "is_argmax" in tok:  # TRL 1.16 counts the chosen rows' tokens only
+            out["mean_token_accuracy"] = (tok["is_argmax"][:B] * m[:B]).sum() / m[:B].sum().clamp_min(1)
         for name, sl in (("chosen", slice(0, B)), ("rejected", slice(B, 2 * B))):
             n = m[sl].sum()
             if "entropy" in tok:
@@ -123,3 +125,27 @@ def token_metrics(tok, mask: torch.Tensor, B: int) -> Dict[str, torch.Tensor]:
                 out[f"logits/{name}"] = (tok["mean_logit"][sl] * m[sl]).sum() / n.clamp_min(1)
             out[f"num_tokens/{name}"] = n / (sl.stop - sl.start)
         return out
+
+
+def check_trl_terms(path: str, use_weighting, ld_alpha) -> None:
+    """``use_weighting`` (WPO) must be a bool and needs the engine's ``log Σ p²`` (not ``impl="triton"``); ``ld_alpha``
+    None or in [0, 1]."""
+    if not isinstance(use_weighting, bool):
+        raise ValueError(f"use_weighting must be a bool, got {use_weighting!r}")
+    if use_weighting and path == "triton":
+        raise ValueError("use_weighting needs impl='auto' or 'torch' (its log Σ p² comes from the engine's vocabulary "
+                         "sweep); impl='triton' does not compute it")
+    if ld_alpha is not None:
+        check_range("ld_alpha", ld_alpha, 0.0, 1.0)
+
+
+def row_sums(terms: torch.Tensor, mask: torch.Tensor, ld_alpha) -> torch.Tensor:
+    """``[2P, T] -> [2P]``: the per-row sums of per-token terms (0 at ignored positions), or LD-DPO's
+    length-desensitized sums with ``ld_alpha`` (:func:`vpo.losses.ld_dpo_logps`; rows laid out chosen first)."""
+    return terms.sum(1) if ld_alpha is None else ld_dpo_logps(terms, mask, ld_alpha)
+
+
+def wpo_pair_weights(tok, mask: torch.Tensor, P: int) -> torch.Tensor:
+    """WPO's ``[P]`` pair weights ``w(y_w) · w(y_l)`` from the sweep's ``logp`` and ``log_sum_p2`` ``[2P, T]``."""
+    w = wpo_weights(tok["logp"], tok["log_sum_p2"], mask)
+    return w[:P] * w[P:]

@@ -24,8 +24,9 @@ import torch
 from vpo._heads import check_catpo_arguments
 from vpo._validate import check_range
 from vpo.fused import _composed, _engine
-from vpo.fused._common import (PreferenceOutput, check_head_transform, make_output, reference_head, resolve_path,
-                               token_metrics, unshard, validate_pair_batch, wanted_grads)
+from vpo.fused._common import (PreferenceOutput, check_head_transform, check_trl_terms, make_output, reference_head,
+                               resolve_path, row_sums, token_metrics, unshard, validate_pair_batch, wanted_grads,
+                               wpo_pair_weights)
 from vpo.losses import preference_metrics, preference_pair_losses, resolve_loss_types
 
 
@@ -59,6 +60,8 @@ def fused_catpo_loss(
     f_alpha_divergence_coef: float = 0.5,
     discopop_tau: float = 0.05,
     bco_delta: Optional[torch.Tensor] = None,
+    use_weighting: bool = False,
+    ld_alpha: Optional[float] = None,
     label_smoothing: float = 0.0,
     chunking: Optional[_engine.Chunking] = None,
     logit_softcap: Optional[float] = None,
@@ -77,6 +80,8 @@ def fused_catpo_loss(
         beta: β > 0. kl_coef: λ ≥ 0 (docs/methods.md: 0.03).
         impl: ``"auto"``/``"torch"`` (the engine) or ``"triton"`` (composed from the Triton ops).
         loss_type, loss_weights, label_smoothing: DPO loss types on the weighted terms (module docstring).
+        use_weighting, ld_alpha: WPO's pair weights (from the policy's plain log-probs and the sweep's log Σ p²)
+            and LD-DPO's α on the per-token terms, as in :func:`vpo.fused_dpo_loss`.
         chunking: :class:`vpo.fused.Chunking`.
         logit_softcap, logit_scale: the model's logits transform, see :func:`vpo.fused_dpo_loss`.
 
@@ -100,6 +105,7 @@ def fused_catpo_loss(
     has_ref = ref_hidden is not None
     rw, rb = reference_head(weight, bias, ref_weight, ref_bias, ref_hidden) if has_ref else (None, None)
     path = resolve_path(impl, labels, weight.shape[0], ignore_index)
+    check_trl_terms(path, use_weighting, ld_alpha)
     chunking = _engine.check_chunking(chunking)
     softcap, scale = check_head_transform(logit_softcap, logit_scale)
     if path == "triton" and (softcap or scale != 1.0):
@@ -118,11 +124,13 @@ def fused_catpo_loss(
     def pair_loss(tok, rows, P):
         """The chunk's share of the mean loss (pairs ``rows[:P]`` / ``rows[P:]``): wDPO (+ λ · weighted KL)."""
         w = w_all.index_select(0, rows)
-        seq = (w * tok["logp"]).sum(1)  # [2P] Σ_t w_t logp_t
-        r = (w * tok["ref_logp"]).sum(1) if has_ref else ref_given.index_select(0, rows)
+        m = mask.index_select(0, rows) if ld_alpha is not None or use_weighting else None
+        seq = row_sums(w * tok["logp"], m, ld_alpha)  # [2P] Σ_t w_t logp_t
+        r = row_sums(w * tok["ref_logp"], m, ld_alpha) if has_ref else ref_given.index_select(0, rows)
         n = ntok.index_select(0, rows)
+        pw = wpo_pair_weights(tok, m, P) if use_weighting else None
         per = preference_pair_losses(seq[:P], seq[P:], r[:P], r[P:], chosen_tokens=n[:P], rejected_tokens=n[P:],
-                                     chosen_nll=-tok["logp"][:P].sum(1), **kw)
+                                     chosen_nll=-tok["logp"][:P].sum(1), pair_weights=pw, **kw)
         if has_ref and kl_coef > 0:
             kl_rows = (w * tok["kl"]).sum(1)
             per = per + kl_coef * (kl_rows[:P] + kl_rows[P:])
@@ -139,7 +147,8 @@ def fused_catpo_loss(
             res = _engine.sweep(hidden=hidden.detach(), weight=weight.detach(),
                                 bias=None if bias is None else bias.detach(), labels=labels,
                                 ignore_index=ignore_index, chunking=chunking, ref=ref_arg, ref_kl=True,
-                                pair_loss=pair_loss, need=need, softcap=softcap, scale=scale)
+                                pair_loss=pair_loss, need=need, softcap=softcap, scale=scale,
+                                stats=("log_sum_p2",) if use_weighting else ())
             tok, loss = res.tok, res.loss
         loss = _engine.attach(loss, [(hidden, res.grads["hidden"]), (weight, res.grads["weight"]),
                                      (bias, res.grads["bias"])])
@@ -147,8 +156,8 @@ def fused_catpo_loss(
 
     with torch.no_grad():
         logp = tok["logp"].detach()
-        seq = (w_all * logp).sum(1)
-        ref = (w_all * tok["ref_logp"].detach()).sum(1) if has_ref else ref_given
+        seq = row_sums(w_all * logp, mask, ld_alpha)
+        ref = row_sums(w_all * tok["ref_logp"].detach(), mask, ld_alpha) if has_ref else ref_given
         plain = logp.sum(1)
         metrics = preference_metrics(beta * (seq[:B] - ref[:B]), beta * (seq[B:] - ref[B:]), seq[:B], seq[B:])
         metrics["logps/chosen"], metrics["logps/rejected"] = plain[:B].mean(), plain[B:].mean()

@@ -10,8 +10,9 @@ import torch
 from vpo._heads import resolve_reference
 from vpo._validate import check_positive, check_range
 from vpo.fused import _composed, _engine
-from vpo.fused._common import (PreferenceOutput, check_head_transform, make_output, reference_head, resolve_path,
-                               token_metrics, unshard, validate_pair_batch, wanted_grads)
+from vpo.fused._common import (PreferenceOutput, check_head_transform, check_trl_terms, make_output, reference_head,
+                               resolve_path, row_sums, token_metrics, unshard, validate_pair_batch, wanted_grads,
+                               wpo_pair_weights)
 from vpo.losses import preference_metrics, preference_pair_losses, resolve_loss_types
 
 
@@ -35,6 +36,8 @@ def fused_dpo_loss(
     f_alpha_divergence_coef: float = 0.5,
     discopop_tau: float = 0.05,
     bco_delta: Optional[torch.Tensor] = None,
+    use_weighting: bool = False,
+    ld_alpha: Optional[float] = None,
     chunking: Optional[_engine.Chunking] = None,
     logit_softcap: Optional[float] = None,
     logit_scale: Optional[float] = None,
@@ -55,6 +58,12 @@ def fused_dpo_loss(
             kernels (4 + 1 passes, least memory).
         loss_type, loss_weights: TRL's loss types (``"sigmoid"`` default, ``"ipo"``, ``"hinge"``, ``"robust"``,
             ``"apo_zero"``, ``"sigmoid_norm"``, ``"sft"``; a list is a weighted sum), see :mod:`vpo.losses`.
+        f_divergence_type, f_alpha_divergence_coef, discopop_tau, bco_delta: TRL's options of those loss types
+            (:func:`vpo.losses.preference_pair_losses`).
+        use_weighting: WPO's pair weights (:func:`vpo.losses.wpo_weights`; the per-token ``log Σ_v p_v²`` comes
+            from the same vocabulary sweep, no extra pass).
+        ld_alpha: LD-DPO's α (:func:`vpo.losses.ld_dpo_logps`) on the policy's and the reference's sums (a given
+            ``ref_logps`` must already be such sums); None: plain sums.
         chunking: :class:`vpo.fused.Chunking` (memory budget, pairs per chunk, vocab tile); the extra memory is
             stated in :mod:`vpo.fused._engine`.
         logit_softcap: the model's final-logit soft-capping ``z -> cap·tanh(z/cap)`` (Gemma 2/3: the config's
@@ -82,6 +91,7 @@ def fused_dpo_loss(
     mode = resolve_reference(ref_hidden, ref_logps, hidden)
     rw, rb = reference_head(weight, bias, ref_weight, ref_bias, ref_hidden) if mode == "hidden" else (None, None)
     path = resolve_path(impl, labels, weight.shape[0], ignore_index)
+    check_trl_terms(path, use_weighting, ld_alpha)
     chunking = _engine.check_chunking(chunking)
     softcap, scale = check_head_transform(logit_softcap, logit_scale)
     if path == "triton" and (softcap or scale != 1.0):
@@ -99,11 +109,13 @@ def fused_dpo_loss(
 
     def pair_loss(tok, rows, P):
         """The chunk's share of the mean loss: pairs ``rows[:P]`` (chosen) / ``rows[P:]`` (rejected)."""
-        seq = tok["logp"].sum(1)  # [2P]
-        r = tok["ref_logp"].sum(1) if ref_given is None else ref_given.index_select(0, rows)
+        m = mask.index_select(0, rows) if ld_alpha is not None or use_weighting else None
+        seq = row_sums(tok["logp"], m, ld_alpha)  # [2P]
+        r = row_sums(tok["ref_logp"], m, ld_alpha) if ref_given is None else ref_given.index_select(0, rows)
         n = ntok.index_select(0, rows)
+        pw = wpo_pair_weights(tok, m, P) if use_weighting else None
         return preference_pair_losses(seq[:P], seq[P:], r[:P], r[P:], chosen_tokens=n[:P], rejected_tokens=n[P:],
-                                      **kw).sum() / B
+                                      pair_weights=pw, **kw).sum() / B
 
     all_rows = torch.arange(2 * B, device=hidden.device)
     if path == "triton":
@@ -120,14 +132,15 @@ def fused_dpo_loss(
                                 bias=None if bias is None else bias.detach(), labels=labels,
                                 ignore_index=ignore_index, chunking=chunking,
                                 ref=None if ref_given is not None else (ref_hidden.detach(), rw, rb),
-                                pair_loss=pair_loss, need=need, softcap=softcap, scale=scale)
+                                pair_loss=pair_loss, need=need, softcap=softcap, scale=scale,
+                                stats=("log_sum_p2",) if use_weighting else ())
             tok, loss = res.tok, res.loss
         loss = _engine.attach(loss, [(hidden, res.grads["hidden"]), (weight, res.grads["weight"]),
                                      (bias, res.grads["bias"])])
     extra = token_metrics(tok, mask, B)
-    ref = ref_given if ref_given is not None else tok["ref_logp"].detach().sum(1)  # [2B]
     with torch.no_grad():
-        seq = tok["logp"].detach().sum(1)
+        ref = ref_given if ref_given is not None else row_sums(tok["ref_logp"].detach(), mask, ld_alpha)  # [2B]
+        seq = row_sums(tok["logp"].detach(), mask, ld_alpha)
         metrics = preference_metrics(beta * (seq[:B] - ref[:B]), beta * (seq[B:] - ref[B:]), seq[:B], seq[B:])
         metrics.update(extra)
         return loss, make_output(seq[:B], seq[B:], ref[:B], ref[B:], beta, metrics)

@@ -21,8 +21,9 @@ import torch
 from vpo._heads import resolve_reference
 from vpo._validate import check_choice, check_positive, check_range, check_same_shape
 from vpo.fused import _composed, _engine
-from vpo.fused._common import (PreferenceOutput, check_head_transform, make_output, reference_head, resolve_path,
-                               token_metrics, unshard, validate_pair_batch, wanted_grads)
+from vpo.fused._common import (PreferenceOutput, check_head_transform, check_trl_terms, make_output, reference_head,
+                               resolve_path, row_sums, token_metrics, unshard, validate_pair_batch, wanted_grads,
+                               wpo_pair_weights)
 from vpo.losses import preference_metrics, preference_pair_losses, resolve_loss_types
 from vpo.losses.tpo_reward import REWARD_MODES, tpo_log_calibrated_reward  # elementwise on [2B, T]
 
@@ -71,6 +72,8 @@ def fused_tpo_loss(
     f_alpha_divergence_coef: float = 0.5,
     discopop_tau: float = 0.05,
     bco_delta: Optional[torch.Tensor] = None,
+    use_weighting: bool = False,
+    ld_alpha: Optional[float] = None,
     label_smoothing: float = 0.0,
     chunking: Optional[_engine.Chunking] = None,
     logit_softcap: Optional[float] = None,
@@ -95,6 +98,8 @@ def fused_tpo_loss(
         impl: ``"auto"``/``"torch"`` (the engine) or ``"triton"`` (composed from the Triton ops), see
             :func:`vpo.fused_dpo_loss`.
         loss_type, loss_weights, label_smoothing: DPO loss types on the TPO terms (module docstring).
+        use_weighting, ld_alpha: WPO's pair weights (from the policy's plain log-probs and the sweep's log Σ p²)
+            and LD-DPO's α on the per-token terms, as in :func:`vpo.fused_dpo_loss`.
         chunking: :class:`vpo.fused.Chunking`.
         logit_softcap, logit_scale: the model's logits transform, see :func:`vpo.fused_dpo_loss` (``s`` is a
             difference of transformed target logits).
@@ -124,6 +129,7 @@ def fused_tpo_loss(
                              extra_name="ref_hidden_noised")
     rw, rb = reference_head(weight, bias, ref_weight, ref_bias, ref_hidden) if mode == "hidden" else (None, None)
     path = resolve_path(impl, labels, weight.shape[0], ignore_index)
+    check_trl_terms(path, use_weighting, ld_alpha)
     chunking = _engine.check_chunking(chunking)
     softcap, scale = check_head_transform(logit_softcap, logit_scale)
     if path == "triton" and (softcap or scale != 1.0):
@@ -140,18 +146,19 @@ def fused_tpo_loss(
 
     def ref_terms(tok, m, P):
         """``Σ_i (logp_ref + log c_ref)`` ``[2P]`` of the reference swept with the chunk."""
-        return tok["ref_logp"].sum(1) + _log_c(tok["ref_s"], m, P, a=a, rewards=rewards).sum(1)  # as the policy's
+        return row_sums(tok["ref_logp"] + _log_c(tok["ref_s"], m, P, a=a, rewards=rewards), m, ld_alpha)  # as θ's
 
     def pair_loss(tok, rows, P):
         """The chunk's share of the mean loss (pairs ``rows[:P]`` / ``rows[P:]``)."""
         m = mask.index_select(0, rows)
         s = tok["s"] if reward_grad else tok["s"].detach()
         plain = tok["logp"].sum(1)  # [2P]
-        seq = plain + _log_c(s, m, P, a=a, rewards=rewards).sum(1)
+        seq = row_sums(tok["logp"] + _log_c(s, m, P, a=a, rewards=rewards), m, ld_alpha)
         r = ref_terms(tok, m, P) if ref_given is None else ref_given.index_select(0, rows)
         n = ntok.index_select(0, rows)
+        pw = wpo_pair_weights(tok, m, P) if use_weighting else None
         return preference_pair_losses(seq[:P], seq[P:], r[:P], r[P:], chosen_tokens=n[:P], rejected_tokens=n[P:],
-                                      chosen_nll=-plain[:P], **kw).sum() / B
+                                      chosen_nll=-plain[:P], pair_weights=pw, **kw).sum() / B
 
     all_rows = torch.arange(2 * B, device=hidden.device)
     if path == "triton":
@@ -174,7 +181,7 @@ def fused_tpo_loss(
                                 noised=hidden_noised.detach(),
                                 ref_noised=None if ref_given is not None else ref_hidden_noised.detach(),
                                 noised_grad=reward_grad, pair_loss=pair_loss, need=need, softcap=softcap,
-                                scale=scale)
+                                scale=scale, stats=("log_sum_p2",) if use_weighting else ())
             tok, loss = res.tok, res.loss
         g = res.grads
         loss = _engine.attach(loss, [(hidden, g["hidden"]), (hidden_noised, g["noised"]), (weight, g["weight"]),
@@ -186,7 +193,7 @@ def fused_tpo_loss(
         s = tok["s"].detach()
         log_c = _log_c(s, mask, B, a=a, rewards=rewards)
         plain = tok["logp"].detach().sum(1)
-        seq = plain + log_c.sum(1)
+        seq = row_sums(tok["logp"].detach() + log_c, mask, ld_alpha)
         c = log_c.exp()
         m = mask.to(c.dtype)
         # rewards/* include the log c terms; logps/* are the plain Σ_i logp_θ (as the oracle reports them)
