@@ -178,7 +178,9 @@ def test_ops_transform_against_materialized_logits(kw, impl):
     hr = (h.detach() * 0.7 + 0.1)
     logp, tgt = vpo.linear_logprobs(h, W, y, b, impl=impl, chunk_budget_mb=13 * 40 * 8 / 2**20, **kw)
     kl = vpo.linear_token_kl(h, W, hr, labels=y, bias=b, impl=impl, chunk_budget_mb=13 * 40 * 16 / 2**20, **kw)
-    (logp.sum() + 0.3 * tgt.sum() + 0.7 * kl.sum()).backward()
+    tz = vpo.target_logits(h, W, y, b, impl=impl, **kw)
+    torch.testing.assert_close(tz, tgt)  # the gather-dot op applies the same transform
+    (logp.sum() + 0.3 * tgt.sum() + 0.7 * kl.sum() + 0.2 * tz.sum()).backward()
     got = (logp.detach(), tgt.detach(), kl.detach(), h.grad.clone(), W.grad.clone(), b.grad.clone())
     for t in (h, W, b):
         t.grad = None
@@ -191,7 +193,7 @@ def test_ops_transform_against_materialized_logits(kw, impl):
     e_logp = torch.where(m, lp.gather(1, yy)[:, 0], 0.0)
     e_tgt = torch.where(m, z.gather(1, yy)[:, 0], 0.0)
     e_kl = torch.where(m, (lp.exp() * (lp - lq)).sum(-1), 0.0)
-    (e_logp.sum() + 0.3 * e_tgt.sum() + 0.7 * e_kl.sum()).backward()
+    (e_logp.sum() + 0.5 * e_tgt.sum() + 0.7 * e_kl.sum()).backward()
     want = (e_logp, e_tgt, e_kl, h64.grad, W64.grad, b64.grad)
     for a, w_ in zip(got, want):
         torch.testing.assert_close(a.to(F64), w_, rtol=2e-4, atol=2e-5)

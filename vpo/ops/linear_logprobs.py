@@ -304,6 +304,8 @@ def target_logits(
     *,
     ignore_index: int = -100,
     impl: str = "auto",
+    logit_softcap: Optional[float] = None,
+    logit_scale: Optional[float] = None,
 ) -> torch.Tensor:
     """Raw target logit ``z[y] = weight[y] · hidden + bias[y]``: a gather-dot, O(N·D), no sweep over the vocabulary.
 
@@ -317,6 +319,8 @@ def target_logits(
         ignore_index: label value marking positions without a target (output 0, zero gradient). Default ``-100``.
         impl: ``"auto"`` (default), ``"gemm"``, ``"triton"`` or ``"torch"``, as for :func:`linear_logprobs` ("gemm"
             and "triton" are the same O(N·D) gather-dot kernels here).
+        logit_softcap, logit_scale: the head's logits transform, as in :func:`linear_logprobs` (elementwise on the
+            ``[N]`` target logits, through autograd).
 
     Returns:
         ``z`` of shape ``labels.shape``, float32 (float64 when the inputs are float64), differentiable with respect to
@@ -332,7 +336,12 @@ def target_logits(
     """
     weight, bias = unshard_head(weight, bias)
     _validate(hidden, weight, labels, bias, ignore_index)
+    softcap, scale = check_head_transform(logit_softcap, logit_scale)
     name = _resolve_impl(impl, TARGET_LOGITS_IMPLS, hidden)
     h = hidden.reshape(-1, hidden.shape[-1])  # [N, D]
-    z = TARGET_LOGITS_IMPLS[name](h, weight, labels.reshape(-1), bias, ignore_index)
+    z = TARGET_LOGITS_IMPLS[name](h, weight, labels.reshape(-1), bias, ignore_index)  # 0 where ignored
+    if scale != 1.0:
+        z = z * scale
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)  # tanh(0) = 0: ignored positions stay 0
     return z.view(labels.shape)
