@@ -7,6 +7,7 @@ full ``[R, V]`` logits (the reference's tiles have another row stride); kernel b
 Tolerances are fp32 error: ``16 · eps32 · (1 + max |z'|)`` on every per-row result (log-probs, entropy, KL, ...).
 """
 import math
+import os
 
 import pytest
 import torch
@@ -16,6 +17,9 @@ from vpo import _caps
 from vpo.ops import epilogue as E
 
 K = pytest.importorskip("vpo_kernels.epilogue")
+
+# The interpreter on CPU; compiled kernels on CUDA where a GPU is present (tests/conftest.py sets TRITON_INTERPRET).
+DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1" else "cpu"
 
 R, V = 37, 300
 TILES = [(0, 130), (130, 167), (167, 300)]
@@ -40,10 +44,10 @@ def _inputs(dtype, *, scale=4.0, bias=True, ref=True, seed=0):
     b = torch.randn(V, generator=g).to(dtype) if bias else None
     r = None
     if ref:
-        wide = torch.empty(R, V + 7, dtype=dtype)
+        wide = torch.empty(R, V + 7, dtype=dtype, device=DEV)
         wide[:, :V] = z.float() + torch.randn(R, V, generator=g) * scale * 0.3
         r = wide[:, :V]
-    return z, y, b, r
+    return z.to(DEV), y.to(DEV), None if b is None else b.to(DEV), r
 
 
 def _xf(z, b, scale, softcap):
@@ -71,7 +75,7 @@ def _oracle(z, y, b, r, scale, softcap):
 
 def _sweep(fn, z, y, b, r, *, scale, softcap, **flags):
     """Run a tile_stats_ implementation over the three tiles; returns the statistics ``[STAT_ROWS, R]``."""
-    st = E.new_stats(R, torch.float64 if z.dtype == torch.float64 else torch.float32, "cpu")
+    st = E.new_stats(R, torch.float64 if z.dtype == torch.float64 else torch.float32, DEV)
     for v0, v1 in TILES:
         fn(z[:, v0:v1], y, v0, st, bias=None if b is None else b[v0:v1], ref=None if r is None else r[:, v0:v1],
            ref_bias=None if (b is None or r is None) else b[v0:v1], scale=scale, softcap=softcap, **flags)
@@ -102,14 +106,14 @@ def test_stats_match_torch_and_oracle(dtype, ref, bias, transform):
         err_t = (fin_got[key] - fin_want[key]).abs().max().item()
         assert err_t <= tol, f"{key}: |triton - torch| = {err_t:.3g} > {tol:.3g}"
     if not ref:  # the reference's rows are left as they were
-        assert torch.equal(got[[E.MR, E.SR, E.TR, E.UD]], E.new_stats(R, torch.float32, "cpu")[[E.MR, E.SR, E.TR,
+        assert torch.equal(got[[E.MR, E.SR, E.TR, E.UD]], E.new_stats(R, torch.float32, DEV)[[E.MR, E.SR, E.TR,
                                                                                                     E.UD]])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_logit_scale_100_and_peaked(dtype):
-    """Logits of magnitude ~300 (and a cap of 50 on half of the cases' rows' range): fp32 accuracy, nothing
-    non-finite, the flags off leave U, Z, Q untouched."""
+    """Logits of magnitude ~300, plain and capped at 50 (scale 1.5): fp32 accuracy against the oracle, nothing
+    non-finite; the flags that are off leave Z and Q untouched."""
     z, y, b, r = _inputs(dtype, scale=100.0)
     for scale, softcap in [(1.0, 0.0), (1.5, 50.0)]:
         got = _sweep(K.triton_tile_stats_, z, y, b, r, scale=scale, softcap=softcap, entropy=True, mean=False,
@@ -127,11 +131,11 @@ def test_policy_equals_reference_bit_identical():
     """The same tile as policy and reference: MR, SR, TR equal M, S, T bit for bit, UD and the KL exactly 0; M, S, T
     do not depend on which optional moments are asked for."""
     z, y, b, _ = _inputs(torch.float32, ref=False)
-    zr = torch.empty(R, V + 3)
+    zr = torch.empty(R, V + 3, device=DEV)
     zr[:, :V] = z
-    for scale, softcap in TRANSFORMS.values():
-        st = E.new_stats(R, torch.float32, "cpu")
-        bare = E.new_stats(R, torch.float32, "cpu")
+    for scale, softcap in (TRANSFORMS["plain"], TRANSFORMS["softcap"]):
+        st = E.new_stats(R, torch.float32, DEV)
+        bare = E.new_stats(R, torch.float32, DEV)
         for v0, v1 in TILES:
             K.triton_tile_stats_(z[:, v0:v1], y, v0, st, bias=b[v0:v1], ref=zr[:, v0:v1], ref_bias=b[v0:v1],
                                  scale=scale, softcap=softcap, entropy=True, mean=True, sumsq=True)
@@ -176,9 +180,9 @@ def test_grad_matches_autograd_and_torch(dtype, kl, transform):
     scale, softcap = TRANSFORMS[transform]
     z, y, b, r = _inputs(dtype, ref=kl)
     g = torch.Generator().manual_seed(1)
-    g_logp, coef = torch.randn(R, generator=g), torch.randn(R, generator=g)
-    g_kl = torch.randn(R, generator=g) if kl else None
-    ignored = torch.tensor([4, 11, 30])
+    g_logp, coef = torch.randn(R, generator=g).to(DEV), torch.randn(R, generator=g).to(DEV)
+    g_kl = torch.randn(R, generator=g).to(DEV) if kl else None
+    ignored = torch.tensor([4, 11, 30], device=DEV)
     for t in (g_logp, coef) + ((g_kl,) if kl else ()):
         t[ignored] = 0.0
     z = z.clone()
@@ -190,7 +194,7 @@ def test_grad_matches_autograd_and_torch(dtype, kl, transform):
     want = _grad_sweep(E.torch_tile_grad, z, y, b, r, stats, g_logp, coef, g_kl, out_dtype=torch.float32,
                        scale=scale, softcap=softcap)
     assert torch.all(got[ignored] == 0)
-    live = torch.ones(R, dtype=torch.bool)
+    live = torch.ones(R, dtype=torch.bool, device=DEV)
     live[ignored] = False
     assert torch.isfinite(got).all()
     oracle = _autograd_dz(z[live], y[live], b, None if r is None else r[live], scale, softcap, g_logp[live],
@@ -207,7 +211,7 @@ def test_grad_out_dtype(out_dtype):
     """dz written in the 16-bit out_dtype: the fp32 result rounded (within one rounding of the torch result)."""
     z, y, b, r = _inputs(torch.float32, ref=False)
     stats = _sweep(E.torch_tile_stats_, z, y, b, None, scale=1.0, softcap=0.0)
-    g_logp, coef = torch.randn(R), torch.randn(R)
+    g_logp, coef = torch.randn(R, device=DEV), torch.randn(R, device=DEV)
     got = _grad_sweep(K.triton_tile_grad, z, y, b, None, stats, g_logp, coef, None, out_dtype=out_dtype, scale=1.0,
                       softcap=0.0)
     want = _grad_sweep(E.torch_tile_grad, z, y, b, None, stats, g_logp, coef, None, out_dtype=torch.float32,
@@ -223,8 +227,8 @@ def test_all_ignored_rows_give_exact_zeros():
     z = z.clone()
     z[::3] = math.nan
     z[1::3] = -math.inf
-    zero = torch.zeros(R)
-    lse = torch.full((R,), math.nan)
+    zero = torch.zeros(R, device=DEV)
+    lse = torch.full((R,), math.nan, device=DEV)
     dz = K.triton_tile_grad(z[:, 130:167], y, 130, lse, zero, zero, out_dtype=torch.bfloat16, bias=b[130:167],
                             ref=r[:, 130:167], lse_ref=lse, g_kl=zero, kl=lse, scale=2.0, softcap=3.0)
     assert dz.shape == (R, 37) and torch.all(dz == 0)
@@ -237,7 +241,7 @@ def test_stats_rows_are_independent_of_ignored_nan_rows():
     z2 = z.clone()
     z2[7, 20], z2[8, 150] = math.nan, math.inf
     dirty = _sweep(K.triton_tile_stats_, z2, y, b, r, scale=1.0, softcap=0.0)
-    keep = torch.ones(R, dtype=torch.bool)
+    keep = torch.ones(R, dtype=torch.bool, device=DEV)
     keep[[7, 8]] = False
     assert torch.equal(clean[:, keep], dirty[:, keep])
 
@@ -249,9 +253,29 @@ def test_extreme_finite_logits_stay_finite():
         st = _sweep(K.triton_tile_stats_, z, y, b, r, scale=scale, softcap=softcap, sumsq=True)
         fin = E.finish(st, V, ref=True)
         assert all(torch.isfinite(fin[k]).all() for k in ["lse", "logp", "entropy", "kl", "log_sum_p2"])
-        dz = _grad_sweep(K.triton_tile_grad, z, y, b, r, st, torch.ones(R), torch.ones(R), torch.ones(R),
+        dz = _grad_sweep(K.triton_tile_grad, z, y, b, r, st, *[torch.ones(R, device=DEV)] * 3,
                          out_dtype=torch.float32, scale=scale, softcap=softcap)
         assert torch.isfinite(dz).all()
+
+
+def test_tanh_accuracy():
+    """The exp-built tanh of the soft-cap: within 8 eps (relative) of tanh from 1e-8 to saturation, odd, finite."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _apply(x_ptr, o_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(o_ptr + i, K._tanh(tl.load(x_ptr + i, mask=i < n)), mask=i < n)
+
+    mag = torch.cat([torch.logspace(-8, 0, 3000), torch.linspace(0.05, 0.3, 3000), torch.linspace(1, 100, 2000)])
+    x = torch.cat([mag, -mag, torch.tensor([0.0, 1e4, -1e4])]).float().to(DEV)
+    out = torch.empty_like(x)
+    _apply[(triton.cdiv(x.numel(), 4096),)](x, out, x.numel(), BLOCK=4096)
+    want = torch.tanh(x.double())
+    assert torch.isfinite(out).all() and torch.equal(out[: mag.numel()], -out[mag.numel(): 2 * mag.numel()])
+    rel = (out.double() - want).abs() / want.abs().clamp(min=1e-30)
+    assert rel[want != 0].max().item() <= 8 * EPS32 and out[-3] == 0
 
 
 def test_float64_falls_back_to_torch():
@@ -293,8 +317,8 @@ def test_meta_tensors_dispatch_to_the_fakes(monkeypatch):
 def test_opcheck():
     z, y, b, r = _inputs(torch.float32)
     z, r, b = z[:, :40].contiguous(), r[:, :40].contiguous(), b[:40]
-    vec = torch.randn(R)
-    st = E.new_stats(R, torch.float32, "cpu")
+    vec = torch.randn(R, device=DEV)
+    st = E.new_stats(R, torch.float32, DEV)
     torch.library.opcheck(torch.ops.vpo.tile_stats_.default, (z, y, 0, st, b, r, b),
                           dict(scale=1.3, softcap=5.0, entropy=True, mean=True, sumsq=True))
     torch.library.opcheck(torch.ops.vpo.tile_grad.default, (z, y, 0, vec + 10, vec, vec, b, r, b, vec + 10, vec, vec),

@@ -152,12 +152,14 @@ def _kl_variants(which: str) -> List[Variant]:
         cfg = m.default_config(_torch_dtype(d), _N, _V, _D)
         t = cfg.sweep if which == "sweep" else cfg.bwd
         # SHARED_W=False: the separate reference head, the larger of the two variants (four operand chunks per stage)
-        base = dict(HAS_BIAS=True, HAS_REF_BIAS=True, SHARED_W=False, IEEE=d == "fp32", BLOCK_N=t.block_n,
-                    BLOCK_V=t.block_v, GROUP_N=cfg.group_n)
+        base = dict(HAS_BIAS=True, HAS_REF_BIAS=True, SHARED_W=False, SOFTCAP=False, IEEE=d == "fp32",
+                    BLOCK_N=t.block_n, BLOCK_V=t.block_v, GROUP_N=cfg.group_n)
         if which == "bwd":
             base.update(COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=True)
         out.append(Variant("pinned", d, {**base, "BLOCK_D": t.block_d}, t.num_warps, t.num_stages, d != "fp32"))
-        if d == "bf16":
+        if d == "bf16":  # the soft-capped variant (tanh on both tiles)
+            out.append(Variant("pinned", d, {**base, "SOFTCAP": True, "BLOCK_D": t.block_d}, t.num_warps,
+                               t.num_stages, True))
             out += _autotune_variants(m.autotune_configs(), base, d, True)
     return out
 
@@ -212,9 +214,10 @@ KERNELS: List[AotKernel] = [
     AotKernel(_LL, "_lse_bwd_kernel", lambda: _logprobs_variants("bwd"), _STATS, _TILE_SCALARS),
     AotKernel(_TG, "_target_logits_fwd_kernel", _target_fwd_variants, _STATS),
     AotKernel(_TG, "_target_logits_bwd_kernel", _target_bwd_variants, {**_STATS, "dh_ptr": "in"}),
-    AotKernel(_KL, "_kl_partial_kernel", lambda: _kl_variants("sweep"), _STATS),
+    AotKernel(_KL, "_kl_partial_kernel", lambda: _kl_variants("sweep"), _STATS, _TILE_SCALARS),
     AotKernel(_KL, "_kl_combine_kernel", _kl_combine_variants, _STATS),
-    AotKernel(_KL, "_kl_bwd_kernel", lambda: _kl_variants("bwd"), _STATS, known_spills={("bf16", 80): 24}),
+    AotKernel(_KL, "_kl_bwd_kernel", lambda: _kl_variants("bwd"), _STATS, _TILE_SCALARS,
+              known_spills={("bf16", 80): 24}),
     AotKernel(_AS, "_qk_lse_kernel", lambda: _attention_variants("lse"), _ATT, {"scale": "fp32"}),
     AotKernel(_AS, "_image_probs_kernel", lambda: _attention_variants("probs"), _ATT,
               {"scale": "fp32", "inv_hq": "fp32"}, known_spills={("bf16", 80): 16, ("bf16", 90): 16}),

@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from vpo_kernels import target_logits as _tgt
+from vpo_kernels.epilogue import _head_transform
 from vpo_kernels.linear_logprobs import TileConfig, _dot, _grouped_tile, _pick_split_v, _valid_rows_first
 from vpo_kernels.target_logits import _autotuning, _interpreting
 
@@ -143,8 +144,9 @@ def _logits_pair_tile(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, rows, row_mas
 
 @triton.jit
 def _kl_partial_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, order_ptr, n_valid_ptr, part_ptr, N, V, D,
-                       SPLIT_V,
-                       HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, SHARED_W: tl.constexpr, IEEE: tl.constexpr,
+                       SPLIT_V, scale, softcap,
+                       HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, SHARED_W: tl.constexpr,
+                       SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
                        GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     # grid: (cdiv(N, BLOCK_N) * SPLIT_V,), 1-D, in the grouped order of linear_logprobs._grouped_tile: the resident
     # programs form a GROUP_N x (~132 / GROUP_N) rectangle of (N block, V split), sharing h / h_ref blocks along a row
@@ -168,11 +170,14 @@ def _kl_partial_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, order_ptr, n
     u = tl.zeros([BLOCK_N], dtype=tl.float32)  # Σ exp(z - m) · (z - r)
     m_r = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)  # reference running max
     s_r = tl.zeros([BLOCK_N], dtype=tl.float32)  # Σ exp(r - m_r)
+    inv_cap = 1.0 / softcap  # softcap is 1.0 when there is none
     for t in range(t_lo, t_hi):
         offs_v = (t * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
         v_mask = offs_v < V
         z, r = _logits_pair_tile(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, rows, row_mask, offs_v, v_mask, D,
                                  HAS_BIAS, HAS_REF_BIAS, SHARED_W, IEEE, BLOCK_N, BLOCK_V, BLOCK_D)
+        r, _ = _head_transform(r, scale, softcap, inv_cap, SOFTCAP)  # both heads' logits transformed alike
+        z, _ = _head_transform(z, scale, softcap, inv_cap, SOFTCAP)
         # Reference first, so that r is dead (folded into d) before the policy's exp tile is formed.
         r_m = tl.where(v_mask[None, :], r, float("-inf"))  # padding columns add exp(-inf) = 0
         m_r_new = tl.maximum(m_r, tl.max(r_m, axis=1))  # finite: each tile has >= 1 real column
@@ -237,8 +242,9 @@ def _kl_combine_kernel(part_ptr, labels_ptr, kl_ptr, lse_ptr, e_ptr, N, ignore_i
 
 @triton.jit
 def _kl_bwd_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, order_ptr, n_valid_ptr, lse_ptr, e_ptr, g_ptr,
-                   dh_ptr, dw_ptr, db_ptr, N, V, D,
-                   HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, SHARED_W: tl.constexpr, IEEE: tl.constexpr,
+                   dh_ptr, dw_ptr, db_ptr, N, V, D, scale, softcap,
+                   HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, SHARED_W: tl.constexpr,
+                   SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
                    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr):
     # grid: (cdiv(N, BLOCK_N) * cdiv(V, BLOCK_V),), 1-D, in the tile order of _lse_bwd_kernel: groups of GROUP_N
@@ -264,12 +270,19 @@ def _kl_bwd_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, order_ptr, n_val
 
     z, r = _logits_pair_tile(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, rows, row_mask, offs_v, v_mask, D,
                              HAS_BIAS, HAS_REF_BIAS, SHARED_W, IEEE, BLOCK_N, BLOCK_V, BLOCK_D)  # [BLOCK_N, BLOCK_V] x2
+    inv_cap = 1.0 / softcap  # softcap is 1.0 when there is none
+    r, _ = _head_transform(r, scale, softcap, inv_cap, SOFTCAP)
+    z, _ = _head_transform(z, scale, softcap, inv_cap, SOFTCAP)  # tanh is recovered below as z'/cap: one tile less
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)  # [BLOCK_N] policy lse
     e_d = tl.load(e_ptr + rows, mask=row_mask, other=0.0)  # [BLOCK_N] E_p[z - r]
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)  # [BLOCK_N] ∂L/∂KL
     tile_mask = row_mask[:, None] & v_mask[None, :]
     # Ordered so that r dies before p is formed: at most two [BLOCK_N, BLOCK_V] fp32 tiles are live at a time.
     dz = (tl.where(tile_mask, z - r, 0.0) - e_d[:, None]) * g[:, None]  # g · (d - E)
+    if SOFTCAP:  # the chain rule through the transform: ∂z'/∂z = scale·(1 − (z'/cap)²)
+        t = z * inv_cap
+        dz = dz * (1.0 - t * t)
+    dz = dz * scale
     dz = dz * tl.exp(tl.where(tile_mask, z, float("-inf")) - lse[:, None])  # · p (from the saved lse; 0 on padding)
     if COMPUTE_DB:
         tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_mask, sem="relaxed")  # [BLOCK_V]
@@ -364,9 +377,11 @@ def _rows(labels: Optional[torch.Tensor], ignore_index: int, N: int, device) -> 
 def token_kl_fwd(h: torch.Tensor, W: torch.Tensor, hr: torch.Tensor, Wr: Optional[torch.Tensor] = None,
                  labels: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                  ref_bias: Optional[torch.Tensor] = None, ignore_index: int = -100, *,
-                 config: Optional[TokenKLConfig] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 config: Optional[TokenKLConfig] = None, scale: float = 1.0, softcap: float = 0.0,
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(kl, lse, e)``, each ``[N]`` fp32 and 0 where ``labels == ignore_index``: the KL, the policy's logsumexp
-    and ``E_p[z − r]`` (the last two are what the backward needs).
+    and ``E_p[z − r]`` (the last two are what the backward needs), of the transformed logits of both heads
+    (``z' = scale·z``, then ``z' = softcap·tanh(z'/softcap)`` when ``softcap > 0``; ``vpo.ops.epilogue``).
 
     h, hr ``[N, D]``; W, Wr ``[V, D]`` (``Wr=None``: the policy's W); labels ``[N]`` or None (every row counts);
     bias, ref_bias ``[V]`` or None (taken as given: the public wrapper applies the defaults). Extra memory: a
@@ -389,9 +404,11 @@ def token_kl_fwd(h: torch.Tensor, W: torch.Tensor, hr: torch.Tensor, Wr: Optiona
     sw = cfg.sweep
     grid = (triton.cdiv(N, sw.block_n) * split,)
     args = (h, W, bias if bias is not None else h, hr, Wr, ref_bias if ref_bias is not None else h,
-            order, n_valid, part, N, V, D, split)  # a bias pointer is never read when its HAS_* flag is False
+            order, n_valid, part, N, V, D, split, float(scale), float(softcap) if softcap else 1.0)
+    # (a bias pointer is never read when its HAS_* flag is False)
     meta = dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, SHARED_W=shared,
-                IEEE=h.dtype == torch.float32, GROUP_N=cfg.group_n, BLOCK_N=sw.block_n, BLOCK_V=sw.block_v)
+                SOFTCAP=bool(softcap), IEEE=h.dtype == torch.float32, GROUP_N=cfg.group_n, BLOCK_N=sw.block_n,
+                BLOCK_V=sw.block_v)
     if _autotuning():
         _tuned("sweep")[grid](*args, **meta)
     else:
@@ -408,11 +425,13 @@ def token_kl_bwd(grad_kl: torch.Tensor, h: torch.Tensor, W: torch.Tensor, hr: to
                  labels: Optional[torch.Tensor], bias: Optional[torch.Tensor], ref_bias: Optional[torch.Tensor],
                  lse: torch.Tensor, e_d: torch.Tensor, ignore_index: int = -100, *, compute_dh: bool = True,
                  compute_dw: bool = True, compute_db: Optional[bool] = None, config: Optional[TokenKLConfig] = None,
+                 scale: float = 1.0, softcap: float = 0.0,
                  ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients ``(dh [N, D], dW [V, D], db [V])`` of ``Σ_n grad_kl[n] · kl[n]`` with respect to the POLICY's h, W,
     bias (``lse``, ``e_d`` from :func:`token_kl_fwd`). Returned in the inputs' dtype; a gradient whose ``compute_*``
     flag is False (``compute_db`` defaults to ``bias is not None``) is None. Ignored rows get zero gradient. Extra
-    memory: fp32 accumulators for dh / dW / db (cast at the end for 16-bit inputs).
+    memory: fp32 accumulators for dh / dW / db (cast at the end for 16-bit inputs). ``scale``, ``softcap``: the
+    forward's logit transform.
     """
     h, W, hr, Wr, labels, bias, ref_bias, shared = _check_inputs(h, W, hr, W if Wr is None else Wr, labels, bias,
                                                                  ref_bias)
@@ -438,9 +457,9 @@ def token_kl_bwd(grad_kl: torch.Tensor, h: torch.Tensor, W: torch.Tensor, hr: to
         args = (h, W, bias if bias is not None else h, hr, Wr, ref_bias if ref_bias is not None else h,
                 order, n_valid, lse, e_d, grad_kl,
                 dh if dh is not None else lse, dw if dw is not None else lse, db if db is not None else lse,
-                N, V, D)
+                N, V, D, float(scale), float(softcap) if softcap else 1.0)
         meta = dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, SHARED_W=shared,
-                    IEEE=h.dtype == torch.float32, COMPUTE_DH=compute_dh, COMPUTE_DW=compute_dw,
+                    SOFTCAP=bool(softcap), IEEE=h.dtype == torch.float32, COMPUTE_DH=compute_dh, COMPUTE_DW=compute_dw,
                     COMPUTE_DB=compute_db, BLOCK_N=bw.block_n, BLOCK_V=bw.block_v, GROUP_N=cfg.group_n)
         if _autotuning():
             _tuned("bwd")[grid](*args, **meta)
@@ -454,18 +473,23 @@ def token_kl_bwd(grad_kl: torch.Tensor, h: torch.Tensor, W: torch.Tensor, hr: to
 
 
 class TokenKLTriton(torch.autograd.Function):
-    """``TokenKLTriton.apply(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, config=None) -> kl [N] fp32``.
+    """``TokenKLTriton.apply(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, config=None, scale=1.0, softcap=0.0)
+    -> kl [N] fp32`` (of the transformed logits, see :func:`token_kl_fwd`).
 
     Argument order as the public ``linear_token_kl`` (flat); ``labels`` may be None. Saves ``lse`` and ``E_p[z − r]``
     ([N] fp32 each) for the backward; gradients flow to h, W and bias only (None for the frozen reference's tensors).
     """
 
     @staticmethod
-    def forward(ctx, h, W, hr, Wr, labels=None, bias=None, ref_bias=None, ignore_index=-100, config=None):
-        kl, lse, e_d = token_kl_fwd(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, config=config)
+    def forward(ctx, h, W, hr, Wr, labels=None, bias=None, ref_bias=None, ignore_index=-100, config=None, scale=1.0,
+                softcap=0.0):
+        scale, softcap = float(scale), float(softcap or 0.0)
+        kl, lse, e_d = token_kl_fwd(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, config=config, scale=scale,
+                                    softcap=softcap)
         ctx.save_for_backward(h, W, hr, Wr, labels, bias, ref_bias, lse, e_d)
         ctx.ignore_index = ignore_index
         ctx.config = config
+        ctx.scale, ctx.softcap = scale, softcap
         ctx.set_materialize_grads(False)
         return kl
 
@@ -475,7 +499,8 @@ class TokenKLTriton(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[:2]
         need_b = ctx.needs_input_grad[5]
         if grad_kl is None or not (need_h or need_w or need_b):
-            return (None,) * 9
+            return (None,) * 11
         dh, dw, db = token_kl_bwd(grad_kl, h, W, hr, Wr, labels, bias, ref_bias, lse, e_d, ctx.ignore_index,
-                                  compute_dh=need_h, compute_dw=need_w, compute_db=need_b, config=ctx.config)
-        return dh, dw, None, None, None, db, None, None, None
+                                  compute_dh=need_h, compute_dw=need_w, compute_db=need_b, config=ctx.config,
+                                  scale=ctx.scale, softcap=ctx.softcap)
+        return dh, dw, None, None, None, db, None, None, None, None, None
