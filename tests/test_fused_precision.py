@@ -230,3 +230,18 @@ def test_bad_transform_is_a_value_error(bad):
 
 def test_ln2_is_what_the_exactness_test_compares_with():
     assert math.isclose(-F.logsigmoid(torch.zeros(())).item(), math.log(2), rel_tol=1e-7)
+
+
+@pytest.mark.parametrize("kw", TRANSFORMS, ids=T_IDS)
+def test_triton_composition_applies_the_transform(kw):
+    """impl="triton" composes the Triton ops, which apply the same transform: its loss equals the engine's."""
+    x = make_linear_head_inputs(4, 5, 8, 70, dtype=torch.float32, bias=True, seed=9, prompt_len=2)
+    rh = x.hidden.detach() * 0.9
+    hn = x.hidden.detach() + 0.1
+    w = torch.rand(x.labels.shape, generator=torch.Generator().manual_seed(2)) + 0.5
+    for fn in (lambda impl: vpo.fused_dpo_loss(x.weight, x.hidden, x.labels, x.bias, ref_hidden=rh, impl=impl, **kw),
+               lambda impl: vpo.fused_tpo_loss(x.weight, x.hidden, hn, x.labels, x.bias, ref_hidden=rh,
+                                               ref_hidden_noised=rh + 0.1, impl=impl, **kw),
+               lambda impl: vpo.fused_catpo_loss(x.weight, x.hidden, x.labels, w, x.bias, ref_hidden=rh, impl=impl,
+                                                 **kw)):
+        torch.testing.assert_close(fn("triton")[0], fn("torch")[0], rtol=1e-5, atol=1e-6)

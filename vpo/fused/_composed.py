@@ -8,34 +8,35 @@ from __future__ import annotations
 import torch
 
 
-
-def token_terms(hidden, weight, bias, labels, *, ignore_index, noised=None, reward_grad=True, ref=None, kl_grad=True):
+def token_terms(hidden, weight, bias, labels, *, ignore_index, noised=None, reward_grad=True, ref=None, kl_grad=True,
+                logit_softcap=None, logit_scale=None):
     """The engine's ``Sweep.tok`` (``logp``, ``z``, optional ``z_noised``/``s``, ``kl``; ``[2B, T]``) through the
-    Triton ops, differentiable where the engine forms gradients; no ``entropy``."""
+    Triton ops, differentiable where the engine forms gradients; no ``entropy``. ``logit_softcap``/``logit_scale``:
+    the head's logits transform, applied by every op."""
     from vpo.ops.linear_logprobs import linear_logprobs, target_logits  # imported here: the engine path needs no ops
     from vpo.ops.token_kl import linear_token_kl
 
     mask = labels != ignore_index
-    logp, z = linear_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, impl="triton")
+    tr = dict(ignore_index=ignore_index, impl="triton", logit_softcap=logit_softcap, logit_scale=logit_scale)
+    logp, z = linear_logprobs(hidden, weight, labels, bias, **tr)
     tok = {"logp": logp, "z": z}
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     if noised is not None:
         if reward_grad:
-            zn = target_logits(noised, weight, labels, bias, ignore_index=ignore_index, impl="triton")
+            zn = target_logits(noised, weight, labels, bias, **tr)
             s = z - zn
         else:
             with torch.no_grad():
                 zn = target_logits(noised.detach(), weight.detach(), labels, None if bias is None else bias.detach(),
-                                   ignore_index=ignore_index, impl="triton")
+                                   **tr)
             s = z.detach() - zn
         tok["z_noised"], tok["s"] = zn, torch.where(mask, s, zero)
     if ref is not None:
         rh, rw, rb = ref
         with torch.no_grad():
-            tok["ref_logp"], _ = linear_logprobs(rh, rw, labels, rb, ignore_index=ignore_index, impl="triton")
+            tok["ref_logp"], _ = linear_logprobs(rh, rw, labels, rb, **tr)
         with torch.set_grad_enabled(torch.is_grad_enabled() and kl_grad):
-            tok["kl"] = linear_token_kl(hidden, weight, rh, rw, labels, bias, rb, ignore_index=ignore_index,
-                                        impl="triton")
+            tok["kl"] = linear_token_kl(hidden, weight, rh, rw, labels, bias, rb, **tr)
     return tok
 
 

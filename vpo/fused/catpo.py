@@ -108,9 +108,7 @@ def fused_catpo_loss(
     check_trl_terms(path, use_weighting, ld_alpha)
     chunking = _engine.check_chunking(chunking)
     softcap, scale = check_head_transform(logit_softcap, logit_scale)
-    if path == "triton" and (softcap or scale != 1.0):
-        raise ValueError("logit_softcap and logit_scale need impl='auto' or 'torch' (the engine); impl='triton' "
-                         "composes ops that do not apply them")
+    tr = dict(logit_softcap=logit_softcap, logit_scale=logit_scale)  # for impl="triton"'s ops
 
     mask = labels != ignore_index
     ntok = mask.sum(1)
@@ -138,7 +136,7 @@ def fused_catpo_loss(
 
     ref_arg = (ref_hidden.detach(), rw, rb) if has_ref else None
     if path == "triton":
-        tok = _composed.token_terms(hidden, weight, bias, labels, ignore_index=ignore_index, ref=ref_arg,
+        tok = _composed.token_terms(hidden, weight, bias, labels, ignore_index=ignore_index, **tr, ref=ref_arg,
                                     kl_grad=kl_coef > 0)
         loss = pair_loss(tok, torch.arange(2 * B, device=hidden.device), B)
     else:

@@ -132,9 +132,7 @@ def fused_tpo_loss(
     check_trl_terms(path, use_weighting, ld_alpha)
     chunking = _engine.check_chunking(chunking)
     softcap, scale = check_head_transform(logit_softcap, logit_scale)
-    if path == "triton" and (softcap or scale != 1.0):
-        raise ValueError("logit_softcap and logit_scale need impl='auto' or 'torch' (the engine); impl='triton' "
-                         "composes ops that do not apply them")
+    tr = dict(logit_softcap=logit_softcap, logit_scale=logit_scale)  # for impl="triton"'s ops
 
     mask = labels != ignore_index
     ntok = mask.sum(1)
@@ -162,11 +160,11 @@ def fused_tpo_loss(
 
     all_rows = torch.arange(2 * B, device=hidden.device)
     if path == "triton":
-        tok = _composed.token_terms(hidden, weight, bias, labels, ignore_index=ignore_index, noised=hidden_noised,
+        tok = _composed.token_terms(hidden, weight, bias, labels, ignore_index=ignore_index, **tr, noised=hidden_noised,
                                     reward_grad=reward_grad)
         if ref_given is None:
             with torch.no_grad():
-                rt = _composed.token_terms(ref_hidden.detach(), rw, rb, labels, ignore_index=ignore_index,
+                rt = _composed.token_terms(ref_hidden.detach(), rw, rb, labels, ignore_index=ignore_index, **tr,
                                            noised=ref_hidden_noised.detach(), reward_grad=False)
             tok["ref_logp"], tok["ref_s"] = rt["logp"], rt["s"]
         loss = pair_loss(tok, all_rows, B)

@@ -198,10 +198,7 @@ def _linear_logprobs_gemm(h, W, labels, bias, ignore_index, budget_mb=None, soft
 def _linear_logprobs_triton(h, W, labels, bias, ignore_index, budget_mb=None, softcap=0.0, scale=1.0):
     from vpo_kernels.linear_logprobs import LinearLogprobsTriton  # lazy: `import vpo` never needs triton
 
-    if softcap or scale != 1.0:
-        raise ValueError("logit_softcap and logit_scale are not supported by impl='triton' (the fully fused kernels); "
-                         "use impl='gemm' or 'torch' (impl='auto' picks 'gemm' on CUDA)")
-    return LinearLogprobsTriton.apply(h, W, labels, bias, ignore_index)
+    return LinearLogprobsTriton.apply(h, W, labels, bias, ignore_index, None, scale, softcap)
 
 
 def _target_logits_torch(h, W, labels, bias, ignore_index, budget_mb=None):

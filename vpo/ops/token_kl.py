@@ -138,10 +138,7 @@ def _token_kl_gemm(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, budget_mb
 def _token_kl_triton(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, budget_mb=None, softcap=0.0, scale=1.0):
     from vpo_kernels.token_kl import TokenKLTriton  # lazy: `import vpo` never needs triton
 
-    if softcap or scale != 1.0:
-        raise ValueError("logit_softcap and logit_scale are not supported by impl='triton' (the fully fused kernels); "
-                         "use impl='gemm' or 'torch' (impl='auto' picks 'gemm' on CUDA)")
-    return TokenKLTriton.apply(h, W, hr, Wr, labels, bias, ref_bias, ignore_index)
+    return TokenKLTriton.apply(h, W, hr, Wr, labels, bias, ref_bias, ignore_index, None, scale, softcap)
 
 
 # name -> callable(h [N, D], W [V, D], hr [N, D], Wr [V, D], labels [N] | None, bias [V] | None, ref_bias [V] | None,
