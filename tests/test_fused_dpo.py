@@ -320,3 +320,22 @@ def test_engine_plan_at_lm_shapes(monkeypatch):
     assert plan(Chunking(), 8, 512, 32064, 1)[0] > 1
     monkeypatch.setenv("VPO_FUSED_BUDGET_MB", "8192")
     assert plan(Chunking(), 8, 4096, 152064, 1)[2] is True
+
+
+def test_fused_losses_do_not_import_the_oracle():
+    """The oracle stays an independent check: no module of vpo/fused imports vpo.oracle (shared argument rules and
+    the TPO reward live in product modules: vpo._heads, vpo.losses.tpo_reward)."""
+    import ast
+    import pathlib
+
+    import vpo.fused
+
+    for path in pathlib.Path(vpo.fused.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(n == "vpo.oracle" or n.startswith("vpo.oracle.") for n in names), (path.name, names)
