@@ -36,6 +36,7 @@ from vpo.trainer.online import is_online_dataset
 from vpo.trainer.passes import Passes
 from vpo.trainer.reference import Reference, load_reference_table
 from vpo.trainer.resume import ResumeMixin
+from vpo.trainer.usable import batch_usable, mark_unscored, ranks_agree
 
 
 _TOKENS = "\0num_tokens"  # the per-log token increment inside _flush's per-process totals
@@ -197,11 +198,10 @@ class VPOTrainer(ResumeMixin, Trainer):
     # -- loss -----------------------------------------------------------------------------------------------------
 
     def _loss_and_metrics(self, model, inputs, split: str):
+        mark_unscored(inputs)  # rows without a scored token count as skipped (vpo.trainer.usable)
         self._count_skipped(inputs.get("skipped"), split)
-        if "input_ids" not in inputs or inputs["input_ids"].shape[0] == 0:  # every record of the batch was skipped
-            if self.args.world_size > 1:
-                raise RuntimeError("a batch with no valid record reached a distributed step (the other processes "
-                                   "would wait for this one's gradients): filter bad records before training")
+        usable = batch_usable(inputs)  # the ranks agree to skip under DDP
+        if not (ranks_agree(usable, self.args.device) if self.args.world_size > 1 else usable):
             return torch.zeros((), device=self.args.device, requires_grad=True), {}
         passes = Passes(inputs, model, self.reference, list_size=self.args.list_size,
                         need_grad=torch.is_grad_enabled(), impl=self.args.loss_impl)
