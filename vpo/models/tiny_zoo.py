@@ -83,8 +83,8 @@ def tiny_aya_vision(seed: int = 0):
                              vision_feature_select_strategy="full", attn_implementation="sdpa")
     model = _build(AyaVisionForConditionalGeneration, config, seed)
     specials = {1: "<image>", 2: "<|START_OF_IMG|>", 3: "<|END_OF_IMG|>", 4: "<|IMG_PATCH|>", 5: "<|IMG_LINE_BREAK|>",
-                6: "<|END_OF_TURN_TOKEN|>", 7: "<BOS_TOKEN>", 8: "<unk>", 9: "TILE_GLOBAL", 10: "<|START_OF_TURN_TOKEN|>",
-                11: "<|USER_TOKEN|>", 12: "<|CHATBOT_TOKEN|>"}
+                6: "<|END_OF_TURN_TOKEN|>", 7: "<BOS_TOKEN>", 8: "<unk>", 9: "TILE_GLOBAL",
+                10: "<|START_OF_TURN_TOKEN|>", 11: "<|USER_TOKEN|>", 12: "<|CHATBOT_TOKEN|>"}
     tok = _tokenizer(specials, bos="<BOS_TOKEN>", eos="<|END_OF_TURN_TOKEN|>")
     template = _template("<|START_OF_TURN_TOKEN|><|USER_TOKEN|>", "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>",
                          "<|END_OF_TURN_TOKEN|>", "<image>", "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>",
@@ -115,7 +115,8 @@ def tiny_internvl(seed: int = 0):
     template = _template("<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>\n", "<IMG_CONTEXT>\n",
                          "<|im_start|>assistant\n")
     ip = GotOcr2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=False)
-    proc = _images_only_class("InternVLProcessor")(image_processor=ip, tokenizer=tok, video_processor=_ImagesOnlyVideoProcessor(),
+    proc = _images_only_class("InternVLProcessor")(image_processor=ip, tokenizer=tok,
+                                                   video_processor=_ImagesOnlyVideoProcessor(),
                              image_seq_length=4, chat_template=template)
     return model, proc
 
@@ -131,7 +132,12 @@ def tiny_paligemma(seed: int = 0):
     model = _build(PaliGemmaForConditionalGeneration, config, seed)
     tok = _tokenizer({1: "<image>", 6: "<eos>", 7: "<bos>", 8: "<unk>"}, bos="<bos>", eos="<eos>",
                      extra={"image_token": "<image>"})
-    template = "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'][0]['text'] if m['content'] is not string else m['content'] }}<eos>{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% endif %}{% endfor %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endif %}{% endfor %}"  # noqa: E501
+    template = (  # the image placeholders first, then the text; no turn markers (PaliGemma's prefix + suffix)
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}"
+        "{{ m['content'] if m['content'] is string else m['content'][0]['text'] }}<eos>"
+        "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% endif %}{% endfor %}"
+        "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}\n"
+        "{% endif %}{% endfor %}")
     tok.chat_template = template
     ip = SiglipImageProcessorPil(size={"height": 16, "width": 16})
     ip.image_seq_length = 16
