@@ -214,3 +214,29 @@ def test_mllama_cross_attention_mask_covers_the_row_and_a_mismatch_names_the_inp
         forward_hidden(model, model_inputs(short))
     with pytest.raises(ValueError, match="^MllamaProcessor: cannot batch vision input pixel_values: its rank differs"):
         _cat_vision([{"pixel_values": torch.zeros(1, 3)}, {"pixel_values": torch.zeros(1, 3, 2)}], "MllamaProcessor")
+
+
+@pytest.mark.parametrize("arch", sorted(NEEDS))
+def test_the_head_transform_read_from_the_config_reproduces_the_models_logits(arch):
+    """Independent of the fused functions' new keywords: the trainer's hidden states through the LM head, transformed
+    as head_transform says (materialized here), give the model's own log-probs on the scored tokens."""
+    from vpo.trainer.passes import Passes, model_inputs
+    from vpo.trainer.reference import Reference
+
+    model, proc = tiny_architecture(arch)
+    batch = PreferenceCollator(proc, "generic", method="dpo")([record_from_row(r) for r in rows()])
+    softcap, scale = head_transform(model)
+    with torch.no_grad():
+        p = Passes(batch, model, Reference("model", model=model), need_grad=False, impl="torch")
+        z = (p.hidden().double() @ p.weight.double().T)  # [R, T, V]
+        z = z * scale if scale is not None else z
+        z = softcap * torch.tanh(z / softcap) if softcap is not None else z
+        logits = model(**model_inputs(batch), use_cache=False).logits[:, :-1][:, p.window()].double()
+    labels = p.labels()
+    mask = labels != -100
+    ours = torch.log_softmax(z, -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0][mask]
+    theirs = torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0][mask]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    plain = torch.log_softmax(p.hidden().double() @ p.weight.double().T, -1)
+    plain = plain.gather(-1, labels.clamp_min(0)[..., None])[..., 0][mask]
+    assert (plain - theirs).abs().max() > 1e-3  # without the transform the log-probs are not the model's
