@@ -187,3 +187,12 @@ def test_disable_dropout_by_default(tmp_path, proc):
     model.extra_dropout = torch.nn.Dropout(0.3)
     VPOTrainer(model, args(tmp_path, use_lora=False, disable_dropout=False), train_dataset=ROWS, processing_class=proc)
     assert model.extra_dropout.p == 0.3
+
+
+@pytest.mark.parametrize("kw,option", [(dict(beta=-1.0), "beta"), (dict(gradient_accumulation_steps=0),
+                                                                    "gradient_accumulation_steps"),
+                                       (dict(per_device_train_batch_size=0), "per_device_train_batch_size"),
+                                       (dict(max_steps=-1, num_train_epochs=0), "num_train_epochs")])
+def test_training_settings_are_refused_naming_the_option(tmp_path, kw, option):
+    with pytest.raises(ValueError, match=rf"^{option} must be"):
+        VPOConfig(output_dir=str(tmp_path), use_cpu=True, **kw)

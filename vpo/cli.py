@@ -4,6 +4,7 @@
     vpo eval --model PATH|tiny-cache --data DIR [--out F]      CHAIR / POPE / coverage on held-out images
     vpo visualize rewards|curves ...                           per-token TPO rewards (HTML + PNG); training curves
     vpo diagnose --model DIR --data PAIRS [--create N]         each method's signal against ground truth (AUROCs)
+    vpo practice [--out DIR]                                   a tiny model folder + data to practise vpo train on
     vpo info                                                   what is built and available
     vpo train --config FILE.yaml                               train a VLM with any method (vpo.trainer)
     vpo precompute-ref --config FILE.yaml                      reference terms stored with the dataset
@@ -106,6 +107,14 @@ def build_parser(command: Optional[str] = "") -> argparse.ArgumentParser:
 
         diagnose_cli.add_arguments(g)
         g.set_defaults(func=lambda args: diagnose_cli.main(args))
+    r = sub.add_parser("practice", help="export the demo's tiny model and a small dataset to folders, to practise "
+                                        "vpo train on a CPU", description="Write DIR/model (a model folder) and "
+                                        "DIR/data (shapes-world preference pairs) for examples/configs/cpu_dpo.yaml.")
+    if wanted("practice"):
+        from vpo import practice
+
+        practice.add_arguments(r)
+        r.set_defaults(func=practice.main)
     i = sub.add_parser("info", help="what is built and available")
     i.set_defaults(func=_info)
     _register_optional(sub)
