@@ -154,6 +154,9 @@ def test_num_tokens_is_a_running_total_of_attended_tokens(tmp_path, proc):
     collated = [trainer.data_collator([trainer.train_dataset[i] for i in idx]) for idx in ((0, 1), (2, 3))]
     sizes = sorted(int(b["attention_mask"].sum()) for b in collated)
     assert counts[0] in sizes and counts[1] == sum(sizes)
+    assert trainer.evaluate(ROWS[:2])["eval_num_tokens"] == counts[-1]  # TRL: the training total in eval logs
+    summary = [h for h in trainer.state.log_history if "train_runtime" in h]
+    assert summary and not any("num_tokens" in k for k in summary[0])  # not in the run's summary line
 
 
 def test_f_divergence_reaches_the_loss(tmp_path, proc):

@@ -263,9 +263,9 @@ class VPOTrainer(ResumeMixin, Trainer):
             sums = torch.stack([torch.stack([torch.as_tensor(v, device=device).float().reshape(()) for v in stored[k]])
                                 .sum() for k in keys]).tolist()  # one host sync per log
             local = {k: (total, len(stored[k])) for k, total in zip(keys, sums)}
-        if split == "train":  # the tokens since the last log, summed over processes below
-            local[_TOKENS] = (float(self._tokens_since_log), 1)
-            self._tokens_since_log.zero_()
+        # the training tokens since the last log (of either split), summed over processes below
+        local[_TOKENS] = (float(self._tokens_since_log), 1)
+        self._tokens_since_log.zero_()
         parts = [(local, dict(skipped))]
         if self.args.world_size > 1:
             from accelerate.utils import gather_object
@@ -282,7 +282,8 @@ class VPOTrainer(ResumeMixin, Trainer):
                 counts[reason] += n
         self.num_tokens += int(totals.pop(_TOKENS, (0.0, 0))[0])
         out = {k: total / max(n, 1) for k, (total, n) in totals.items()}
-        out["num_tokens"] = float(self.num_tokens)  # TRL's running total (the training one, in eval logs too)
+        if out:  # TRL's running total (the training one, in eval logs too); not in a log without metrics
+            out["num_tokens"] = float(self.num_tokens)
         out.update({f"data/skipped_{reason}": float(n) for reason, n in counts.items()})
         return out
 
