@@ -199,3 +199,32 @@ def test_disable_dropout_by_default(tmp_path, proc):
 def test_training_settings_are_refused_naming_the_option(tmp_path, kw, option):
     with pytest.raises(ValueError, match=rf"^{option} must be"):
         VPOConfig(output_dir=str(tmp_path), use_cpu=True, **kw)
+
+
+def test_bco_running_mean_shifts_the_rewards_and_is_checkpointed(tmp_path, proc):
+    import json
+    import math
+
+    a = args(tmp_path, loss_type="bco_pair", bco_running_mean=True, per_device_train_batch_size=1, max_steps=2,
+             save_strategy="steps", save_steps=1)
+    trainer = VPOTrainer(tiny_llava().model, a, train_dataset=ROWS, processing_class=proc)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    rewards = [(h["rewards/chosen"] + h["rewards/rejected"]) / 2 for h in logs]
+    assert trainer.bco.count == 2
+    assert float(trainer.bco.mean()) == pytest.approx(sum(rewards) / 2, abs=1e-6)
+    state = json.loads((tmp_path / "checkpoint-2" / "vpo_state.json").read_text())
+    assert state["bco_running_mean"]["count"] == 2
+    # the loss of one pair with δ = the running mean: −log σ(βΔ_w − δ) − log σ(−(βΔ_l − δ))
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    loss, m = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    delta = sum(rewards) / 2
+    rc, rr = float(m["rewards/chosen"]), float(m["rewards/rejected"])
+    want = math.log1p(math.exp(-(rc - delta))) + math.log1p(math.exp(rr - delta))
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-5)
+    # resuming restores it
+    resumed = VPOTrainer(tiny_llava().model, args(tmp_path, loss_type="bco_pair", bco_running_mean=True,
+                                                  per_device_train_batch_size=1, max_steps=3),
+                         train_dataset=ROWS, processing_class=proc)
+    resumed._vpo_load_state(str(tmp_path / "checkpoint-2"))
+    assert resumed.bco.count == 2 and float(resumed.bco.mean()) == pytest.approx(delta, abs=1e-6)

@@ -81,6 +81,9 @@ class VPOConfig(TrainingArguments):
         "help": "TR-DPO: every ref_model_sync_steps steps, reference = α·policy + (1−α)·reference (ref_mode model)"})
     ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO mixing α"})
     ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO: steps between reference updates"})
+    bco_running_mean: bool = field(default=False, metadata={
+        "help": "bco_pair: subtract the running mean of the rewards (the BCO paper's δ; TRL 1.16 does not), kept in "
+                "checkpoints"})
     disable_dropout: bool = field(default=True, metadata={
         "help": "set the model's dropout to 0 before training, as TRL does (LoRA's own lora_dropout is kept)"})
     model_init_kwargs: Optional[dict] = field(default=None, metadata={

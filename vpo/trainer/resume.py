@@ -113,6 +113,7 @@ class ResumeMixin:
             # TRL's running num_tokens (vpo.trainer.metrics): the total at the last log, and this process's since
             "num_tokens": int(getattr(self, "num_tokens", 0)),
             "num_tokens_pending": int(getattr(self, "_tokens_since_log", 0)),
+            "bco_running_mean": self.bco.state_dict() if getattr(self, "bco", None) is not None else None,
             "eval_draw": getattr(eval_collator, "draw", None) if eval_collator is not self.data_collator else None,
         }
 
@@ -130,6 +131,8 @@ class ResumeMixin:
         self._vpo_real = int(state.get("real_batches", 0))
         self._vpo_dropped = int(state.get("dropped_batches", 0))
         self.num_tokens = int(state.get("num_tokens", 0))
+        if getattr(self, "bco", None) is not None and state.get("bco_running_mean"):
+            self.bco.load_state_dict(state["bco_running_mean"])
         if hasattr(self, "_tokens_since_log"):
             self._tokens_since_log.fill_(int(state.get("num_tokens_pending", 0)))
         eval_collator = getattr(self, "_eval_collator", None)

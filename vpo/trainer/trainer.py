@@ -128,6 +128,8 @@ class VPOTrainer(ResumeMixin, Trainer):
             ref_model = distributed.prepare_reference(self, ref_model)  # sharded like the policy (FSDP2, ZeRO-3)
         self.ref_model = ref_model
         self.reference = Reference(args.ref_mode, model=ref_model, table=ref_table)
+        self.bco = trl_options.RunningMean() if args.bco_running_mean else None  # BCO's δ, read by the loss
+        args._vpo_bco_state = self.bco
         if args.sync_ref_model:  # TR-DPO
             self.add_callback(trl_options.sync_reference_callback(self))
         self.num_tokens = 0  # TRL's num_tokens: attended tokens trained on so far (vpo.trainer.metrics)
@@ -213,6 +215,8 @@ class VPOTrainer(ResumeMixin, Trainer):
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         loss, metrics = self._loss_and_metrics(model, inputs, "train")
         self.store_metrics(metrics, "train")
+        if self.bco is not None and "rewards/chosen" in metrics:  # the batch's mean reward, for the next steps' δ
+            self.bco.update((metrics["rewards/chosen"] + metrics["rewards/rejected"]) / 2)
         # TRL's num_tokens (vpo.trainer.metrics): no host sync here, summed at the next log
         self._tokens_since_log = self._tokens_since_log + count_tokens(inputs).to(self._tokens_since_log.device)
         return (loss, metrics) if return_outputs else loss
