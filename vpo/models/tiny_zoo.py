@@ -248,6 +248,72 @@ def tiny_paligemma2(seed: int = 0):
     return _build(PaliGemmaForConditionalGeneration, config, seed), proc
 
 
+class _TinyTimmVision(torch.nn.Module):
+    """Stands in for Gemma 3n's timm MobileNet (``TimmWrapperModel``, needs timm): a 4x4 stride-4 convolution, so a
+    16x16 image gives ``last_hidden_state [n, hidden, 4, 4]`` = 16 soft tokens, the layout Gemma 3n reads."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.conv = torch.nn.Conv2d(3, config.hidden_size, kernel_size=4, stride=4)
+
+    def forward(self, pixel_values, do_pooling=False, return_dict=True, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(last_hidden_state=self.conv(pixel_values.to(self.conv.weight.dtype)))
+
+
+def tiny_gemma3n(seed: int = 0):
+    """Tiny Gemma 3n: AltUp / LAuReL / per-layer-input decoder (2 layers), soft-capped head (30), a stand-in vision
+    tower (:class:`_TinyTimmVision`, 16 soft tokens), an unused tiny audio tower. Ids: text below 112, vision
+    ``[112, 120)``, audio ``[120, 128)``."""
+    import transformers.models.gemma3n.modeling_gemma3n as g3n
+    from transformers import (Gemma3nAudioConfig, Gemma3nAudioFeatureExtractor, Gemma3nConfig,
+                              Gemma3nForConditionalGeneration, Gemma3nProcessor, Gemma3nTextConfig,
+                              Gemma3nVisionConfig, SiglipImageProcessorPil)
+
+    text = Gemma3nTextConfig(**_text(head_dim=16, vocab_size_per_layer_input=112, hidden_size_per_layer_input=8,
+                                     laurel_rank=4, altup_num_inputs=2, num_kv_shared_layers=0, sliding_window=64,
+                                     layer_types=["sliding_attention", "full_attention"],
+                                     activation_sparsity_pattern=[0.0, 0.0], final_logit_softcapping=30.0,
+                                     intermediate_size=[128, 128]))
+    vision = Gemma3nVisionConfig(hidden_size=32, vocab_size=8, vocab_offset=112)
+    audio = Gemma3nAudioConfig(vocab_size=8, vocab_offset=120, hidden_size=16, input_feat_size=8,
+                               conf_num_hidden_layers=1, conf_num_attention_heads=2, sscp_conv_channel_size=[4, 4])
+    config = Gemma3nConfig(text_config=text, vision_config=vision, audio_config=audio,
+                           vision_soft_tokens_per_image=16, audio_soft_tokens_per_image=4, boi_token_id=V - 17,
+                           eoi_token_id=V - 16, image_token_id=V - 15, boa_token_id=V - 18, eoa_token_id=V - 8,
+                           audio_token_id=V - 7, attn_implementation="sdpa")
+    real = g3n.AutoModel
+
+    class _Auto:  # the vision tower's class only: everything else as transformers builds it
+        @staticmethod
+        def from_config(cfg, **kw):
+            if getattr(cfg, "model_type", None) == "gemma3n_vision":
+                return _TinyTimmVision(cfg)
+            return real.from_config(cfg, **kw)
+
+    g3n.AutoModel = _Auto
+    try:
+        model = _build(Gemma3nForConditionalGeneration, config, seed)
+    finally:
+        g3n.AutoModel = real
+    specials = {17: "<start_of_image>", 16: "<end_of_image>", 15: "<image_soft_token>", 18: "<start_of_audio>",
+                8: "<end_of_audio>", 7: "<audio_soft_token>", 19: "<start_of_turn>", 20: "<end_of_turn>", 21: "<eos>",
+                22: "<bos>", 23: "<unk>"}
+    tok = _tokenizer(specials, bos="<bos>", eos="<eos>", words_below=V - 23, extra={
+        "image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+        "audio_token": "<audio_soft_token>", "boa_token": "<start_of_audio>", "eoa_token": "<end_of_audio>"})
+    template = _template("<start_of_turn>user\n", "<start_of_turn>model\n", "<end_of_turn>\n", "<image_soft_token>",
+                         "<start_of_turn>model\n", bos="<bos>")
+    tok.chat_template = template
+    ip = SiglipImageProcessorPil(size={"height": 16, "width": 16})
+    fe = Gemma3nAudioFeatureExtractor(feature_size=8)
+    proc = Gemma3nProcessor(feature_extractor=fe, image_processor=ip, tokenizer=tok, image_seq_length=16,
+                            audio_seq_length=4, chat_template=template)
+    return model, proc
+
+
 def _family(name: str):
     def build(seed: int = 0):
         from vpo import models
@@ -264,7 +330,7 @@ def _family(name: str):
 ZOO = {
     "llava_onevision": tiny_llava_onevision, "aya_vision": tiny_aya_vision, "internvl": tiny_internvl,
     "paligemma": tiny_paligemma, "paligemma2": tiny_paligemma2, "mllama": tiny_mllama, "llama4": tiny_llama4,
-    "vipllava": tiny_vipllava,
+    "vipllava": tiny_vipllava, "gemma3n": tiny_gemma3n,
     **{f"{name}_generic": _family(name) for name in ("llava", "qwen2_vl", "qwen2_5_vl", "idefics2")},
 }
 
