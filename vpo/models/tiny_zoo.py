@@ -1,6 +1,10 @@
 """More tiny random image-text-to-text architectures with their real processor classes (no download), for the
 architecture tests (``tests/test_architectures.py``); the first four live in :mod:`vpo.models.tiny_generic`.
 
+:data:`ZOO` holds LLaVA-OneVision, Aya Vision, InternVL, PaliGemma, PaliGemma 2, Mllama, Llama 4, VipLLaVA,
+Gemma 3n, GLM-4V, Janus, Ovis2 and vpo's four tuned families (LLaVA, Qwen2-VL, Qwen2.5-VL, Idefics2) for the generic
+collator; :func:`tiny_architecture` builds any of them or of :data:`vpo.models.tiny_generic.ARCHS`.
+
 Each builder returns ``(model, processor)`` like :func:`vpo.models.tiny_generic.tiny_generic`: the real
 ``*ForConditionalGeneration`` from a shrunken config (text hidden 64, 2 layers; a 1-2 layer vision tower over 16x16
 images) and the real processor over the word-level tokenizer of :func:`vpo.models.tiny_generic._tokenizer`.
@@ -314,6 +318,86 @@ def tiny_gemma3n(seed: int = 0):
     return model, proc
 
 
+def tiny_glm4v(seed: int = 0):
+    """Tiny GLM-4V: a Qwen-style ViT (patch 4, merge 2) over 16x24 images -> 6 tokens, GLM-4 LM with M-RoPE."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration, Glm4vImageProcessorPil
+
+    from vpo.data.processors import _ImagesOnlyVideoProcessor, _images_only_class
+
+    text = _text(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                               "mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, image_size=16)
+    config = Glm4vConfig(text_config=text, vision_config=vision, image_token_id=V - 1, video_token_id=V - 2,
+                         image_start_token_id=V - 3, image_end_token_id=V - 4, video_start_token_id=V - 5,
+                         video_end_token_id=V - 9, attn_implementation="sdpa")
+    model = _build(Glm4vForConditionalGeneration, config, seed)
+    specials = {1: "<|image|>", 2: "<|video|>", 3: "<|begin_of_image|>", 4: "<|end_of_image|>",
+                5: "<|begin_of_video|>", 9: "<|end_of_video|>", 6: "<|endoftext|>", 7: "[gMASK]", 8: "<unk>",
+                10: "<|user|>", 11: "<|assistant|>"}
+    tok = _tokenizer(specials, eos="<|endoftext|>", extra={"image_token": "<|image|>", "video_token": "<|video|>"})
+    template = _template("<|user|>\n", "<|assistant|>\n", "{% if m['role'] == 'assistant' %}<|endoftext|>{% endif %}",
+                         "<|begin_of_image|><|image|><|end_of_image|>", "<|assistant|>\n", bos="[gMASK]")
+    tok.chat_template = template
+    qkw = dict(patch_size=4, merge_size=2, temporal_patch_size=2)
+    ip = Glm4vImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 384}, **qkw)
+    proc = _images_only_class("Glm4vProcessor")(image_processor=ip, tokenizer=tok,
+                                                video_processor=_ImagesOnlyVideoProcessor(**qkw),
+                                                chat_template=template)
+    return model, proc
+
+
+def tiny_janus(seed: int = 0):
+    """Tiny Janus: a SigLIP-style encoder over 16x16 images (16 tokens), a tiny VQ image generator (unused by
+    text training), Llama LM."""
+    from transformers import (JanusConfig, JanusForConditionalGeneration, JanusImageProcessorPil, JanusProcessor,
+                              JanusVisionConfig, JanusVQVAEConfig, LlamaConfig)
+
+    vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=16,
+                               patch_size=4, projection_dim=64, depth=1, num_image_tokens=16, mlp_ratio=2.0)
+    vq = JanusVQVAEConfig(embed_dim=8, num_embeddings=32, latent_channels=32, base_channels=32,
+                          channel_multiplier=[1, 1], num_res_blocks=1, num_patches=4, projection_dim=64,
+                          image_token_embed_dim=64, num_hidden_layers=1)
+    config = JanusConfig(text_config=LlamaConfig(**_text()), vision_config=vision, vq_config=vq,
+                         image_token_id=V - 1, attn_implementation="sdpa")
+    model = _build(JanusForConditionalGeneration, config, seed)
+    tok = _tokenizer({1: "<image_placeholder>", 2: "<begin_of_image>", 3: "<end_of_image>", 6: "<｜end▁of▁sentence｜>",
+                      7: "<｜begin▁of▁sentence｜>", 8: "<unk>"}, bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>",
+                     prepend_bos=True, extra={"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>",
+                                              "eoi_token": "<end_of_image>"})
+    template = _template("<|User|>: ", "<|Assistant|>: ",
+                         "{% if m['role'] == 'assistant' %}<｜end▁of▁sentence｜>{% else %}\n\n{% endif %}",
+                         "<image_placeholder>\n", "<|Assistant|>:")
+    tok.chat_template = template
+    ip = JanusImageProcessorPil(size={"height": 16, "width": 16}, min_size=4)
+    proc = JanusProcessor(image_processor=ip, tokenizer=tok, num_image_tokens=16, chat_template=template)
+    return model, proc
+
+
+def tiny_ovis2(seed: int = 0):
+    """Tiny Ovis2: a ViT over 16x16 images whose 16 patches become probabilistic visual tokens (a 16-word visual
+    vocabulary), five visual indicator tokens, Qwen2 LM."""
+    from transformers import Ovis2Config, Ovis2ForConditionalGeneration, Ovis2ImageProcessorPil, Ovis2Processor
+    from transformers import Ovis2VisionConfig, Qwen2Config
+
+    vision = Ovis2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                               image_size=16, patch_size=4, vocab_size=16, hidden_stride=1,
+                               num_visual_indicator_tokens=5)
+    config = Ovis2Config(vision_config=vision, text_config=Qwen2Config(**_text()), image_token_id=V - 1,
+                         visual_indicator_token_ids=[V - 2, V - 3, V - 4, V - 5, V - 9], vocab_size=V,
+                         hidden_size=64, attn_implementation="sdpa")
+    model = _build(Ovis2ForConditionalGeneration, config, seed)
+    specials = {1: "<IMG_ATOM>", 2: "<IMG_START>", 3: "<IMG_GRID>", 4: "<IMG_COL>", 5: "<IMG_ROW>", 9: "<IMG_END>",
+                10: "<image>", 6: "<|im_end|>", 8: "<unk>"}
+    tok = _tokenizer(specials, eos="<|im_end|>")
+    template = _template("<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>\n", "<image>\n",
+                         "<|im_start|>assistant\n")
+    tok.chat_template = template
+    ip = Ovis2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=False)
+    proc = Ovis2Processor(image_processor=ip, tokenizer=tok, image_seq_length=16, chat_template=template)
+    return model, proc
+
+
 def _family(name: str):
     def build(seed: int = 0):
         from vpo import models
@@ -330,7 +414,8 @@ def _family(name: str):
 ZOO = {
     "llava_onevision": tiny_llava_onevision, "aya_vision": tiny_aya_vision, "internvl": tiny_internvl,
     "paligemma": tiny_paligemma, "paligemma2": tiny_paligemma2, "mllama": tiny_mllama, "llama4": tiny_llama4,
-    "vipllava": tiny_vipllava, "gemma3n": tiny_gemma3n,
+    "vipllava": tiny_vipllava, "gemma3n": tiny_gemma3n, "glm4v": tiny_glm4v,
+    "janus": tiny_janus, "ovis2": tiny_ovis2,
     **{f"{name}_generic": _family(name) for name in ("llava", "qwen2_vl", "qwen2_5_vl", "idefics2")},
 }
 
