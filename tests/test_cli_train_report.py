@@ -124,3 +124,15 @@ def test_ctrl_c_says_the_step_the_last_checkpoint_and_how_to_resume(tmp_path):
     assert line[0].startswith("vpo train: interrupted at step ")
     assert f"last checkpoint {out}{os.sep}checkpoint-" in line[0]
     assert line[0].endswith("; resume with --resume_from_checkpoint last")
+
+
+def test_a_trl_field_vpo_does_not_take_names_the_equivalent(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model_name_or_path: tiny:llava\ndata_path: synthetic:2\nprecompute_ref_log_probs: true\n")
+    for args, name, hint in ((["--config", str(cfg)], "precompute_ref_log_probs", "ref_mode: precomputed"),
+                             (["--model_name_or_path", "tiny:llava", "--data", "synthetic:2", "--padding_free", "true"],
+                              "padding_free", "pads each batch")):
+        res = _run(args)
+        lines = _error_lines(res.stderr)
+        assert res.returncode == 1 and len(lines) == 1, res.stderr
+        assert f"{name} is a TRL DPOConfig field vpo does not take: " in lines[0] and hint in lines[0]
