@@ -91,7 +91,8 @@ def trl_loss(loss_type, *, beta=0.1, label_smoothing=0.0, loss_weights=None, f_d
         precompute_ref_logps=False, f_divergence_type=f_divergence_type,
         f_alpha_divergence_coef=f_alpha_divergence_coef, loss_types=types,
         loss_weights=loss_weights or [1.0] * len(types), beta=beta, label_smoothing=label_smoothing,
-        use_weighting=use_weighting, args=SimpleNamespace(discopop_tau=discopop_tau, gradient_checkpointing_kwargs=None),
+        use_weighting=use_weighting,
+        args=SimpleNamespace(discopop_tau=discopop_tau, gradient_checkpointing_kwargs=None),
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
         maybe_activation_offload_context=nullcontext(),
     )
@@ -196,5 +197,6 @@ def test_num_tokens_is_trls_running_total_of_attended_tokens():
 
     _, _, mt, fake = trl_loss("sigmoid")
     ids, completion, attention, *_ = _batch()
-    assert mt["num_tokens"] == int(attention.sum()) == int(count_tokens({"input_ids": ids, "attention_mask": attention}))
+    ours = int(count_tokens({"input_ids": ids, "attention_mask": attention}))
+    assert mt["num_tokens"] == int(attention.sum()) == ours
     assert math.isfinite(mt["entropy"])

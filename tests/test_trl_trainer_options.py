@@ -174,11 +174,35 @@ def test_f_divergence_reaches_the_loss(tmp_path, proc):
 
 
 def test_options_the_build_cannot_apply_are_refused_naming_them(tmp_path, proc):
-    trainer = VPOTrainer(tiny_llava().model, args(tmp_path, method="mdpo", ld_alpha=0.5), train_dataset=ROWS,
+    trainer = VPOTrainer(tiny_llava().model, args(tmp_path, method="mdpo", use_weighting=True), train_dataset=ROWS,
                          processing_class=proc)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
-    with pytest.raises(ValueError, match=r"ld_alpha=0.5 is not available for method 'mdpo'"):
+    with pytest.raises(ValueError, match=r"use_weighting=True is not available for method 'mdpo'"):
         trainer.compute_loss(trainer.model, batch)
+
+
+@pytest.mark.parametrize("method", ["dpo", "mdpo"])
+def test_ld_alpha_in_the_trainer_matches_the_oracle(tmp_path, proc, method):
+    import vpo
+    from vpo.trainer.passes import Passes
+
+    a = args(tmp_path, method=method, ld_alpha=0.3, use_lora=False, loss_type="ipo")
+    trainer = VPOTrainer(tiny_llava().model, a, ref_model=_perturb(tiny_llava().model).eval(), train_dataset=ROWS,
+                         processing_class=proc)
+    import dataclasses
+
+    first = dataclasses.replace(trainer.train_dataset[0], chosen="a very long red answer with many extra words .")
+    batch = trainer.data_collator([first, trainer.train_dataset[1]])  # lengths differ: a tail to weight
+    loss, m = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    p = Passes(batch, trainer.model, trainer.reference, list_size=a.list_size, need_grad=False, impl="torch")
+    with torch.no_grad():
+        kw = dict(ref_hidden=p.ref_hidden(), ref_weight=p.ref_weight, beta=a.beta, loss_type="ipo")
+        want, wm = vpo.oracle.dpo_loss(p.weight, p.hidden(), p.labels(), ld_alpha=0.3, **kw)
+        plain, _ = vpo.oracle.dpo_loss(p.weight, p.hidden(), p.labels(), **kw)
+    got = m["dpo/loss"] if method == "mdpo" else loss
+    assert float(got.detach()) == pytest.approx(float(want), rel=1e-5)
+    assert abs(float(want) - float(plain)) > 1e-6  # the weighting matters on this batch
+    assert float(m["logps/chosen"]) == pytest.approx(float(wm["logps/chosen"]), rel=1e-5)
 
 
 def test_disable_dropout_by_default(tmp_path, proc):

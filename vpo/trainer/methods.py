@@ -87,6 +87,16 @@ def _loss_type_kwargs(fn, cfg) -> dict:
     return {"loss_type": types if len(types) > 1 else types[0], "loss_weights": weights, **extra}
 
 
+class _NoLD:
+    """``cfg`` seen without ``ld_alpha`` (the LD-DPO path applies it itself)."""
+
+    def __init__(self, cfg):
+        self._cfg = cfg
+
+    def __getattr__(self, name):
+        return None if name == "ld_alpha" else getattr(self._cfg, name)
+
+
 def _check_same_labels(p: Passes, name: str) -> None:
     main, other = p.labels(MAIN), p.labels(name)
     if main.shape != other.shape or not torch.equal(main, other):
@@ -96,6 +106,11 @@ def _check_same_labels(p: Passes, name: str) -> None:
 
 def dpo(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
     """DPO on the main pass."""
+    if getattr(cfg, "ld_alpha", None) is not None and not _takes(fused_dpo_loss, "ld_alpha"):
+        from vpo.trainer.trl_methods import ld_dpo_term  # LD-DPO before the fused loss takes it
+
+        loss, metrics, _, _ = ld_dpo_term(p, cfg, _loss_type_kwargs(losses.preference_pair_losses, _NoLD(cfg)))
+        return loss, metrics
     loss, out = fused_dpo_loss(p.weight, p.hidden(), p.labels(), p.bias, **_ref_kwargs(p), beta=cfg.beta,
                                label_smoothing=cfg.label_smoothing, impl=cfg.loss_impl,
                                **_loss_type_kwargs(fused_dpo_loss, cfg), **p.head_kw(fused_dpo_loss))
@@ -158,6 +173,12 @@ def catpo(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
 
 def _text_dpo(p: Passes, cfg):
     """The DPO term of the composite methods on per-sequence log-probs: ``(loss, metrics, logps [2B], ref [2B])``."""
+    if getattr(cfg, "ld_alpha", None) is not None:
+        from vpo.trainer.trl_methods import ld_dpo_term
+
+        loss, metrics, logps, ref = ld_dpo_term(p, cfg, _loss_type_kwargs(losses.preference_pair_losses, _NoLD(cfg)))
+        metrics["dpo/loss"] = loss.detach()
+        return loss, metrics, logps, ref
     logps, ref = p.logps(MAIN), p.ref_logps(MAIN)
     B = p.B
     extra = _loss_type_kwargs(losses.preference_pair_losses, cfg)
