@@ -174,19 +174,21 @@ def test_f_divergence_reaches_the_loss(tmp_path, proc):
 
 
 def test_options_the_build_cannot_apply_are_refused_naming_them(tmp_path, proc):
-    trainer = VPOTrainer(tiny_llava().model, args(tmp_path, method="mdpo", use_weighting=True), train_dataset=ROWS,
+    trainer = VPOTrainer(tiny_llava().model, args(tmp_path, method="tpo", use_weighting=True), train_dataset=ROWS,
                          processing_class=proc)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
-    with pytest.raises(ValueError, match=r"use_weighting=True is not available for method 'mdpo'"):
+    with pytest.raises(ValueError, match=r"use_weighting=True is not available for method 'tpo'"):
         trainer.compute_loss(trainer.model, batch)
 
 
-@pytest.mark.parametrize("method", ["dpo", "mdpo"])
-def test_ld_alpha_in_the_trainer_matches_the_oracle(tmp_path, proc, method):
+@pytest.mark.parametrize("method,option", [("dpo", {"ld_alpha": 0.3}), ("mdpo", {"ld_alpha": 0.3}),
+                                           ("dpo", {"use_weighting": True}),
+                                           ("mdpo", {"use_weighting": True, "ld_alpha": 0.3})])
+def test_ld_alpha_and_wpo_in_the_trainer_match_the_oracle(tmp_path, proc, method, option):
     import vpo
     from vpo.trainer.passes import Passes
 
-    a = args(tmp_path, method=method, ld_alpha=0.3, use_lora=False, loss_type="ipo")
+    a = args(tmp_path, method=method, use_lora=False, loss_type="ipo", **option)
     trainer = VPOTrainer(tiny_llava().model, a, ref_model=_perturb(tiny_llava().model).eval(), train_dataset=ROWS,
                          processing_class=proc)
     import dataclasses
@@ -197,11 +199,11 @@ def test_ld_alpha_in_the_trainer_matches_the_oracle(tmp_path, proc, method):
     p = Passes(batch, trainer.model, trainer.reference, list_size=a.list_size, need_grad=False, impl="torch")
     with torch.no_grad():
         kw = dict(ref_hidden=p.ref_hidden(), ref_weight=p.ref_weight, beta=a.beta, loss_type="ipo")
-        want, wm = vpo.oracle.dpo_loss(p.weight, p.hidden(), p.labels(), ld_alpha=0.3, **kw)
+        want, wm = vpo.oracle.dpo_loss(p.weight, p.hidden(), p.labels(), **option, **kw)
         plain, _ = vpo.oracle.dpo_loss(p.weight, p.hidden(), p.labels(), **kw)
     got = m["dpo/loss"] if method == "mdpo" else loss
     assert float(got.detach()) == pytest.approx(float(want), rel=1e-5)
-    assert abs(float(want) - float(plain)) > 1e-6  # the weighting matters on this batch
+    assert abs(float(want) - float(plain)) > 1e-6  # the option matters on this batch
     assert float(m["logps/chosen"]) == pytest.approx(float(wm["logps/chosen"]), rel=1e-5)
 
 

@@ -73,8 +73,8 @@ class VPOConfig(TrainingArguments):
     f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "α of f_divergence_type alpha_divergence"})
     discopop_tau: float = field(default=0.05, metadata={"help": "τ of loss_type discopop"})
     use_weighting: bool = field(default=False, metadata={
-        "help": "WPO: weight each pair by its responses' probability under the policy (needs log Σp² from the "
-                "fused losses' vocabulary sweep)"})
+        "help": "WPO: weight each pair by its responses' probability under the policy (dpo, csr and the DPO term "
+                "of ovip, lpoi, mdpo; docs/trl.md)"})
     ld_alpha: Optional[float] = field(default=None, metadata={
         "help": "LD-DPO α in [0, 1]: response tokens beyond the pair's shorter length count α times"})
     sync_ref_model: bool = field(default=False, metadata={

@@ -88,13 +88,17 @@ def _loss_type_kwargs(fn, cfg) -> dict:
 
 
 class _NoLD:
-    """``cfg`` seen without ``ld_alpha`` (the LD-DPO path applies it itself)."""
+    """``cfg`` seen without ``ld_alpha`` and ``use_weighting`` (the LD-DPO / WPO paths apply them themselves)."""
 
     def __init__(self, cfg):
         self._cfg = cfg
 
     def __getattr__(self, name):
-        return None if name == "ld_alpha" else getattr(self._cfg, name)
+        if name == "ld_alpha":
+            return None
+        if name == "use_weighting":
+            return False
+        return getattr(self._cfg, name)
 
 
 def _check_same_labels(p: Passes, name: str) -> None:
@@ -106,6 +110,11 @@ def _check_same_labels(p: Passes, name: str) -> None:
 
 def dpo(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
     """DPO on the main pass."""
+    if getattr(cfg, "use_weighting", False) and not _takes(fused_dpo_loss, "use_weighting"):
+        from vpo.trainer.trl_methods import wpo_dpo_term  # WPO before the fused loss's sweep gives log Σp²
+
+        loss, metrics, _, _ = wpo_dpo_term(p, cfg, _loss_type_kwargs(losses.preference_pair_losses, _NoLD(cfg)))
+        return loss, metrics
     if getattr(cfg, "ld_alpha", None) is not None and not _takes(fused_dpo_loss, "ld_alpha"):
         from vpo.trainer.trl_methods import ld_dpo_term  # LD-DPO before the fused loss takes it
 
@@ -173,10 +182,11 @@ def catpo(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
 
 def _text_dpo(p: Passes, cfg):
     """The DPO term of the composite methods on per-sequence log-probs: ``(loss, metrics, logps [2B], ref [2B])``."""
-    if getattr(cfg, "ld_alpha", None) is not None:
-        from vpo.trainer.trl_methods import ld_dpo_term
+    if getattr(cfg, "use_weighting", False) or getattr(cfg, "ld_alpha", None) is not None:
+        from vpo.trainer.trl_methods import ld_dpo_term, wpo_dpo_term
 
-        loss, metrics, logps, ref = ld_dpo_term(p, cfg, _loss_type_kwargs(losses.preference_pair_losses, _NoLD(cfg)))
+        term = wpo_dpo_term if getattr(cfg, "use_weighting", False) else ld_dpo_term
+        loss, metrics, logps, ref = term(p, cfg, _loss_type_kwargs(losses.preference_pair_losses, _NoLD(cfg)))
         metrics["dpo/loss"] = loss.detach()
         return loss, metrics, logps, ref
     logps, ref = p.logps(MAIN), p.ref_logps(MAIN)

@@ -48,3 +48,60 @@ def ld_dpo_term(p: Passes, cfg, loss_kwargs: dict) -> Tuple[torch.Tensor, Metric
     metrics = losses.preference_metrics(cfg.beta * (logps[:B] - ref[:B]), cfg.beta * (logps[B:] - ref[B:]),
                                         logps[:B], logps[B:])
     return loss, metrics, logps, ref
+
+
+# Positions per chunk of the WPO weight pass: [chunk, V] fp32 logits at a time (1024 × 152k × 4 B ≈ 0.6 GB at
+# Qwen's vocabulary).
+WPO_CHUNK = 1024
+
+
+@torch.no_grad()
+def wpo_pair_weights(p: Passes, chunk: int = WPO_CHUNK) -> torch.Tensor:
+    """WPO's ``[B]`` pair weights ``w(y_w)·w(y_l)`` (:func:`vpo.losses.wpo_weights`) of the main pass, without
+    gradient: one extra policy pass over the scored positions, ``chunk`` positions of ``[chunk, V]`` logits at a time
+    (with the model's soft-cap / logit scale), for the per-token ``logp`` and ``log Σ_v p_v²``. Used until the fused
+    losses' vocabulary sweep returns ``log Σ p²`` itself."""
+    labels = p.labels(MAIN)
+    mask = labels != IGNORE_INDEX
+    h = p.hidden(MAIN).detach()
+    W = p.weight.detach()
+    b = None if p.bias is None else p.bias.detach()
+    softcap, scale = getattr(p, "transform", (None, None))
+    rows, cols = mask.nonzero(as_tuple=True)  # host sync: the count of scored positions
+    logp = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    lsp2 = torch.zeros_like(logp)
+    for s in range(0, rows.numel(), chunk):
+        r, c = rows[s:s + chunk], cols[s:s + chunk]
+        z = (h[r, c] @ W.T).float()  # [n, D] @ [D, V] -> [n, V]
+        if b is not None:
+            z = z + b.float()
+        if scale is not None:
+            z = z * scale
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        lp = torch.log_softmax(z, -1)
+        logp[r, c] = lp.gather(-1, labels[r, c][:, None])[:, 0]
+        lsp2[r, c] = torch.logsumexp(2 * lp, -1)
+    w = losses.wpo_weights(logp, lsp2, mask)  # [2B]
+    B = p.B
+    return w[:B] * w[B:]
+
+
+def wpo_dpo_term(p: Passes, cfg, loss_kwargs: dict) -> Tuple[torch.Tensor, Metrics, torch.Tensor, torch.Tensor]:
+    """``(loss, metrics, logps [2B], ref [2B])`` of the DPO term with WPO's pair weights (``use_weighting``) on the
+    per-sequence log-probs (LD-DPO's when ``cfg.ld_alpha`` is set)."""
+    if getattr(cfg, "ld_alpha", None) is not None:
+        logps, ref = ld_sequence_logps(p, cfg.ld_alpha)
+    else:
+        logps, ref = p.logps(MAIN), p.ref_logps(MAIN).to(p.weight.dtype)
+    B = p.B
+    n = (p.labels(MAIN) != IGNORE_INDEX).sum(-1)
+    kw = {k: v for k, v in loss_kwargs.items() if k not in ("ld_alpha", "use_weighting", "chunking")}
+    weights = wpo_pair_weights(p).to(logps.dtype)
+    loss = losses.preference_pair_losses(logps[:B], logps[B:], ref[:B].to(logps.dtype), ref[B:].to(logps.dtype),
+                                         beta=cfg.beta, label_smoothing=cfg.label_smoothing, chosen_tokens=n[:B],
+                                         rejected_tokens=n[B:], n_pairs=B, pair_weights=weights, **kw).mean()
+    metrics = losses.preference_metrics(cfg.beta * (logps[:B] - ref[:B]), cfg.beta * (logps[B:] - ref[B:]),
+                                        logps[:B], logps[B:])
+    metrics["wpo/weight"] = weights.mean()
+    return loss, metrics, logps, ref
