@@ -200,3 +200,22 @@ def test_num_tokens_is_trls_running_total_of_attended_tokens():
     ours = int(count_tokens({"input_ids": ids, "attention_mask": attention}))
     assert mt["num_tokens"] == int(attention.sum()) == ours
     assert math.isfinite(mt["entropy"])
+
+
+def test_sync_ref_model_mixing_matches_trl():
+    from trl.trainer.callbacks import SyncRefModelCallback
+
+    from vpo.trainer.trl_options import mix_reference
+
+    g = torch.Generator().manual_seed(0)
+    policy = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).double()
+    ours, theirs = (torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).double() for _ in range(2))
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=F64))
+        for a, b in zip(ours.parameters(), theirs.parameters()):
+            b.copy_(a)
+    mix_reference(policy, ours, 0.3)
+    SyncRefModelCallback._sync_target_model(policy, theirs, 0.3)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
