@@ -254,3 +254,19 @@ def test_bco_running_mean_shifts_the_rewards_and_is_checkpointed(tmp_path, proc)
                          train_dataset=ROWS, processing_class=proc)
     resumed._vpo_load_state(str(tmp_path / "checkpoint-2"))
     assert resumed.bco.count == 2 and float(resumed.bco.mean()) == pytest.approx(delta, abs=1e-6)
+
+
+def test_the_trainer_logs_trl_s_token_metrics_when_the_loss_reports_them(tmp_path, proc):
+    import vpo
+
+    W, h = torch.randn(7, 4), torch.randn(2, 3, 4)
+    y = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    _, out = vpo.fused_dpo_loss(W, h, y, ref_hidden=h)
+    names = [k for k in ("logits/chosen", "logits/rejected", "mean_token_accuracy", "entropy") if k in out.metrics]
+    if not names:
+        pytest.skip("the fused losses do not report TRL's token metrics yet")
+    trainer = VPOTrainer(tiny_llava().model, args(tmp_path), train_dataset=ROWS, processing_class=proc)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    for k in names:
+        assert k in logs[-1], k
