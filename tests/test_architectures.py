@@ -21,7 +21,10 @@ import vpo  # noqa: E402
 from vpo.data import PreferenceCollator, record_from_row  # noqa: E402
 from vpo.models.tiny_generic import ARCHS as GENERIC_ARCHS  # noqa: E402
 from vpo.models.tiny_zoo import ZOO, tiny_architecture  # noqa: E402
-from vpo.testing import check_causal, check_logprobs_match_model  # noqa: E402
+from vpo.testing import check_causal, check_logprobs_match_model, trainer_and_model_logprobs  # noqa: E402
+from vpo.trainer import methods  # noqa: E402
+from vpo.trainer.passes import Passes  # noqa: E402
+from vpo.trainer.reference import Reference  # noqa: E402
 from vpo.trainer import VPOConfig, VPOTrainer  # noqa: E402
 from vpo.trainer.modeling import apply_lora, head_transform, language_model_prefix  # noqa: E402
 
@@ -60,6 +63,15 @@ def test_logprobs_equal_the_models(arch):
     check_logprobs_match_model(model, dict(batch["sub"]["noised"]), atol=1e-4)
     text = proc.tokenizer.decode(batch["input_ids"][0][batch["labels"][0] != -100])
     assert "red" in text and "image" not in text.lower()
+    # the fused DPO loss gets the same head (soft-cap / logit scale included): its logps metrics are the model's
+    ours, theirs = trainer_and_model_logprobs(model, batch)
+    with torch.no_grad():
+        p = Passes(batch, model, Reference("model", model=model), need_grad=False, impl="torch")
+        _, metrics = methods.dpo(p, VPOConfig(output_dir="unused", report_to="none", use_cpu=True, loss_impl="torch"))
+        per_row = torch.zeros(4, dtype=torch.float64).index_add_(
+            0, (p.labels() != -100).nonzero()[:, 0], theirs)  # [2B] the model's Σ logp per row
+    assert float(metrics["logps/chosen"]) == pytest.approx(float(per_row[:2].mean()), abs=1e-3)
+    assert float(metrics["logps/rejected"]) == pytest.approx(float(per_row[2:].mean()), abs=1e-3)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

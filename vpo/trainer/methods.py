@@ -285,8 +285,8 @@ def check_head_supported(model, method: str) -> None:
     fns = [linear_logprobs]
     if method in ("dpo", "csr"):
         fns.append(fused_dpo_loss)
-    elif method == "tpo":
-        fns += [fused_tpo_loss, target_logits]
+    elif method == "tpo":  # (target_logits, for precomputing TPO's reference terms, is checked where it is called)
+        fns.append(fused_tpo_loss)
     elif method == "catpo":
         fns.append(_fused_catpo())
     for fn in fns:
