@@ -262,3 +262,18 @@ def test_the_head_transform_read_from_the_config_reproduces_the_models_logits(ar
     plain = torch.log_softmax(p.hidden().double() @ p.weight.double().T, -1)
     plain = plain.gather(-1, labels.clamp_min(0)[..., None])[..., 0][mask]
     assert (plain - theirs).abs().max() > 1e-3  # without the transform the log-probs are not the model's
+
+
+def test_a_model_without_a_linear_head_is_refused_before_any_data_is_read(tmp_path):
+    model, proc = tiny_architecture("llava_generic")
+    model.get_output_embeddings = lambda: None  # e.g. a model whose head is not an nn.Linear
+
+    class Unreadable(torch.utils.data.Dataset):
+        def __len__(self):
+            raise AssertionError("the data was read")
+
+    with pytest.raises(ValueError, match=r"^llava: LlavaForConditionalGeneration.get_output_embeddings\(\) returned "
+                                         r"no linear head") as err:
+        VPOTrainer(model, VPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True),
+                   train_dataset=Unreadable(), processing_class=proc)
+    assert "\n" not in str(err.value)

@@ -274,11 +274,13 @@ def mdpo(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
 
 
 def check_head_supported(model, method: str) -> None:
-    """Raise ValueError (one line: the model type, the transform, the function) when ``model``'s head transform
-    (soft-capping, logit scale: :func:`vpo.trainer.modeling.head_transform`) cannot be passed to the functions
-    ``method`` scores with, before any data is read."""
-    from vpo.trainer.modeling import head_kwargs, head_transform, model_type_of
+    """Raise ValueError (one line naming the model type and the reason), before any data is read, when ``model`` has
+    no backbone / linear LM head the trainer can read, or its head transform (soft-capping, logit scale:
+    :func:`vpo.trainer.modeling.head_transform`) cannot be passed to the functions ``method`` scores with."""
+    from vpo.trainer.modeling import backbone, head_kwargs, head_transform, lm_head, model_type_of
 
+    backbone(model)  # the hidden states and the head the trainer reads exist (one-line errors naming the type)
+    lm_head(model)
     transform = head_transform(model)
     if transform == (None, None):
         return

@@ -113,7 +113,8 @@ def lm_head(model) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     base = unwrap_model(model)
     head = base.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        raise ValueError(f"{type(base).__name__}.get_output_embeddings() returned no linear head")
+        raise ValueError(f"{model_type_of(base)}: {type(base).__name__}.get_output_embeddings() returned no linear "
+                         f"head (the fused losses read its weight)")
     if hasattr(head, "lora_A"):
         raise ValueError("the LM head carries a LoRA adapter: the fused losses read lm_head.weight directly, so the "
                          "adapter would be ignored; keep the LoRA targets inside the language model")
