@@ -98,7 +98,7 @@ def test_a_dataset_without_scored_tokens_stops_before_training(tmp_path):
 
     trainer = VPOTrainer(model, _args(tmp_path), train_dataset=datasets.Dataset.from_list(rows),
                          data_collator=Overwriting(proc, "generic"))
-    with pytest.raises(PreflightError, match="paligemma: none of the first 4 training records gives a scored token: "
+    with pytest.raises(PreflightError, match="^paligemma: none of the first 4 training records gives a scored token: "
                                              "their labels hold no response token"):
         trainer.train()
     assert trainer.state.global_step == 0

@@ -56,9 +56,10 @@ def mark_unscored(batch) -> bool:
 
 
 def check_scored_tokens(trainer, probe: int = 8) -> None:
-    """Raise :class:`vpo.trainer.preflight.PreflightError` when none of the first ``probe`` records of the training
-    data gives a scored token through the trainer's collator (a copy: its call counter is not advanced). Datasets
-    without ``__len__``/``__getitem__`` (streams, OViP online) and non-vpo collators are not probed."""
+    """Raise :class:`vpo.trainer.preflight.PreflightError` when the first ``probe`` records of the training data that
+    the trainer's collator keeps give no scored token (a copy of the collator: its call counter and counts are not
+    advanced). Datasets without ``__len__``/``__getitem__`` (streams, OViP online) and non-vpo collators are not
+    probed."""
     import copy
     import warnings
 
@@ -75,18 +76,17 @@ def check_scored_tokens(trainer, probe: int = 8) -> None:
         return
     if n == 0:
         return
+    from vpo.data import DataStats
+
     probe_collator = copy.copy(collator)
+    probe_collator.stats = DataStats()  # the run's own counts stay untouched
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         batches = [probe_collator([dataset[i]]) for i in range(n)]
-    if any(batch_usable(b) for b in batches):
-        return
-    kept = [b for b in batches if isinstance(b.get("input_ids"), torch.Tensor)]
-    if kept:
-        reason = ("their labels hold no response token (every response cut by max_length, or labels overwritten by "
-                  "the processor)")
-    else:
-        reasons = sorted({r for b in batches for r in (b.get("skipped") or {})})
-        reason = f"the collator skipped every one ({', '.join(reasons) or 'no reason given'})"
-    raise PreflightError(f"{model_type_of(trainer.model)}: none of the first {n} training records gives a scored "
-                         f"token: {reason}; nothing to train on")
+    kept = [b for b in batches if isinstance(b.get("input_ids"), torch.Tensor) and b["input_ids"].shape[0]]
+    # Records the collator skips are counted and reported by the run itself; a kept record always has at least one
+    # response token (the collator leaves room for one), so kept rows without any mean the labels were overwritten.
+    if kept and not any(batch_usable(b) for b in kept):
+        raise PreflightError(f"{model_type_of(trainer.model)}: none of the first {n} training records gives a scored "
+                             f"token: their labels hold no response token (overwritten after the collator built "
+                             f"them, e.g. by the processor's own labels); nothing to train on")
