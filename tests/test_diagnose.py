@@ -175,3 +175,27 @@ def test_csr_search_pairs_against_the_truth():
     assert (out["covers_more"], out["covers_fewer"]) == pytest.approx((1 / 3, 1 / 3))
     with pytest.raises(ValueError, match="no row with 'objects'"):
         csr_pairs([{"chosen": "a", "rejected": "b"}])
+
+
+def test_subword_tokenizer_tokens_are_classed_by_the_span_they_overlap():
+    """Real data: a tokenizer whose tokens are not words; each token is classed by character offsets."""
+    import torch
+
+    from vpo.diagnose import _aligned
+
+    text = "a dog runs"  # "dog" (2..5) is the hallucinated segment
+    pieces = [("a", 0, 1), (" d", 1, 3), ("og", 3, 5), (" runs", 5, 10)]
+
+    class Tok:
+        def convert_ids_to_tokens(self, ids):
+            return [pieces[i][0] if i < len(pieces) else "<eot>" for i in ids]
+
+        def __call__(self, t, add_special_tokens=False, return_offsets_mapping=False):
+            assert t == text
+            return {"input_ids": [0, 1, 2, 3], "offset_mapping": [(s, e) for _, s, e in pieces]}
+
+    class Proc:
+        tokenizer = Tok()
+
+    lab = torch.tensor([-100, -100, 0, 1, 2, 3, 9])  # prompt, the four pieces, end of turn
+    assert _aligned(Proc(), lab, text, [[2, 5]]) == ["grounded", "hallucinated", "hallucinated", "grounded", None]

@@ -432,7 +432,7 @@ def test_real_collator_skips_are_counted(tmp_path):
     assert loss.item() == 0.0
 
 
-def test_cli_train_from_yaml_with_eval_tensorboard_checkpointing_and_precompute(tmp_path):
+def test_cli_train_from_yaml_with_eval_tensorboard_checkpointing_and_precompute(tmp_path, capsys):
     pytest.importorskip("tensorboard")
     from vpo.trainer.cli import parse_config, precompute_ref_main, train_main
 
@@ -469,12 +469,15 @@ def test_cli_train_from_yaml_with_eval_tensorboard_checkpointing_and_precompute(
     lines.append("{not json")
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
     out3 = tmp_path / "run3"
-    with pytest.warns(Warning):
-        assert train_main(["--config", str(config), "--model_name_or_path", "tiny:qwen2_vl", "--method", "tpo",
-                           "--data_path", str(tmp_path / "train.jsonl"),
-                           "--eval_data_path", str(tmp_path / "train.jsonl"),
-                           "--output_dir", str(out3), "--report_to", "none", "--max_length", "64"]) == 0
+    capsys.readouterr()
+    assert train_main(["--config", str(config), "--model_name_or_path", "tiny:qwen2_vl", "--method", "tpo",
+                       "--data_path", str(tmp_path / "train.jsonl"),
+                       "--eval_data_path", str(tmp_path / "train.jsonl"),
+                       "--output_dir", str(out3), "--report_to", "none", "--max_length", "64"]) == 0
     assert (out3 / "adapter_model.safetensors").is_file()
+    # the bad line: one summary line per file (vpo.trainer.cli_report), not a warning per record
+    err = capsys.readouterr().err
+    assert f"train data {tmp_path / 'train.jsonl'}: kept 4 of 5 records; skipped 1 (" in err
 
 
 def test_config_errors_name_the_field(tmp_path):

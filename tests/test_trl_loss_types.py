@@ -91,7 +91,8 @@ def trl_loss(loss_type, *, beta=0.1, label_smoothing=0.0, loss_weights=None, f_d
         precompute_ref_logps=False, f_divergence_type=f_divergence_type,
         f_alpha_divergence_coef=f_alpha_divergence_coef, loss_types=types,
         loss_weights=loss_weights or [1.0] * len(types), beta=beta, label_smoothing=label_smoothing,
-        use_weighting=use_weighting, args=SimpleNamespace(discopop_tau=discopop_tau, gradient_checkpointing_kwargs=None),
+        use_weighting=use_weighting,
+        args=SimpleNamespace(discopop_tau=discopop_tau, gradient_checkpointing_kwargs=None),
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
         maybe_activation_offload_context=nullcontext(),
     )
@@ -196,5 +197,25 @@ def test_num_tokens_is_trls_running_total_of_attended_tokens():
 
     _, _, mt, fake = trl_loss("sigmoid")
     ids, completion, attention, *_ = _batch()
-    assert mt["num_tokens"] == int(attention.sum()) == int(count_tokens({"input_ids": ids, "attention_mask": attention}))
+    ours = int(count_tokens({"input_ids": ids, "attention_mask": attention}))
+    assert mt["num_tokens"] == int(attention.sum()) == ours
     assert math.isfinite(mt["entropy"])
+
+
+def test_sync_ref_model_mixing_matches_trl():
+    from trl.trainer.callbacks import SyncRefModelCallback
+
+    from vpo.trainer.trl_options import mix_reference
+
+    g = torch.Generator().manual_seed(0)
+    policy = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).double()
+    ours, theirs = (torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).double() for _ in range(2))
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=F64))
+        for a, b in zip(ours.parameters(), theirs.parameters()):
+            b.copy_(a)
+    mix_reference(policy, ours, 0.3)
+    SyncRefModelCallback._sync_target_model(policy, theirs, 0.3)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)

@@ -154,6 +154,9 @@ def test_num_tokens_is_a_running_total_of_attended_tokens(tmp_path, proc):
     collated = [trainer.data_collator([trainer.train_dataset[i] for i in idx]) for idx in ((0, 1), (2, 3))]
     sizes = sorted(int(b["attention_mask"].sum()) for b in collated)
     assert counts[0] in sizes and counts[1] == sum(sizes)
+    assert trainer.evaluate(ROWS[:2])["eval_num_tokens"] == counts[-1]  # TRL: the training total in eval logs
+    summary = [h for h in trainer.state.log_history if "train_runtime" in h]
+    assert summary and not any("num_tokens" in k for k in summary[0])  # not in the run's summary line
 
 
 def test_f_divergence_reaches_the_loss(tmp_path, proc):
@@ -171,11 +174,37 @@ def test_f_divergence_reaches_the_loss(tmp_path, proc):
 
 
 def test_options_the_build_cannot_apply_are_refused_naming_them(tmp_path, proc):
-    trainer = VPOTrainer(tiny_llava().model, args(tmp_path, method="mdpo", ld_alpha=0.5), train_dataset=ROWS,
+    trainer = VPOTrainer(tiny_llava().model, args(tmp_path, method="tpo", use_weighting=True), train_dataset=ROWS,
                          processing_class=proc)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
-    with pytest.raises(ValueError, match=r"ld_alpha=0.5 is not available for method 'mdpo'"):
+    with pytest.raises(ValueError, match=r"use_weighting=True is not available for method 'tpo'"):
         trainer.compute_loss(trainer.model, batch)
+
+
+@pytest.mark.parametrize("method,option", [("dpo", {"ld_alpha": 0.3}), ("mdpo", {"ld_alpha": 0.3}),
+                                           ("dpo", {"use_weighting": True}),
+                                           ("mdpo", {"use_weighting": True, "ld_alpha": 0.3})])
+def test_ld_alpha_and_wpo_in_the_trainer_match_the_oracle(tmp_path, proc, method, option):
+    import vpo
+    from vpo.trainer.passes import Passes
+
+    a = args(tmp_path, method=method, use_lora=False, loss_type="ipo", **option)
+    trainer = VPOTrainer(tiny_llava().model, a, ref_model=_perturb(tiny_llava().model).eval(), train_dataset=ROWS,
+                         processing_class=proc)
+    import dataclasses
+
+    first = dataclasses.replace(trainer.train_dataset[0], chosen="a very long red answer with many extra words .")
+    batch = trainer.data_collator([first, trainer.train_dataset[1]])  # lengths differ: a tail to weight
+    loss, m = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    p = Passes(batch, trainer.model, trainer.reference, list_size=a.list_size, need_grad=False, impl="torch")
+    with torch.no_grad():
+        kw = dict(ref_hidden=p.ref_hidden(), ref_weight=p.ref_weight, beta=a.beta, loss_type="ipo")
+        want, wm = vpo.oracle.dpo_loss(p.weight, p.hidden(), p.labels(), **option, **kw)
+        plain, _ = vpo.oracle.dpo_loss(p.weight, p.hidden(), p.labels(), **kw)
+    got = m["dpo/loss"] if method == "mdpo" else loss
+    assert float(got.detach()) == pytest.approx(float(want), rel=1e-5)
+    assert abs(float(want) - float(plain)) > 1e-6  # the option matters on this batch
+    assert float(m["logps/chosen"]) == pytest.approx(float(wm["logps/chosen"]), rel=1e-5)
 
 
 def test_disable_dropout_by_default(tmp_path, proc):
@@ -187,3 +216,57 @@ def test_disable_dropout_by_default(tmp_path, proc):
     model.extra_dropout = torch.nn.Dropout(0.3)
     VPOTrainer(model, args(tmp_path, use_lora=False, disable_dropout=False), train_dataset=ROWS, processing_class=proc)
     assert model.extra_dropout.p == 0.3
+
+
+@pytest.mark.parametrize("kw,option", [(dict(beta=-1.0), "beta"), (dict(gradient_accumulation_steps=0),
+                                                                    "gradient_accumulation_steps"),
+                                       (dict(per_device_train_batch_size=0), "per_device_train_batch_size"),
+                                       (dict(max_steps=-1, num_train_epochs=0), "num_train_epochs")])
+def test_training_settings_are_refused_naming_the_option(tmp_path, kw, option):
+    with pytest.raises(ValueError, match=rf"^{option} must be"):
+        VPOConfig(output_dir=str(tmp_path), use_cpu=True, **kw)
+
+
+def test_bco_running_mean_shifts_the_rewards_and_is_checkpointed(tmp_path, proc):
+    import json
+    import math
+
+    a = args(tmp_path, loss_type="bco_pair", bco_running_mean=True, per_device_train_batch_size=1, max_steps=2,
+             save_strategy="steps", save_steps=1)
+    trainer = VPOTrainer(tiny_llava().model, a, train_dataset=ROWS, processing_class=proc)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    rewards = [(h["rewards/chosen"] + h["rewards/rejected"]) / 2 for h in logs]
+    assert trainer.bco.count == 2
+    assert float(trainer.bco.mean()) == pytest.approx(sum(rewards) / 2, abs=1e-6)
+    state = json.loads((tmp_path / "checkpoint-2" / "vpo_state.json").read_text())
+    assert state["bco_running_mean"]["count"] == 2
+    # the loss of one pair with δ = the running mean: −log σ(βΔ_w − δ) − log σ(−(βΔ_l − δ))
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    loss, m = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    delta = sum(rewards) / 2
+    rc, rr = float(m["rewards/chosen"]), float(m["rewards/rejected"])
+    want = math.log1p(math.exp(-(rc - delta))) + math.log1p(math.exp(rr - delta))
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-5)
+    # resuming restores it
+    resumed = VPOTrainer(tiny_llava().model, args(tmp_path, loss_type="bco_pair", bco_running_mean=True,
+                                                  per_device_train_batch_size=1, max_steps=3),
+                         train_dataset=ROWS, processing_class=proc)
+    resumed._vpo_load_state(str(tmp_path / "checkpoint-2"))
+    assert resumed.bco.count == 2 and float(resumed.bco.mean()) == pytest.approx(delta, abs=1e-6)
+
+
+def test_the_trainer_logs_trl_s_token_metrics_when_the_loss_reports_them(tmp_path, proc):
+    import vpo
+
+    W, h = torch.randn(7, 4), torch.randn(2, 3, 4)
+    y = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    _, out = vpo.fused_dpo_loss(W, h, y, ref_hidden=h)
+    names = [k for k in ("logits/chosen", "logits/rejected", "mean_token_accuracy", "entropy") if k in out.metrics]
+    if not names:
+        pytest.skip("the fused losses do not report TRL's token metrics yet")
+    trainer = VPOTrainer(tiny_llava().model, args(tmp_path), train_dataset=ROWS, processing_class=proc)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    for k in names:
+        assert k in logs[-1], k

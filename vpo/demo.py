@@ -94,15 +94,23 @@ class DemoSettings:
     # from 1.8 to 5.8, c runs to its bounds (chosen 1.46 of 1.5, rejected 0.60 of 0.5), the rejected captions'
     # log-prob falls less than DPO's (-9.0 -> -11.8 vs -12.3), and CHAIR_i moves by -0.5 SE. Detached: -2.6 SE.
     tpo_reward_grad: bool = False
-    # What each paper leaves free, chosen with `vpo diagnose` on validation pairs (benchmarks/results/diagnose-cpu.md):
-    # TPO's noise step k and offset a (vpo.trainer.VPOConfig noise_step, tpo_a), Cat-PO's layers and α (catpo_layers
-    # as in VPOConfig: None = all; catpo_alpha), CSR's λ and the shapes-world scorer's metric (vpo.construct.csr).
-    tpo_noise_step: int = 500
+    # What each paper leaves free, chosen with `vpo diagnose` on 200 validation pairs of the SFT model
+    # (benchmarks/results/diagnose-cpu.md; AUROC 0.5 = no information):
+    # - TPO's noise step k (VPOConfig.noise_step): the AUROC of s grows with k (0.51 at 100, 0.65 at the paper's 500,
+    #   0.69 at 999). The offset a never changes an AUROC: kept at the paper's 0.5. With c_θ detached (above) neither
+    #   changes which way a pair's gradient points (docs/methods.md); with reward_grad=True at k=999, a=0 the shortcut
+    #   came back (validation CHAIR_i 0.252 vs DPO 0.213).
+    # - Cat-PO (catpo_layers as in VPOConfig, None = all; catpo_alpha): the semantic branch is anti-informative here
+    #   (AUROC of T 0.45 at α=0), attention alone separates best (0.69 at α=1, all layers; 0.56 at the paper's 0.5).
+    # - CSR's λ: every λ in (0, 1) ranks the grounded caption first on 100% of the hallucination pairs; the
+    #   shapes-world scorer's "f1" (not "precision") also ranks a complete caption above one that leaves an object out
+    #   (100% vs 97%), so the search stops rewarding shorter captions.
+    tpo_noise_step: int = 999
     tpo_a: float = 0.5
     catpo_layers: Optional[str] = None
-    catpo_alpha: float = 0.5
+    catpo_alpha: float = 1.0
     csr_lam: float = 0.9
-    csr_metric: str = "precision"
+    csr_metric: str = "f1"
 
     def prior(self):
         from vpo.worlds.shapes import DEFAULT_PRIOR_PAIRS, CooccurrencePrior

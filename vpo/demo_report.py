@@ -72,6 +72,7 @@ def format_table(summary: Dict[str, Any]) -> str:
         change = (a["CHAIR_i"] - before["CHAIR_i"]) / before["CHAIR_i_se"] if before["CHAIR_i_se"] else float("nan")
         se += f", {method}: {change:+.1f}"
     lines.append(se)
+    lines += tie_notes(summary)
     if any("matched" in res for res in summary["methods"].values()):
         m = "at matched coverage (the SFT model decoded to stop earlier; > 0 = less hallucination)"
         for method, res in summary["methods"].items():
@@ -99,6 +100,27 @@ def format_table(summary: Dict[str, Any]) -> str:
                      f"{_fmt(margin.get('start', float('nan'))) + ' -> ' + _fmt(margin.get('end', float('nan'))):>24}"
                      f"{_fmt(acc.get('end', float('nan'))):>15}{res['seconds']:>7.0f}s")
     return "\n".join(lines)
+
+
+def tie_notes(summary: Dict[str, Any]) -> list:
+    """One line per pair of methods whose table rows are equal to the printed three decimals, saying why when the
+    reason is known (TPO with ``c_θ`` detached trains like DPO: docs/methods.md), so a tie does not read as a bug."""
+    rows = {m: tuple(_fmt(res["after"][name]) for name in TABLE) for m, res in summary["methods"].items()}
+    names = list(rows)
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if rows[a] != rows[b]:
+                continue
+            pair = {a, b}
+            detached = not summary.get("settings", {}).get("tpo_reward_grad", True)
+            if pair == {"tpo", "dpo"} and detached:
+                why = ("TPO runs with c_theta detached (tpo_reward_grad: false), so its gradient is DPO's scaled per "
+                       "pair by a factor that starts at DPO's and stays near it (docs/methods.md, TPO diagnostics)")
+            else:
+                why = "the two runs end at the same model to the printed precision"
+            out.append(f"{a} and {b} tie (every metric equal to 3 decimals): {why}")
+    return out
 
 
 def summary_markdown(summary: Dict[str, Any]) -> str:

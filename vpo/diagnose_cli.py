@@ -250,23 +250,26 @@ def diagnose_png(rows, dists, path: str) -> str:
         panels += [(f"TPO s (k={t['k']})", t["s"]), (f"TPO c, rejected (k={t['k']}, a={t['a']:g})", t["c"])]
     if "catpo" in dists:
         panels.append((f"Cat-PO T ({dists['catpo']['setting']})", dists["catpo"]["T"]))
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 3.6), dpi=110, squeeze=False)
-    for ax, (title, d) in zip(axes[0], panels):
+    ncol = max(1, len(panels))
+    bar_h = 0.2 * len(rows) + 0.8
+    fig = plt.figure(figsize=(4.4 * ncol + 2.5, 3.4 + bar_h), dpi=110)
+    grid = fig.add_gridspec(2, ncol, height_ratios=[3.0, bar_h])
+    for i, (title, d) in enumerate(panels):
+        ax = fig.add_subplot(grid[0, i])
         for cls, col in (("grounded", "#2166ac"), ("hallucinated", "#b2182b")):
             if d[cls]:
                 ax.hist(d[cls], bins=30, alpha=0.55, density=True, color=col, label=f"{cls} ({len(d[cls])})")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
-    ax = axes[0][-1]
-    labels = [f"{r['method']} {r['signal']}\n{r['setting']}" for r in rows]
+    ax = fig.add_subplot(grid[1, :])
     ax.barh(range(len(rows)), [r["value"] for r in rows],
             color=["#4d9221" if r["value"] > 0.6 else "#999999" for r in rows])
     ax.axvline(0.5, color="k", linestyle="--", linewidth=0.8)
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels(labels, fontsize=6)
+    ax.set_yticklabels([f"{r['method']}  {r['signal']}  [{r['setting']}]" for r in rows], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
-    ax.set_title("AUROC / rate (0.5 = no information)", fontsize=9)
+    ax.set_title("AUROC / rate (1 = always as the method intends, 0.5 = no information)", fontsize=9)
     fig.tight_layout()
     _makedirs_for(path)
     fig.savefig(path)

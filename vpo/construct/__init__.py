@@ -13,41 +13,77 @@ layout, ``docs/data_format.md``; image paths relative to ``out_dir``), the image
 and ``out_dir/construct.json`` (options and counts). Command line: :mod:`vpo.construct.cli` (``vpo csr``,
 ``vpo lpoi-lists``, ``vpo mdpo-crops``).
 """
-from vpo.construct._io import ConstructionSummary, ConstructWarning
-from vpo.construct.csr import (
-    CSRConfig,
-    CSRIteration,
-    CSRSearchResult,
-    CLIPScorer,
-    ImageTextScorer,
-    Response,
-    SentenceScore,
-    ShapesWorldScorer,
-    TokenLM,
-    VLMTokenLM,
-    calibrated_reward,
-    csr_iterate,
-    load_policy,
-    make_scorer,
-    propose_sentences,
-    sentence_beam_search,
-    sibling_ranks,
-    vlm_factory,
-    write_csr_dataset,
-)
-from vpo.construct.lpoi import (
-    Detection,
-    Detector,
-    DetectorVerifier,
-    GroundTruthDetector,
-    LPOIConfig,
-    ZeroShotDetector,
-    build_lpoi_list,
-    lpoi_mask_side,
-    lpoi_masks,
-    write_lpoi_dataset,
-)
-from vpo.construct.mdpo import crop_image, mdpo_crop_box, write_mdpo_dataset
+import importlib
+from typing import TYPE_CHECKING
+
+# Names load on first use (PEP 562): the command line's parser imports vpo.construct.cli without torch.
+_ATTRS = {
+    "ConstructWarning": "vpo.construct._io", "ConstructionSummary": "vpo.construct._io",
+    "CLIPScorer": "vpo.construct.csr", "CSRConfig": "vpo.construct.csr", "CSRIteration": "vpo.construct.csr",
+    "CSRSearchResult": "vpo.construct.csr", "ImageTextScorer": "vpo.construct.csr", "Response": "vpo.construct.csr",
+    "SentenceScore": "vpo.construct.csr", "ShapesWorldScorer": "vpo.construct.csr", "TokenLM": "vpo.construct.csr",
+    "VLMTokenLM": "vpo.construct.csr", "calibrated_reward": "vpo.construct.csr", "csr_iterate": "vpo.construct.csr",
+    "load_policy": "vpo.construct.csr", "make_scorer": "vpo.construct.csr", "propose_sentences": "vpo.construct.csr",
+    "sentence_beam_search": "vpo.construct.csr", "sibling_ranks": "vpo.construct.csr",
+    "vlm_factory": "vpo.construct.csr", "write_csr_dataset": "vpo.construct.csr",
+    "Detection": "vpo.construct.lpoi", "Detector": "vpo.construct.lpoi", "DetectorVerifier": "vpo.construct.lpoi",
+    "GroundTruthDetector": "vpo.construct.lpoi", "LPOIConfig": "vpo.construct.lpoi",
+    "ZeroShotDetector": "vpo.construct.lpoi", "build_lpoi_list": "vpo.construct.lpoi",
+    "lpoi_mask_side": "vpo.construct.lpoi", "lpoi_masks": "vpo.construct.lpoi",
+    "write_lpoi_dataset": "vpo.construct.lpoi",
+    "crop_image": "vpo.construct.mdpo", "mdpo_crop_box": "vpo.construct.mdpo",
+    "write_mdpo_dataset": "vpo.construct.mdpo",
+}
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from vpo.construct._io import ConstructionSummary, ConstructWarning
+    from vpo.construct.csr import (
+        CSRConfig,
+        CSRIteration,
+        CSRSearchResult,
+        CLIPScorer,
+        ImageTextScorer,
+        Response,
+        SentenceScore,
+        ShapesWorldScorer,
+        TokenLM,
+        VLMTokenLM,
+        calibrated_reward,
+        csr_iterate,
+        load_policy,
+        make_scorer,
+        propose_sentences,
+        sentence_beam_search,
+        sibling_ranks,
+        vlm_factory,
+        write_csr_dataset,
+    )
+    from vpo.construct.lpoi import (
+        Detection,
+        Detector,
+        DetectorVerifier,
+        GroundTruthDetector,
+        LPOIConfig,
+        ZeroShotDetector,
+        build_lpoi_list,
+        lpoi_mask_side,
+        lpoi_masks,
+        write_lpoi_dataset,
+    )
+    from vpo.construct.mdpo import crop_image, mdpo_crop_box, write_mdpo_dataset
+
+
+def __getattr__(name: str):
+    module = _ATTRS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vpo.construct' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_ATTRS))
 
 __all__ = [
     "CLIPScorer",

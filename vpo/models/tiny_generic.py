@@ -31,8 +31,10 @@ ARCHS = ("llava_next", "gemma3", "idefics3", "qwen3_vl")
 V = 128  # vocabulary size of every tiny generic model
 
 
-def _tokenizer(specials: Dict[int, str], *, bos=None, eos: str, extra=None, prepend_bos: bool = False):
-    """A word-level ``PreTrainedTokenizerFast``: id 0 = ``<pad>``, the TINY_WORDS, ``specials`` = {offset from V}."""
+def _tokenizer(specials: Dict[int, str], *, bos=None, eos: str, extra=None, prepend_bos: bool = False,
+               words_below: int = V - 16):
+    """A word-level ``PreTrainedTokenizerFast``: id 0 = ``<pad>``, the TINY_WORDS (ids below ``words_below``),
+    ``specials`` = {offset from V}."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -40,7 +42,7 @@ def _tokenizer(specials: Dict[int, str], *, bos=None, eos: str, extra=None, prep
 
     vocab = {"<pad>": 0}
     for i, w in enumerate(dict.fromkeys(["model", *(w.lower() for w in TINY_WORDS)]), start=1):
-        if i >= V - 16:
+        if i >= words_below:
             break
         vocab[w] = i
     for off, tok in specials.items():

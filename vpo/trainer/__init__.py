@@ -6,7 +6,8 @@
 - the methods, one function each: :mod:`vpo.trainer.methods` (``dpo``, ``tpo``, ``catpo``, ``ovip``, ``lpoi``,
   ``mdpo``, ``csr``);
 - the reference: :class:`Reference` (adapter / model / precomputed) and :func:`precompute_reference`;
-- model plumbing: :func:`load_model`, :func:`apply_lora`, :func:`lora_target_regex` (LoRA on the language model only),
+- model plumbing: :func:`load_model`, :func:`apply_lora`, :func:`lora_target_regex` / :func:`lora_target_modules`
+  (LoRA on the language model's plain linear layers, by path), :func:`head_transform` (soft-cap / logit scale),
   :func:`merge_and_save` (fold the adapter in: CSR's next iterate);
 - CSR's iterative loop: :func:`make_csr_train_fn` (the training step of :func:`vpo.construct.csr_iterate`);
 - OViP online (``method: ovip``, ``online: true``): :func:`build_online_dataset` (:mod:`vpo.trainer.online`);
@@ -25,6 +26,8 @@ _EXPORTS = {
     "apply_lora": "modeling",
     "load_model": "modeling",
     "lora_target_regex": "modeling",
+    "lora_target_modules": "modeling",
+    "head_transform": "modeling",
     "merge_and_save": "modeling",
     "model_family": "modeling",
     "Passes": "passes",

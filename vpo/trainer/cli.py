@@ -46,6 +46,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> "VPOConfig":
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
+    _refuse_trl_fields(known.config, rest)
     parser = HfArgumentParser(VPOConfig)
 
     def _usage(message):  # one line instead of argparse's full usage dump
@@ -71,6 +72,23 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> "VPOConfig":
         parser.set_defaults(**values)
     (config,) = parser.parse_args_into_dataclasses(args=rest)
     return config
+
+
+def _refuse_trl_fields(config_path: Optional[str], flags: Sequence[str]) -> None:
+    """A TRL DPOConfig field vpo does not take, in the YAML file or as a flag: one line naming vpo's equivalent
+    (:data:`vpo.trainer.trl_options.REFUSED_TRL_FIELDS`) instead of the parser's unknown-key message."""
+    from vpo.trainer.trl_options import REFUSED_TRL_FIELDS, refusal
+
+    names = [a[2:].split("=", 1)[0] for a in flags if a.startswith("--")]
+    if config_path is not None and os.path.isfile(config_path):
+        import yaml
+
+        with open(config_path) as f:
+            values = yaml.safe_load(f) or {}
+        names += list(values) if isinstance(values, dict) else []
+    for name in names:
+        if name in REFUSED_TRL_FIELDS:
+            raise ValueError(refusal(name))
 
 
 def _synthetic_size(path: Optional[str], default: int = 64) -> int:

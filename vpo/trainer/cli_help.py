@@ -25,6 +25,9 @@ SECTIONS = (
      ["output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
       "learning_rate", "lr_scheduler_type", "warmup_steps", "bf16", "gradient_checkpointing", "logging_steps",
       "save_steps", "eval_strategy", "report_to", "resume_from_checkpoint", "seed", "use_cpu"]),
+    ("TRL's DPOConfig options (docs/trl.md)",
+     ["f_divergence_type", "f_alpha_divergence_coef", "discopop_tau", "use_weighting", "ld_alpha", "sync_ref_model",
+      "ref_model_mixup_alpha", "ref_model_sync_steps", "disable_dropout"]),
     ("per method (docs/methods.md)",
      ["tpo_a", "noise_step", "fixed_noise", "kl_coef", "catpo_alpha", "ovip_image_loss", "ovip_anchor", "online",
       "list_size", "anchor_delta", "crop_keep_min", "crop_keep_max", "crop_frac", "noise_clip", "csr_iteration"]),
@@ -46,13 +49,70 @@ def _first_sentence(text: str, width: int = 78) -> str:
     return cut if len(cut) <= width else cut[: width - 3].rstrip() + "..."
 
 
+# The short help's TrainingArguments fields (they are not in config.py's source): (default, first sentence of the
+# help). tests/test_cli_help_fields.py checks them against transformers' own fields, so they cannot drift.
+TRAINING_FIELDS = {
+    "output_dir": (None, "where checkpoints and the final model are written"),
+    "max_steps": (-1, "optimizer steps to train (-1: num_train_epochs decides)"),
+    "num_train_epochs": (3.0, "passes over the training data (when max_steps is -1)"),
+    "per_device_train_batch_size": (8, "pairs per device per micro-batch"),
+    "gradient_accumulation_steps": (1, "micro-batches per optimizer step"),
+    "learning_rate": (5e-05, "the optimizer's initial learning rate"),
+    "lr_scheduler_type": ("linear", "the learning-rate schedule"),
+    "warmup_steps": (0, "steps of linear warm-up"),
+    "bf16": (False, "bf16 mixed precision"),
+    "gradient_checkpointing": (None, "recompute activations in the backward to save memory"),
+    "logging_steps": (10, "log every N optimizer steps"),
+    "save_steps": (500, "save a checkpoint every N steps"),
+    "eval_strategy": ("no", "when to evaluate: no|steps|epoch"),
+    "report_to": ("none", "where to log: none|tensorboard|wandb|..."),
+    "resume_from_checkpoint": (None, "a checkpoint folder, or last: the newest complete one in output_dir"),
+    "seed": (42, "random seed"),
+    "use_cpu": (False, "train on the CPU even when a GPU is there"),
+}
+
+
+def config_fields() -> dict:
+    """``{name: (default, help)}`` of :class:`VPOConfig`'s own fields, read from ``config.py``'s source with
+    :mod:`ast` — importing the class would import transformers and torch, seconds that ``--help`` should not take."""
+    import ast
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    names = {"list": list}
+    for node in tree.body:  # module constants (METHODS = (...)) the help strings format
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                names[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    out = {}
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "VPOConfig")
+    for node in cls.body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(node.value, ast.Call) and getattr(node.value.func, "id", None) == "field"):
+            continue
+        kw = {k.arg: k.value for k in node.value.keywords}
+        default = None
+        if "default" in kw:
+            try:
+                default = ast.literal_eval(kw["default"])
+            except ValueError:
+                default = None
+        text = ""
+        meta = kw.get("metadata")
+        if isinstance(meta, ast.Dict):
+            for k, v in zip(meta.keys, meta.values):
+                if isinstance(k, ast.Constant) and k.value == "help":
+                    text = eval(compile(ast.Expression(v), path, "eval"), {"__builtins__": {}}, names)  # noqa: S307
+        out[node.target.id] = (default, text)
+    return out
+
+
 def short_help(command: str = "train") -> str:
-    """The ``--help`` text of ``vpo <command>``."""
-    import dataclasses
-
-    from vpo.trainer.config import VPOConfig
-
-    fields = {f.name: f for f in dataclasses.fields(VPOConfig)}
+    """The ``--help`` text of ``vpo <command>`` (no transformers import: :func:`config_fields`)."""
+    fields = {**{k: v for k, v in TRAINING_FIELDS.items()}, **config_fields()}
     lines = [
         f"usage: vpo {command} --config FILE.yaml [--FIELD VALUE ...]",
         f"       vpo {command} --model_name_or_path DIR --data PATH [--FIELD VALUE ...]",
@@ -69,11 +129,10 @@ def short_help(command: str = "train") -> str:
     for title, names in SECTIONS:
         lines += ["", f"{title}:"]
         for name in names:
-            f = fields.get(name)
-            if f is None:
+            if name not in fields:
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else None
-            text = _first_sentence(f.metadata.get("help", ""), 70)
+            default, text = fields[name]
+            text = _first_sentence(text, 70)
             lines.append(f"  --{name:<28} {text} [{default}]" if len(name) < 29 else f"  --{name} {text}")
     return "\n".join(lines) + "\n"
 

@@ -73,14 +73,17 @@ class VPOConfig(TrainingArguments):
     f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "α of f_divergence_type alpha_divergence"})
     discopop_tau: float = field(default=0.05, metadata={"help": "τ of loss_type discopop"})
     use_weighting: bool = field(default=False, metadata={
-        "help": "WPO: weight each pair by its responses' probability under the policy (needs log Σp² from the "
-                "fused losses' vocabulary sweep)"})
+        "help": "WPO: weight each pair by its responses' probability under the policy (dpo, csr and the DPO term "
+                "of ovip, lpoi, mdpo; docs/trl.md)"})
     ld_alpha: Optional[float] = field(default=None, metadata={
         "help": "LD-DPO α in [0, 1]: response tokens beyond the pair's shorter length count α times"})
     sync_ref_model: bool = field(default=False, metadata={
         "help": "TR-DPO: every ref_model_sync_steps steps, reference = α·policy + (1−α)·reference (ref_mode model)"})
     ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO mixing α"})
     ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO: steps between reference updates"})
+    bco_running_mean: bool = field(default=False, metadata={
+        "help": "bco_pair: subtract the running mean of the rewards (the BCO paper's δ; TRL 1.16 does not), kept in "
+                "checkpoints"})
     disable_dropout: bool = field(default=True, metadata={
         "help": "set the model's dropout to 0 before training, as TRL does (LoRA's own lora_dropout is kept)"})
     model_init_kwargs: Optional[dict] = field(default=None, metadata={

@@ -87,6 +87,20 @@ def _loss_type_kwargs(fn, cfg) -> dict:
     return {"loss_type": types if len(types) > 1 else types[0], "loss_weights": weights, **extra}
 
 
+class _NoLD:
+    """``cfg`` seen without ``ld_alpha`` and ``use_weighting`` (the LD-DPO / WPO paths apply them themselves)."""
+
+    def __init__(self, cfg):
+        self._cfg = cfg
+
+    def __getattr__(self, name):
+        if name == "ld_alpha":
+            return None
+        if name == "use_weighting":
+            return False
+        return getattr(self._cfg, name)
+
+
 def _check_same_labels(p: Passes, name: str) -> None:
     main, other = p.labels(MAIN), p.labels(name)
     if main.shape != other.shape or not torch.equal(main, other):
@@ -96,6 +110,16 @@ def _check_same_labels(p: Passes, name: str) -> None:
 
 def dpo(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
     """DPO on the main pass."""
+    if getattr(cfg, "use_weighting", False) and not _takes(fused_dpo_loss, "use_weighting"):
+        from vpo.trainer.trl_methods import wpo_dpo_term  # WPO before the fused loss's sweep gives log Σp²
+
+        loss, metrics, _, _ = wpo_dpo_term(p, cfg, _loss_type_kwargs(losses.preference_pair_losses, _NoLD(cfg)))
+        return loss, metrics
+    if getattr(cfg, "ld_alpha", None) is not None and not _takes(fused_dpo_loss, "ld_alpha"):
+        from vpo.trainer.trl_methods import ld_dpo_term  # LD-DPO before the fused loss takes it
+
+        loss, metrics, _, _ = ld_dpo_term(p, cfg, _loss_type_kwargs(losses.preference_pair_losses, _NoLD(cfg)))
+        return loss, metrics
     loss, out = fused_dpo_loss(p.weight, p.hidden(), p.labels(), p.bias, **_ref_kwargs(p), beta=cfg.beta,
                                label_smoothing=cfg.label_smoothing, impl=cfg.loss_impl,
                                **_loss_type_kwargs(fused_dpo_loss, cfg), **p.head_kw(fused_dpo_loss))
@@ -158,6 +182,13 @@ def catpo(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
 
 def _text_dpo(p: Passes, cfg):
     """The DPO term of the composite methods on per-sequence log-probs: ``(loss, metrics, logps [2B], ref [2B])``."""
+    if getattr(cfg, "use_weighting", False) or getattr(cfg, "ld_alpha", None) is not None:
+        from vpo.trainer.trl_methods import ld_dpo_term, wpo_dpo_term
+
+        term = wpo_dpo_term if getattr(cfg, "use_weighting", False) else ld_dpo_term
+        loss, metrics, logps, ref = term(p, cfg, _loss_type_kwargs(losses.preference_pair_losses, _NoLD(cfg)))
+        metrics["dpo/loss"] = loss.detach()
+        return loss, metrics, logps, ref
     logps, ref = p.logps(MAIN), p.ref_logps(MAIN)
     B = p.B
     extra = _loss_type_kwargs(losses.preference_pair_losses, cfg)
@@ -243,19 +274,21 @@ def mdpo(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:
 
 
 def check_head_supported(model, method: str) -> None:
-    """Raise ValueError (one line: the model type, the transform, the function) when ``model``'s head transform
-    (soft-capping, logit scale: :func:`vpo.trainer.modeling.head_transform`) cannot be passed to the functions
-    ``method`` scores with, before any data is read."""
-    from vpo.trainer.modeling import head_kwargs, head_transform, model_type_of
+    """Raise ValueError (one line naming the model type and the reason), before any data is read, when ``model`` has
+    no backbone / linear LM head the trainer can read, or its head transform (soft-capping, logit scale:
+    :func:`vpo.trainer.modeling.head_transform`) cannot be passed to the functions ``method`` scores with."""
+    from vpo.trainer.modeling import backbone, head_kwargs, head_transform, lm_head, model_type_of
 
+    backbone(model)  # the hidden states and the head the trainer reads exist (one-line errors naming the type)
+    lm_head(model)
     transform = head_transform(model)
     if transform == (None, None):
         return
     fns = [linear_logprobs]
     if method in ("dpo", "csr"):
         fns.append(fused_dpo_loss)
-    elif method == "tpo":
-        fns += [fused_tpo_loss, target_logits]
+    elif method == "tpo":  # (target_logits, for precomputing TPO's reference terms, is checked where it is called)
+        fns.append(fused_tpo_loss)
     elif method == "catpo":
         fns.append(_fused_catpo())
     for fn in fns:

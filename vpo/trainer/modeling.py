@@ -113,7 +113,8 @@ def lm_head(model) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     base = unwrap_model(model)
     head = base.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        raise ValueError(f"{type(base).__name__}.get_output_embeddings() returned no linear head")
+        raise ValueError(f"{model_type_of(base)}: {type(base).__name__}.get_output_embeddings() returned no linear "
+                         f"head (the fused losses read its weight)")
     if hasattr(head, "lora_A"):
         raise ValueError("the LM head carries a LoRA adapter: the fused losses read lm_head.weight directly, so the "
                          "adapter would be ignored; keep the LoRA targets inside the language model")
@@ -207,8 +208,9 @@ def lora_target_regex(model, targets: Union[str, Sequence[str]] = "all-linear", 
 
     Example:
         >>> from vpo.models import tiny_llava
-        >>> lora_target_regex(tiny_llava().model, ["q_proj", "v_proj"])
-        '^(?:model\\\\.language_model\\\\.layers\\\\.\\\\d+\\\\.self_attn\\\\.q_proj|model\\\\.language_model\\\\.layers\\\\.\\\\d+\\\\.self_attn\\\\.v_proj)$'
+        >>> print(lora_target_regex(tiny_llava().model, ["q_proj", "v_proj"]).replace("|", "\\n|"))
+        ^(?:model\\.language_model\\.layers\\.\\d+\\.self_attn\\.q_proj
+        |model\\.language_model\\.layers\\.\\d+\\.self_attn\\.v_proj)$
     """
     base = unwrap_model(model)
     names = lora_target_modules(base, targets, scope)
@@ -217,10 +219,10 @@ def lora_target_regex(model, targets: Union[str, Sequence[str]] = "all-linear", 
 
 def head_transform(model) -> Tuple[Optional[float], Optional[float]]:
     """``(softcap, scale)`` the model applies to its logits ``z = h · Wᵀ (+ b)``: soft-capping ``cap · tanh(z / cap)``
-    (Gemma 2 / 3n, PaliGemma), scaling ``scale · z`` (Cohere, Aya Vision); ``None``: not applied. Read from the first config (top level,
-    ``get_text_config()``, then nested sub-configs) that sets ``final_logit_softcapping`` / ``logit_scale``, and only
-    when the model's own ``forward`` applies it (Gemma 3's ``*ForConditionalGeneration`` ignores its text config's
-    cap; Cohere2-Vision its ``logit_scale``)."""
+    (Gemma 2 / 3n, PaliGemma), scaling ``scale · z`` (Cohere, Aya Vision); ``None``: not applied. Read from the
+    first config (top level, ``get_text_config()``, then nested sub-configs) that sets ``final_logit_softcapping`` /
+    ``logit_scale``, and only when the model's own ``forward`` applies it (its source names the key: Gemma 3's
+    ``*ForConditionalGeneration`` ignores its text config's cap, Cohere2-Vision its ``logit_scale``)."""
     base = unwrap_model(model)
     config = base.config
     configs = [config]
@@ -337,9 +339,43 @@ def load_model(path: str, *, dtype: str = "auto", attn_implementation: str = "sd
 
     kwargs = {"attn_implementation": attn_implementation}
     kwargs["dtype"] = "auto" if dtype == "auto" else _DTYPES[dtype]
-    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-    processor = AutoProcessor.from_pretrained(path) if with_processor else None
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except (ImportError, ValueError) as e:
+        _raise_if_vision_extra(e, _config_model_type(path), "model")
+        raise
+    processor = None
+    if with_processor:
+        try:
+            processor = AutoProcessor.from_pretrained(path)
+        except (ImportError, ValueError) as e:
+            _raise_if_vision_extra(e, model_type_of(model), "processor")
+            raise
     return model, processor, None
+
+
+# What `pip install vpo[vision]` adds: torchvision-based image/video processors, timm vision towers (Gemma 3n).
+_VISION_EXTRA = ("torchvision", "timm")
+
+
+def _config_model_type(path: str) -> str:
+    import json
+    import os
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return str(json.load(f).get("model_type", path))
+    except (OSError, ValueError):
+        return path
+
+
+def _raise_if_vision_extra(err: Exception, model_type: str, what: str) -> None:
+    """One line naming the missing package when ``err`` is a missing torchvision / timm."""
+    missing = [m for m in _VISION_EXTRA if m in str(err).lower()]
+    if missing:
+        raise ImportError(f"{model_type}: its {what} needs {missing[0]}, which is not installed: pip install "
+                          f"'vpo[vision]' (torchvision and timm, matching your torch build)") from None
+
 
 
 def merge_and_save(model, path: str, processor=None) -> None:

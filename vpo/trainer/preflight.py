@@ -129,6 +129,9 @@ def preflight_trainer(trainer) -> None:
     dataset = trainer.train_dataset
     if dataset is not None and hasattr(dataset, "__len__") and len(dataset) == 0:
         raise PreflightError("train_dataset is empty: no record to train on")
+    from vpo.trainer.usable import check_scored_tokens
+
+    check_scored_tokens(trainer)  # the first records give a scored token through the collator
     online = getattr(trainer, "_online", None)
     endpoint = getattr(getattr(online, "judge", None), "endpoint", None)
     if endpoint:

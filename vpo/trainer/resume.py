@@ -16,7 +16,8 @@
   only (its loss is their mean); if the epoch runs out first the step is padded with empty micro-batches that
   weigh nothing, and if nothing real is left no step is taken at all — the global step, the scheduler and
   ``max_steps`` only count real steps. A run whose every batch is unusable stops with an error naming the first
-  skip reason. (Single process; under several processes a batch with no record still raises, as before.)
+  skip reason. A batch with rows but no scored token counts as unusable too (:mod:`vpo.trainer.usable`). Under
+  several processes no batch is drawn ahead: the ranks agree to skip an unusable one with a zero loss.
 
 vpo's state in a checkpoint (``vpo_state.json``, ``vpo_state_<rank>.json`` under several processes): the data cursor
 (epoch, micro-batches trained and extra batches drawn in it, raw batches drawn so far — the collator's ``draw``
@@ -44,6 +45,7 @@ from vpo.trainer.checkpoint import (
     staging_dir,
     write_manifest,
 )
+from vpo.trainer.usable import mark_unscored
 
 logger = logging.getLogger(__name__)
 STATE_FORMAT = 1
@@ -111,6 +113,7 @@ class ResumeMixin:
             # TRL's running num_tokens (vpo.trainer.metrics): the total at the last log, and this process's since
             "num_tokens": int(getattr(self, "num_tokens", 0)),
             "num_tokens_pending": int(getattr(self, "_tokens_since_log", 0)),
+            "bco_running_mean": self.bco.state_dict() if getattr(self, "bco", None) is not None else None,
             "eval_draw": getattr(eval_collator, "draw", None) if eval_collator is not self.data_collator else None,
         }
 
@@ -128,6 +131,8 @@ class ResumeMixin:
         self._vpo_real = int(state.get("real_batches", 0))
         self._vpo_dropped = int(state.get("dropped_batches", 0))
         self.num_tokens = int(state.get("num_tokens", 0))
+        if getattr(self, "bco", None) is not None and state.get("bco_running_mean"):
+            self.bco.load_state_dict(state["bco_running_mean"])
         if hasattr(self, "_tokens_since_log"):
             self._tokens_since_log.fill_(int(state.get("num_tokens_pending", 0)))
         eval_collator = getattr(self, "_eval_collator", None)
@@ -234,6 +239,7 @@ class ResumeMixin:
         if self.args.world_size > 1:  # every process must take the same steps: no drawing ahead (module docstring)
             batches, n_items = super().get_batch_samples(epoch_iterator, num_batches, device)
             for batch in batches:
+                mark_unscored(batch)
                 self._vpo_note_skips(batch)
             self._vpo_raw += len(batches)
             self._vpo_real += len(batches)
@@ -248,8 +254,9 @@ class ResumeMixin:
                 self._vpo_epoch_done = True
                 break
             self._vpo_raw += 1
+            unscored = mark_unscored(batch)  # rows but no scored token: skipped too (vpo.trainer.usable)
             self._vpo_note_skips(batch)
-            if is_empty_batch(batch):
+            if unscored or is_empty_batch(batch):
                 self._vpo_dropped += 1
                 self._vpo_extra += 1
                 count = getattr(self, "_count_skipped", None)

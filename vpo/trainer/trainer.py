@@ -36,6 +36,7 @@ from vpo.trainer.online import is_online_dataset
 from vpo.trainer.passes import Passes
 from vpo.trainer.reference import Reference, load_reference_table
 from vpo.trainer.resume import ResumeMixin
+from vpo.trainer.usable import batch_usable, mark_unscored, ranks_agree
 
 
 _TOKENS = "\0num_tokens"  # the per-log token increment inside _flush's per-process totals
@@ -127,6 +128,8 @@ class VPOTrainer(ResumeMixin, Trainer):
             ref_model = distributed.prepare_reference(self, ref_model)  # sharded like the policy (FSDP2, ZeRO-3)
         self.ref_model = ref_model
         self.reference = Reference(args.ref_mode, model=ref_model, table=ref_table)
+        self.bco = trl_options.RunningMean() if args.bco_running_mean else None  # BCO's δ, read by the loss
+        args._vpo_bco_state = self.bco
         if args.sync_ref_model:  # TR-DPO
             self.add_callback(trl_options.sync_reference_callback(self))
         self.num_tokens = 0  # TRL's num_tokens: attended tokens trained on so far (vpo.trainer.metrics)
@@ -197,11 +200,10 @@ class VPOTrainer(ResumeMixin, Trainer):
     # -- loss -----------------------------------------------------------------------------------------------------
 
     def _loss_and_metrics(self, model, inputs, split: str):
+        mark_unscored(inputs)  # rows without a scored token count as skipped (vpo.trainer.usable)
         self._count_skipped(inputs.get("skipped"), split)
-        if "input_ids" not in inputs or inputs["input_ids"].shape[0] == 0:  # every record of the batch was skipped
-            if self.args.world_size > 1:
-                raise RuntimeError("a batch with no valid record reached a distributed step (the other processes "
-                                   "would wait for this one's gradients): filter bad records before training")
+        usable = batch_usable(inputs)  # the ranks agree to skip under DDP
+        if not (ranks_agree(usable, self.args.device) if self.args.world_size > 1 else usable):
             return torch.zeros((), device=self.args.device, requires_grad=True), {}
         passes = Passes(inputs, model, self.reference, list_size=self.args.list_size,
                         need_grad=torch.is_grad_enabled(), impl=self.args.loss_impl)
@@ -213,6 +215,8 @@ class VPOTrainer(ResumeMixin, Trainer):
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         loss, metrics = self._loss_and_metrics(model, inputs, "train")
         self.store_metrics(metrics, "train")
+        if self.bco is not None and "rewards/chosen" in metrics:  # the batch's mean reward, for the next steps' δ
+            self.bco.update((metrics["rewards/chosen"] + metrics["rewards/rejected"]) / 2)
         # TRL's num_tokens (vpo.trainer.metrics): no host sync here, summed at the next log
         self._tokens_since_log = self._tokens_since_log + count_tokens(inputs).to(self._tokens_since_log.device)
         return (loss, metrics) if return_outputs else loss
@@ -263,9 +267,9 @@ class VPOTrainer(ResumeMixin, Trainer):
             sums = torch.stack([torch.stack([torch.as_tensor(v, device=device).float().reshape(()) for v in stored[k]])
                                 .sum() for k in keys]).tolist()  # one host sync per log
             local = {k: (total, len(stored[k])) for k, total in zip(keys, sums)}
-        if split == "train":  # the tokens since the last log, summed over processes below
-            local[_TOKENS] = (float(self._tokens_since_log), 1)
-            self._tokens_since_log.zero_()
+        # the training tokens since the last log (of either split), summed over processes below
+        local[_TOKENS] = (float(self._tokens_since_log), 1)
+        self._tokens_since_log.zero_()
         parts = [(local, dict(skipped))]
         if self.args.world_size > 1:
             from accelerate.utils import gather_object
@@ -282,7 +286,8 @@ class VPOTrainer(ResumeMixin, Trainer):
                 counts[reason] += n
         self.num_tokens += int(totals.pop(_TOKENS, (0.0, 0))[0])
         out = {k: total / max(n, 1) for k, (total, n) in totals.items()}
-        out["num_tokens"] = float(self.num_tokens)  # TRL's running total (the training one, in eval logs too)
+        if out:  # TRL's running total (the training one, in eval logs too); not in a log without metrics
+            out["num_tokens"] = float(self.num_tokens)
         out.update({f"data/skipped_{reason}": float(n) for reason, n in counts.items()})
         return out
 

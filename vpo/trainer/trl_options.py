@@ -66,6 +66,8 @@ def check_trl_options(cfg) -> None:
         if ignoring:
             warnings.warn(f"label_smoothing={cfg.label_smoothing} is ignored by loss_type {ignoring} (only "
                           f"{list(SMOOTHED_LOSS_TYPES)} read it)", UserWarning, stacklevel=3)
+    if getattr(cfg, "bco_running_mean", False) and "bco_pair" not in types:
+        raise ValueError(f"bco_running_mean shifts loss_type bco_pair's rewards, but loss_type is {types}")
     if cfg.sync_ref_model:
         if not 0.0 <= cfg.ref_model_mixup_alpha <= 1.0:
             raise ValueError(f"ref_model_mixup_alpha must be in [0, 1], got {cfg.ref_model_mixup_alpha}")
@@ -187,8 +189,52 @@ def loss_option_kwargs(fn, cfg, takes: Callable[[object, str], bool]) -> dict:
                              f"({getattr(fn, '__name__', fn)} takes no {name})")
         out[name] = value
     types, _ = cfg.loss_type_list()
+    state = getattr(cfg, "_vpo_bco_state", None)  # set by VPOTrainer when bco_running_mean is on
+    if state is not None and "bco_pair" in types:
+        if not takes(fn, "bco_delta"):
+            raise ValueError(f"bco_running_mean is not available for method {cfg.method!r} in this build "
+                             f"({getattr(fn, '__name__', fn)} takes no bco_delta)")
+        out["bco_delta"] = state.mean()
     if any(t in ("aot", "aot_unpaired") for t in types) and takes(fn, "chunking"):
         from vpo.fused import Chunking
 
         out["chunking"] = Chunking(pairs=1 << 30, store=False)  # aot sorts the batch: all pairs in one chunk
     return out
+
+
+class RunningMean:
+    """BCO's reward shift δ (``bco_running_mean``): the running mean, over training steps, of each batch's mean reward
+    ``β·Δ`` over its chosen and rejected responses (the BCO paper's δ; TRL before 1.x subtracted it in ``bco_pair``,
+    TRL 1.16 does not). Kept on the device (no host sync per step), averaged over processes, saved in checkpoints.
+    A step uses the mean of the steps before it (0 at the first)."""
+
+    def __init__(self):
+        self.total = 0.0  # float until the first update puts it on the reward's device
+        self.count = 0
+
+    def mean(self):
+        import torch
+
+        if self.count == 0:
+            return torch.zeros(())
+        return self.total / self.count
+
+    def update(self, batch_reward) -> None:
+        import torch
+
+        x = batch_reward.detach().float().reshape(())
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            x = x.clone()
+            torch.distributed.all_reduce(x)
+            x = x / torch.distributed.get_world_size()
+        self.total = self.total + x
+        self.count += 1
+
+    def state_dict(self) -> dict:
+        return {"total": float(self.total), "count": int(self.count)}
+
+    def load_state_dict(self, state: dict) -> None:
+        import torch
+
+        self.total = torch.tensor(float(state.get("total", 0.0)))
+        self.count = int(state.get("count", 0))
