@@ -1,6 +1,7 @@
 """TRL's DPOTrainer/DPOConfig semantics on VPOTrainer/VPOConfig: the constructor's cases, the DPOConfig fields (taken
 with TRL's defaults, or refused with vpo's equivalent), TR-DPO's reference sync, TRL's num_tokens, label_smoothing's
 warning, and the options reaching the loss."""
+import functools
 import warnings
 
 import pytest
@@ -173,12 +174,34 @@ def test_f_divergence_reaches_the_loss(tmp_path, proc):
     assert abs(float(loss - loss0)) > 1e-6  # the per-pair formulas are checked in tests/test_trl_loss_types.py
 
 
-def test_options_the_build_cannot_apply_are_refused_naming_them(tmp_path, proc):
-    trainer = VPOTrainer(tiny_llava().model, args(tmp_path, method="tpo", use_weighting=True), train_dataset=ROWS,
-                         processing_class=proc)
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
-    with pytest.raises(ValueError, match=r"use_weighting=True is not available for method 'tpo'"):
-        trainer.compute_loss(trainer.model, batch)
+@pytest.mark.parametrize("option", [{"use_weighting": True}, {"ld_alpha": 0.0}], ids=["wpo", "ld"])
+def test_tpo_takes_wpo_and_ld_dpo_on_its_fused_path(tmp_path, proc, option):
+    """fused_tpo_loss takes use_weighting / ld_alpha (WPO's log Σ p² from its sweep): the trainer passes them and the
+    loss changes."""
+    import vpo.trainer.methods as methods
+
+    seen = []
+    real = methods.fused_tpo_loss
+
+    @functools.wraps(real)  # the trainer reads the signature to see which options the loss takes
+    def spy(*a, **k):
+        seen.append({n: k.get(n) for n in option})
+        return real(*a, **k)
+
+    losses = []
+    for i, extra in enumerate((option, {})):
+        trainer = VPOTrainer(tiny_llava().model, args(tmp_path / str(i), method="tpo", **extra), train_dataset=ROWS,
+                             processing_class=proc)
+        batch = trainer.data_collator([trainer.train_dataset[j] for j in range(2)])
+        methods.fused_tpo_loss = spy
+        try:
+            torch.manual_seed(0)
+            losses.append(trainer.compute_loss(trainer.model, batch))
+        finally:
+            methods.fused_tpo_loss = real
+    assert seen[0] == option and torch.isfinite(losses[0])
+    if "use_weighting" in option:  # at LoRA's init policy == reference: LD-DPO's sums still give ln 2, WPO weighs it
+        assert abs(float(losses[0] - losses[1])) > 1e-7
 
 
 @pytest.mark.parametrize("method,option", [("dpo", {"ld_alpha": 0.3}), ("mdpo", {"ld_alpha": 0.3}),
