@@ -173,6 +173,8 @@ def test_csr_search_pairs_against_the_truth():
     assert out["n"] == 3
     assert (out["fewer"], out["equal"], out["more"]) == pytest.approx((1 / 3, 1 / 3, 1 / 3))
     assert (out["covers_more"], out["covers_fewer"]) == pytest.approx((1 / 3, 1 / 3))
+    assert out["rejected_empty"] == 0
+    assert csr_pairs([{**rows[0], "rejected": "two ."}])["rejected_empty"] == 1.0  # a caption with no object
     with pytest.raises(ValueError, match="no row with 'objects'"):
         csr_pairs([{"chosen": "a", "rejected": "b"}])
 

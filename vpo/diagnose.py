@@ -443,19 +443,23 @@ def csr_pairs(records: Sequence[Mapping]) -> Dict[str, Any]:
     """What CSR's search chose (a ``vpo csr`` dataset of the shapes world, rows with ``objects``), against the truth:
     the share of pairs whose chosen response has fewer / as many / more hallucinated mentions than the rejected one
     (``fewer``, ``equal``, ``more``), and covers more / fewer of the scene's kinds (``covers_more``,
-    ``covers_fewer``): pairs that teach saying less show up as equal hallucination and lower coverage."""
+    ``covers_fewer``), and whose rejected response names no object at all (``rejected_empty``). Pairs that teach
+    saying less show up as equal hallucination and lower coverage; pairs against an empty caption teach nothing about
+    hallucination."""
     from vpo.eval.metrics import score_response
 
     rows = [r for r in records if r.get("objects")]
     if not rows:
         raise ValueError("records has no row with 'objects': expected a vpo csr dataset built on the shapes world")
-    out = {"n": len(rows), "fewer": 0, "equal": 0, "more": 0, "covers_more": 0, "covers_fewer": 0}
+    out = {"n": len(rows), "fewer": 0, "equal": 0, "more": 0, "covers_more": 0, "covers_fewer": 0,
+           "rejected_empty": 0}
     for r in rows:
         c, j = score_response(r["chosen"], r), score_response(r["rejected"], r)
+        out["rejected_empty"] += not j.mentions  # a rejected response that names no object at all
         hc, hj = len(c.hallucinated), len(j.hallucinated)
         out["fewer" if hc < hj else "equal" if hc == hj else "more"] += 1
         out["covers_more"] += c.covered_kinds > j.covered_kinds
         out["covers_fewer"] += c.covered_kinds < j.covered_kinds
-    for k in ("fewer", "equal", "more", "covers_more", "covers_fewer"):
+    for k in ("fewer", "equal", "more", "covers_more", "covers_fewer", "rejected_empty"):
         out[k] /= len(rows)
     return out

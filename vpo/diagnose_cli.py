@@ -176,7 +176,7 @@ def run(model, processor, records, settings: Dict[str, Any], *, out: str, seed: 
                              "value": csr[key], "n": csr["n"]})
         for path in settings.get("csr_pairs") or []:
             cp = dg.csr_pairs(dg.read_pairs(path))
-            for key in ("fewer", "equal", "more", "covers_more", "covers_fewer"):
+            for key in ("fewer", "equal", "more", "covers_more", "covers_fewer", "rejected_empty"):
                 rows.append({"method": "csr", "setting": f"search pairs {os.path.basename(os.path.dirname(path))}",
                              "signal": f"chosen: {key}", "kind": "rate", "value": cp[key], "n": cp["n"]})
         res["seconds"]["csr"] = time.perf_counter() - t
