@@ -179,23 +179,23 @@ def test_head_transforms_are_read_from_the_config():
 
 
 @pytest.mark.parametrize("arch", sorted(NEEDS))
-def test_a_head_transform_this_build_lacks_is_refused_before_any_data_is_read(arch, tmp_path):
-    if supported(arch):
-        pytest.skip(f"this build's fused losses take {NEEDS[arch]}: nothing to refuse")
-    model, proc = tiny_architecture(arch)
+def test_a_loss_without_the_head_transform_is_refused_in_one_line(arch):
+    """Every vpo loss takes logit_softcap / logit_scale; a loss function that does not (a user's, an older build's)
+    is refused in one line naming the model type and the keyword, instead of training on the wrong log-probs."""
+    from vpo.trainer.modeling import head_kwargs
 
-    class Unreadable(torch.utils.data.Dataset):
-        def __len__(self):
-            raise AssertionError("the data was read")
+    model, _ = tiny_architecture(arch)
+    transform = head_transform(model)
+    assert head_kwargs(vpo.fused_dpo_loss, transform, model.config.model_type) == {
+        k: v for k, v in zip(("logit_softcap", "logit_scale"), transform) if v is not None}
 
-        def __getitem__(self, i):
-            raise AssertionError("the data was read")
+    def plain_loss(weight, hidden, labels):
+        return hidden.sum()
 
-    args = VPOConfig(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True)
     with pytest.raises(ValueError) as err:
-        VPOTrainer(model, args, train_dataset=Unreadable(), processing_class=proc)
+        head_kwargs(plain_loss, transform, model.config.model_type)
     msg = str(err.value)
-    assert "\n" not in msg and model.config.model_type in msg and NEEDS[arch] in msg
+    assert "\n" not in msg and model.config.model_type in msg and NEEDS[arch] in msg and "plain_loss" in msg
 
 
 def test_a_processor_needing_torchvision_is_one_line_naming_the_extra(tmp_path, capsys):
