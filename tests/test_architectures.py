@@ -277,3 +277,26 @@ def test_a_model_without_a_linear_head_is_refused_before_any_data_is_read(tmp_pa
         VPOTrainer(model, VPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True),
                    train_dataset=Unreadable(), processing_class=proc)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("arch", ["paligemma", "paligemma2", "mllama"])
+def test_catpo_on_a_model_the_capture_cannot_read_is_refused_before_any_data(arch, tmp_path):
+    """Cat-PO's image-attention capture needs causal self-attention over the image tokens: PaliGemma's bidirectional
+    prefix and Mllama's cross-attention are refused in one line when the trainer is built, not at the first step."""
+    model, proc = tiny_architecture(arch)
+
+    class Unreadable(torch.utils.data.Dataset):
+        def __len__(self):
+            raise AssertionError("the data was read")
+
+        def __getitem__(self, i):
+            raise AssertionError("the data was read")
+
+    args = VPOConfig(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True, method="catpo")
+    with pytest.raises(ValueError) as err:
+        VPOTrainer(model, args, train_dataset=Unreadable(), processing_class=proc)
+    msg = str(err.value)
+    assert "\n" not in msg and model.config.model_type in msg and "catpo" in msg
+    VPOTrainer(model, VPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=1, report_to="none", use_cpu=True),
+               train_dataset=[], processing_class=proc)  # DPO on the same model is accepted
+

@@ -281,6 +281,8 @@ def check_head_supported(model, method: str) -> None:
 
     backbone(model)  # the hidden states and the head the trainer reads exist (one-line errors naming the type)
     lm_head(model)
+    if method == "catpo":
+        check_catpo_capture(model)
     transform = head_transform(model)
     if transform == (None, None):
         return
@@ -293,6 +295,26 @@ def check_head_supported(model, method: str) -> None:
         fns.append(_fused_catpo())
     for fn in fns:
         head_kwargs(fn, transform, model_type_of(model))
+
+
+def check_catpo_capture(model) -> None:
+    """Raise ValueError (one line naming the model type), before any data is read, for models whose image attention
+    Cat-PO's capture (:mod:`vpo.integrations.attention_capture`) cannot read: image tokens reached through
+    cross-attention layers (Mllama), or a bidirectional attention prefix over the image and the prompt (PaliGemma)."""
+    from vpo.integrations.attention_capture import _config_tree
+    from vpo.trainer.modeling import model_type_of, unwrap_model
+
+    model_type = model_type_of(model)
+    for cfg in _config_tree(unwrap_model(model).config):
+        layers = getattr(cfg, "cross_attention_layers", None)
+        if layers:
+            raise ValueError(f"{model_type}: method='catpo' reads the attention of response tokens on image tokens in "
+                             f"the language model's self-attention, but this model attends to the image through "
+                             f"cross-attention layers {list(layers)}, which the image-attention capture cannot read")
+    if model_type.startswith("paligemma"):
+        raise ValueError(f"{model_type}: method='catpo' needs causal self-attention, but this model attends "
+                         "bidirectionally over its image and prompt prefix (token_type_ids), which the image-attention "
+                         "capture does not support")
 
 
 METHODS: Dict[str, Callable[[Passes, object], Tuple[torch.Tensor, Metrics]]] = {
