@@ -74,3 +74,6 @@ def test_ddp_checkpoints_are_published_once_complete_and_resume_exactly(tmp_path
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+    from vpo.testing import end_process_group
+
+    end_process_group()  # every rank done before gloo is torn down

@@ -83,3 +83,6 @@ def test_vpo_trainer_deepspeed_matches_single_process(tmp_path, backend, single)
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     _worker(sys.argv[1])
+    from vpo.testing import end_process_group
+
+    end_process_group()  # every rank done before gloo is torn down

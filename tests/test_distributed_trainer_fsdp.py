@@ -149,3 +149,6 @@ def test_every_method_under_fsdp2_matches_single_process(tmp_path):
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+    from vpo.testing import end_process_group
+
+    end_process_group()  # every rank done before gloo is torn down

@@ -348,3 +348,6 @@ if __name__ == "__main__":
     import sys
 
     _ddp_online_worker(sys.argv[1])
+    from vpo.testing import end_process_group
+
+    end_process_group()  # every rank done before gloo is torn down

@@ -104,3 +104,6 @@ def test_ddp_two_processes_gloo(tmp_path):
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+    from vpo.testing import end_process_group
+
+    end_process_group()  # every rank done before gloo is torn down

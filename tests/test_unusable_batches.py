@@ -158,3 +158,6 @@ def test_ddp_ranks_agree_to_skip_an_unusable_batch(tmp_path):
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+    from vpo.testing import end_process_group
+
+    end_process_group()  # every rank done before gloo is torn down

@@ -282,3 +282,14 @@ def check_causal(model, batch, *, row: int = 0, atol: float = 1e-5) -> float:
         raise AssertionError(f"{type(model).__name__}: changing the token at position {k} moved the log-probs at "
                              f"earlier position {where} by {err:.3e} (> {atol:.1e}): a response token sees a later one")
     return err
+
+
+def end_process_group() -> None:
+    """Leave a multi-process test worker cleanly: a barrier (every rank done) then ``destroy_process_group``, so no
+    rank's gloo threads are torn down at interpreter exit while another rank still talks to it (which can abort a
+    rank with "terminate called without an active exception"). A no-op outside an initialized process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
