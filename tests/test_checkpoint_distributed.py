@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
+
+from vpo.testing import torchrun
 
 
 def _worker(out_dir: str) -> None:
@@ -40,11 +40,6 @@ def _worker(out_dir: str) -> None:
         json.dump(result, f)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_ddp_checkpoints_are_published_once_complete_and_resume_exactly(tmp_path):
     import torch.distributed as dist
@@ -53,11 +48,7 @@ def test_ddp_checkpoints_are_published_once_complete_and_resume_exactly(tmp_path
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), os.path.abspath(__file__), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(__file__, str(tmp_path), timeout=300)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     run = tmp_path / "run"
     assert not [n for n in os.listdir(run) if n.startswith(".staging-")]

@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 
 import pytest
+
+from vpo.testing import torchrun
 
 METHODS = ("dpo", "tpo")
 
@@ -65,11 +65,6 @@ def _worker(out_dir: str) -> None:
         json.dump(result, f)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_ddp_two_processes_gloo(tmp_path):
     pytest.importorskip("torch.distributed.run")
@@ -77,12 +72,8 @@ def test_ddp_two_processes_gloo(tmp_path):
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), os.path.abspath(__file__), str(tmp_path)]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = torchrun(__file__, str(tmp_path), timeout=240)
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, f"torchrun failed ({elapsed:.0f}s):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     ranks = []

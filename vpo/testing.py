@@ -293,3 +293,22 @@ def end_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 300):
+    """Run ``script`` (a test file that is also its own worker) under ``torch.distributed.run`` with ``nproc`` local
+    ranks on a free loopback port, one thread each, no CUDA devices; returns the ``subprocess.CompletedProcess``
+    (stdout and stderr captured as text). The workers should end with :func:`end_process_group`."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(port), os.path.abspath(script), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
