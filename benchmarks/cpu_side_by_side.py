@@ -58,6 +58,18 @@ def steps(B: int, T: int, D: int, V: int):
     return {"fused": fused, "materialized": materialized}
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def run(B: int, T: int, D: int, V: int, rounds: int) -> dict:
     fns = steps(B, T, D, V)
     (lf, gf), (lm, gm) = fns["fused"](), fns["materialized"]()  # warm-up, and the two agree
@@ -84,7 +96,7 @@ def run(B: int, T: int, D: int, V: int, rounds: int) -> dict:
         "ratio_median": summary["fused"]["median_s"] / summary["materialized"]["median_s"],
         "peak_extra_bytes": peak,
         "agreement": agree,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "load_average_1m_at_end": os.getloadavg()[0]},
     }

@@ -18,6 +18,7 @@ def test_cpu_side_by_side_quick(tmp_path):
     assert r["peak_extra_bytes"]["fused"] > 0 and r["peak_extra_bytes"]["materialized"] > 0
     md = out.with_suffix(".md").read_text()
     assert "(measured)" in md and "fused / materialized" in md and r["machine"]["torch"] in md
+    assert r["machine"]["cpu"] and r["machine"]["cpu"] in md  # the device is named
 
 
 def test_rounds_must_be_positive():
