@@ -121,7 +121,8 @@ def test_diagnose_command_quick_run(tmp_path):
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, "-m", "vpo.cli", "diagnose", "--model", "tiny-cache", "--data",
                           str(tmp_path / "pairs"), "--create", "8", "--out", str(out), "--threads", "1",
-                          "--noise-steps", "250,500", "--csr-lams", "0.1,0.9"], capture_output=True, text=True,
+                          "--noise-steps", "250,500", "--csr-lams", "0.1,0.9", "--catpo-heads", "all;1:0,0:1",
+                          "--catpo-per-head"], capture_output=True, text=True,
                          env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     for m in ("tpo", "catpo", "csr", "lpoi", "ovip"):
@@ -129,6 +130,12 @@ def test_diagnose_command_quick_run(tmp_path):
     data = json.loads((out / "diagnose.json").read_text())
     tpo = [r for r in data["rows"] if r["method"] == "tpo" and r["signal"] == "s"]
     assert [r["setting"] for r in tpo] == ["k=250", "k=500"] and all(0 <= r["value"] <= 1 for r in tpo)
+    cat = [r["setting"] for r in data["rows"] if r["method"] == "catpo" and r["signal"] == "T"]
+    grid = data["catpo_per_head"]
+    cells = grid["num_layers"] * grid["num_heads"]
+    assert cells >= 4 and len(grid["cells"]) == cells and sorted(grid["ranked"]) == sorted(grid["cells"])
+    assert cat[:2] == ["layers=all, alpha=0.5", "layers=all, alpha=0.5, heads=1:0,0:1"] and len(cat) == 2 + cells
+    assert all(0 <= c["auroc"] <= 1 for c in grid["cells"].values())
     lp = {r["signal"]: r["value"] for r in data["rows"] if r["method"] == "lpoi"}
     assert lp["visibility_rate"] == 1.0  # LPOI's construction hides more of the object at every step
     assert (out / "diagnose.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -141,13 +148,16 @@ def test_demo_settings_of_the_free_parameters_reach_the_method_configs(tmp_path)
     from vpo.demo import PRESETS
     from vpo.demo_methods import _config
 
-    s = dataclasses.replace(PRESETS["full"], tpo_noise_step=321, tpo_a=0.25, catpo_layers="1,2", catpo_alpha=0.75)
+    s = dataclasses.replace(PRESETS["full"], tpo_noise_step=321, tpo_a=0.25, catpo_layers="1,2", catpo_alpha=0.75,
+                            catpo_heads="2:0,1:3")
     tpo = _config("tpo", str(tmp_path), s, 0, "torch")
     assert (tpo.noise_step, tpo.tpo_a) == (321, 0.25)
     cat = _config("catpo", str(tmp_path), s, 0, "torch")
     assert (cat.catpo_layer_list(), cat.catpo_alpha) == ([1, 2], 0.75)
+    assert cat.catpo_weight_kwargs()["heads"] == {2: [0], 1: [3]}
     dpo = _config("dpo", str(tmp_path), s, 0, "torch")
-    assert (dpo.noise_step, dpo.tpo_a, dpo.catpo_layers, dpo.catpo_alpha) == (500, 0.5, None, 0.5)  # untouched
+    assert (dpo.noise_step, dpo.tpo_a, dpo.catpo_layers, dpo.catpo_alpha, dpo.catpo_heads) == (500, 0.5, None, 0.5,
+                                                                                                None)  # untouched
 
 
 def test_png_with_any_subset_of_methods(tmp_path):
@@ -201,3 +211,52 @@ def test_subword_tokenizer_tokens_are_classed_by_the_span_they_overlap():
 
     lab = torch.tensor([-100, -100, 0, 1, 2, 3, 9])  # prompt, the four pieces, end of turn
     assert _aligned(Proc(), lab, text, [[2, 5]]) == ["grounded", "hallucinated", "hallucinated", "grounded", None]
+
+
+def test_catpo_head_grid_ranks_the_informative_head(monkeypatch):
+    """A constructed Cat-PO signal that only layer 1's head 2 carries: its cell has AUROC 1, the others ~0.5, and it
+    is ranked first; every cell is read with exactly one (layer, head)."""
+    import random
+
+    import vpo.diagnose as dg
+    from vpo.models import tiny_llava
+
+    tiny = tiny_llava(num_layers=2)  # 4 heads
+    calls = []
+
+    def fake_signals(model, processor, records, *, layers, heads, alpha, lambda_ref, batch_size):
+        calls.append((tuple(layers), tuple(heads), alpha))
+        rng = random.Random(len(calls))
+        cls = ["grounded", "hallucinated"] * 200
+        if (layers, heads) == ([1], [2]):
+            t = [1.0 if c == "grounded" else 0.0 for c in cls]
+        else:
+            t = [rng.random() for _ in cls]
+        return {"T": t, "w": t, "cls": cls, "row": ["rejected"] * len(cls), "kind": [None] * len(cls)}
+
+    monkeypatch.setattr(dg, "catpo_signals", fake_signals)
+    grid = dg.catpo_head_grid(tiny.model, None, [], alpha=0.75)
+    assert (grid["num_layers"], grid["num_heads"]) == (2, 4)
+    assert sorted(c[:2] for c in calls) == [((l,), (h,)) for l in range(2) for h in range(4)]
+    assert all(c[2] == 0.75 for c in calls)
+    assert grid["ranked"][0] == "1:2" and grid["cells"][(1, 2)]["auroc"] == 1.0
+    assert all(abs(v["auroc"] - 0.5) < 0.1 for k, v in grid["cells"].items() if k != (1, 2))
+
+
+def test_diagnose_logits_are_the_models_own(monkeypatch, pairs):
+    """On a model whose head soft-caps and scales its logits, TPO's s and the responses' log-probs follow the
+    transform (vpo.trainer.modeling.head_transform), as training computes them."""
+    import vpo.trainer.modeling as modeling
+    from vpo.diagnose import response_logps, tpo_signals
+    from vpo.models.cache import build_tiny_shapes_llava
+
+    model, processor = build_tiny_shapes_llava()
+    recs = pairs[:4]
+    plain_lp = response_logps(model, processor, recs)
+    plain_s = tpo_signals(model, processor, recs, noise_step=999)["s"]
+    monkeypatch.setattr(modeling, "head_transform", lambda m: (0.5, 3.0))
+    capped_lp = response_logps(model, processor, recs)
+    capped_s = tpo_signals(model, processor, recs, noise_step=999)["s"]
+    assert max(abs(a - b) for a, b in zip(sum(plain_lp, []), sum(capped_lp, []))) > 0.1
+    # cap 0.5 bounds every logit to (-0.5, 0.5), so s (a difference of two logits) stays below 1 in magnitude
+    assert max(abs(v) for v in capped_s) < 1.0 < max(abs(v) for v in plain_s)

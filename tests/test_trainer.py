@@ -344,9 +344,11 @@ def test_reference_model_mode(tmp_path):
     assert all(not p.requires_grad for p in ref.parameters())
 
 
-def test_catpo_weights_from_the_reference(tmp_path):
-    """Without batch token weights, Cat-PO's are computed from the reference (the adapter-disabled policy)."""
-    trainer, tiny, collator, records = make_trainer(tmp_path, "llava", "catpo")
+@pytest.mark.parametrize("heads_text, heads", [(None, None), ("1:2,0:0", {1: [2], 0: [0]})])
+def test_catpo_weights_from_the_reference(tmp_path, heads_text, heads):
+    """Without batch token weights, Cat-PO's are computed from the reference (the adapter-disabled policy), from the
+    attention heads that ``catpo_heads`` selects."""
+    trainer, tiny, collator, records = make_trainer(tmp_path, "llava", "catpo", catpo_heads=heads_text)
     model = trainer.model
     perturb_lora(model)
     batch = collator(records[:2])
@@ -357,7 +359,11 @@ def test_catpo_weights_from_the_reference(tmp_path):
     loss, _ = compute(passes, cfg)
     base = tiny_llava().model
     expected_w = catpo_weights_for_batch(base, model_inputs(batch), shift_labels_full(batch["labels"]),
-                                         alpha=cfg.catpo_alpha, lambda_ref=cfg.catpo_lambda_ref)[:, :-1]
+                                         alpha=cfg.catpo_alpha, lambda_ref=cfg.catpo_lambda_ref, heads=heads)[:, :-1]
+    if heads is not None:  # the selection matters on this model
+        every = catpo_weights_for_batch(base, model_inputs(batch), shift_labels_full(batch["labels"]),
+                                        alpha=cfg.catpo_alpha, lambda_ref=cfg.catpo_lambda_ref)[:, :-1]
+        assert (every - expected_w).abs().max() > 1e-4
     # the passes hand out the label window's columns only (zero weight outside it: no targets there)
     torch.testing.assert_close(passes.token_weights(alpha=cfg.catpo_alpha, lambda_ref=cfg.catpo_lambda_ref),
                                expected_w[:, passes.window()])
@@ -366,6 +372,14 @@ def test_catpo_weights_from_the_reference(tmp_path):
                                                                                                    adapter=False),
                                     beta=cfg.beta, kl_coef=cfg.kl_coef)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_catpo_heads_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="catpo_heads must be comma-separated head indices"):
+        make_args(tmp_path, "catpo", catpo_heads="first")
+    with pytest.raises(ValueError, match=r"catpo_heads names layers \[2\] that are not in catpo_layers \[0, 1\]"):
+        make_args(tmp_path, "catpo", catpo_heads="2:0", catpo_layers="0,1")
+    assert make_args(tmp_path, "catpo", catpo_heads="3,1").catpo_head_selection() == [3, 1]
 
 
 def test_ovip_symmetric_variant(tmp_path):

@@ -108,6 +108,7 @@ class DemoSettings:
     tpo_noise_step: int = 999
     tpo_a: float = 0.5
     catpo_layers: Optional[str] = None
+    catpo_heads: Optional[str] = None
     catpo_alpha: float = 1.0
     csr_lam: float = 0.9
     csr_metric: str = "f1"

@@ -41,6 +41,7 @@ def _config(method: str, out_dir: str, settings, seed: int, impl: str, steps: Op
         extra.setdefault("tpo_a", settings.tpo_a)
     if method == "catpo":
         extra.setdefault("catpo_layers", settings.catpo_layers)
+        extra.setdefault("catpo_heads", settings.catpo_heads)
         extra.setdefault("catpo_alpha", settings.catpo_alpha)
     return VPOConfig(
         output_dir=out_dir, method=method, max_steps=steps, per_device_train_batch_size=settings.pref_batch,

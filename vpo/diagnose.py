@@ -40,8 +40,9 @@ Example::
 """
 from __future__ import annotations
 
+import math
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 IGNORE = -100
 
@@ -231,10 +232,12 @@ def tpo_signals(model, processor, records: Sequence[Mapping], *, noise_step: int
     import torch
 
     from vpo.data.collator import PreferenceCollator, model_inputs
+    from vpo.oracle.logprobs import transform_logits
     from vpo.oracle.tpo import tpo_calibrated_reward, tpo_scores
-    from vpo.trainer.modeling import lm_head, model_family
+    from vpo.trainer.modeling import head_transform, lm_head, model_family
     from vpo.trainer.passes import forward_hidden, shift_labels_full
 
+    softcap, scale = head_transform(model)  # the logits TPO's s compares are the model's own (soft-capped, scaled)
     collator = PreferenceCollator(processor, model_family(model), method="tpo", seed=seed, fixed_noise=True,
                                   noise_step=noise_step, noise_clip=noise_clip)
     by_id = {r["id"]: r for r in records}
@@ -252,7 +255,8 @@ def tpo_signals(model, processor, records: Sequence[Mapping], *, noise_step: int
             for inputs in (batch, batch["sub"]["noised"]):
                 h = forward_hidden(model, model_inputs(inputs)).to(weight.dtype)      # [2B, L, D]
                 w_y = weight[lab.clamp_min(0)]                                        # [2B, L, D]
-                z.append((h * w_y).sum(-1) + (bias[lab.clamp_min(0)] if bias is not None else 0))  # [2B, L]
+                raw = (h * w_y).sum(-1) + (bias[lab.clamp_min(0)] if bias is not None else 0)  # [2B, L]
+                z.append(transform_logits(raw, logit_softcap=softcap, logit_scale=scale))
             s = tpo_scores(z[0], z[1])
             b = len(batch["ids"])
             chosen = torch.arange(2 * b) < b
@@ -263,9 +267,10 @@ def tpo_signals(model, processor, records: Sequence[Mapping], *, noise_step: int
 
 
 def catpo_signals(model, processor, records: Sequence[Mapping], *, layers: Optional[Sequence[int]] = None,
-                  alpha: float = 0.5, lambda_ref: float = 0.5, batch_size: int = 16) -> Dict[str, list]:
+                  heads=None, alpha: float = 0.5, lambda_ref: float = 0.5, batch_size: int = 16) -> Dict[str, list]:
     """Cat-PO's ``T`` and ``w`` on every classed token (module docstring), from the model's attention averaged over
-    ``layers`` (None: all). Returns columns ``T``, ``w``, ``cls``, ``row``, ``kind`` and ``skipped_rows``."""
+    ``layers`` (None: all) and ``heads`` (None: all; a list for every layer or ``{layer: [heads]}``, as
+    ``VPOConfig.catpo_heads``). Returns columns ``T``, ``w``, ``cls``, ``row``, ``kind`` and ``skipped_rows``."""
     import torch
 
     from vpo.data.collator import PreferenceCollator, model_inputs
@@ -284,7 +289,7 @@ def catpo_signals(model, processor, records: Sequence[Mapping], *, layers: Optio
             continue
         lab = shift_labels_full(batch["labels"])
         with torch.no_grad():
-            t = catpo_weights_for_batch(model, model_inputs(batch), lab, is_chosen=True, layers=layers,
+            t = catpo_weights_for_batch(model, model_inputs(batch), lab, is_chosen=True, layers=layers, heads=heads,
                                         alpha=alpha, lambda_ref=lambda_ref) - lambda_ref  # [2B, L]: T
         b = len(batch["ids"])
         chosen = (torch.arange(2 * b) < b)[:, None]
@@ -294,17 +299,42 @@ def catpo_signals(model, processor, records: Sequence[Mapping], *, layers: Optio
     return out
 
 
+def catpo_head_grid(model, processor, records: Sequence[Mapping], *, alpha: float = 1.0, lambda_ref: float = 0.5,
+                    batch_size: int = 16, log=None) -> Dict[str, Any]:
+    """Cat-PO's signal from every single attention head: the AUROC of ``T`` (grounded above hallucinated) when the
+    image attention is read from layer ``l``'s head ``h`` alone, for every ``(l, h)`` of the language model (one pass
+    over ``records`` each). Returns ``num_layers``, ``num_heads``, ``cells`` (``{(l, h): summarize_tokens(...)}``) and
+    ``ranked`` (``"l:h"`` strings, best AUROC first: candidates for ``VPOConfig.catpo_heads``)."""
+    from vpo.integrations.attention_capture import _language_model
+
+    config = _language_model(model).config
+    n_layers, n_heads = int(config.num_hidden_layers), int(config.num_attention_heads)
+    cells: Dict[Tuple[int, int], Dict[str, Any]] = {}
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            tok = catpo_signals(model, processor, records, layers=[layer], heads=[head], alpha=alpha,
+                                lambda_ref=lambda_ref, batch_size=batch_size)
+            cells[(layer, head)] = summarize_tokens(tok, "T")
+            if log is not None:
+                log(f"  cat-po layer {layer} head {head}: AUROC of T {cells[(layer, head)]['auroc']:.3f}")
+    ranked = sorted(cells, key=lambda c: (math.isnan(cells[c]["auroc"]), -cells[c]["auroc"]))  # NaN (no class) last
+    return {"num_layers": n_layers, "num_heads": n_heads, "alpha": alpha, "cells": cells,
+            "ranked": [f"{l}:{h}" for l, h in ranked]}
+
+
 def response_logps(model, processor, records: Sequence[Mapping], *, batch_size: int = 16) -> List[List[float]]:
     """``[[logp(chosen), logp(rejected)], ...]``: each record's summed response log-probabilities (end-of-turn
     token excluded), in the order of ``records`` (NaN for a record the collator skips)."""
     import torch
 
     from vpo.data.collator import PreferenceCollator, model_inputs
-    from vpo.trainer.modeling import lm_head, model_family
+    from vpo.oracle.logprobs import head_logits
+    from vpo.trainer.modeling import head_transform, lm_head, model_family
     from vpo.trainer.passes import forward_hidden, shift_labels_full
 
     collator = PreferenceCollator(processor, model_family(model), method="dpo")
     weight, bias = lm_head(model)
+    softcap, scale = head_transform(model)
     got: Dict[str, List[float]] = {}
     model.eval()
     with torch.no_grad():
@@ -314,7 +344,7 @@ def response_logps(model, processor, records: Sequence[Mapping], *, batch_size: 
                 continue
             lab = shift_labels_full(batch["labels"])                                  # [2B, L]
             h = forward_hidden(model, model_inputs(batch)).to(weight.dtype)           # [2B, L, D]
-            logits = torch.nn.functional.linear(h, weight, bias)                      # [2B, L, V] (small V)
+            logits = head_logits(h, weight, bias, logit_softcap=softcap, logit_scale=scale)  # [2B, L, V] (small V)
             lp = torch.log_softmax(logits.float(), -1).gather(-1, lab.clamp_min(0)[..., None])[..., 0]
             mask = lab != IGNORE
             last = mask.long().cumsum(1) == mask.long().sum(1, keepdim=True)          # the end-of-turn token

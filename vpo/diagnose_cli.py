@@ -2,6 +2,7 @@
 
     vpo diagnose --model DIR --data PAIRS.jsonl|DIR [--create N] [--methods tpo,catpo,csr,lpoi,ovip] [--limit N]
                  [--noise-steps 250,500] [--tpo-a 0,0.5] [--catpo-layers "all;0;2"] [--catpo-alpha 0.5]
+                 [--catpo-heads "all;0,3;1:2"] [--catpo-per-head]
                  [--csr-lams 0.1,0.9] [--csr-metrics precision,f1] [--csr-pairs F]
                  [--lpoi-lists FILE] [--out DIR] [--seed S] [--threads T]
 
@@ -37,6 +38,12 @@ def add_arguments(p) -> None:
     p.add_argument("--catpo-layers", default="all",
                    help="Cat-PO: layer sets to try, ';'-separated, each 'all' or comma-separated ints")
     p.add_argument("--catpo-alpha", default="0.5", help="Cat-PO: α values to try (comma-separated)")
+    p.add_argument("--catpo-heads", default="all",
+                   help="Cat-PO: head sets to try, ';'-separated, each 'all', heads for every layer ('0,3') or "
+                        "layer:head pairs ('1:0,2:3'), as VPOConfig.catpo_heads")
+    p.add_argument("--catpo-per-head", action="store_true",
+                   help="Cat-PO: also the AUROC of T from every single (layer, head) at the first α: which heads see "
+                        "the hallucination (one forward pass over the data per head)")
     p.add_argument("--csr-lams", default="0.9", help="CSR: λ values to try (comma-separated, in [0, 1])")
     p.add_argument("--csr-metrics", default="precision",
                    help="CSR on the shapes world: the scorer's metrics to try (precision, f1; comma-separated)")
@@ -77,6 +84,18 @@ def _layer_sets(text: str):
     return out
 
 
+def _head_sets(text: str) -> List[str]:
+    """``--catpo-heads`` as a list of ``VPOConfig.catpo_heads`` strings (each checked; ``"all"`` for every head)."""
+    from vpo.ops.attention_select import parse_heads
+
+    out = []
+    for part in text.split(";"):
+        part = part.strip() or "all"
+        parse_heads(part, name="--catpo-heads")
+        out.append(part)
+    return out
+
+
 def parse_settings(args) -> Dict[str, Any]:
     """The sweeps of ``args``, checked (a ``ValueError`` names the flag)."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -93,6 +112,7 @@ def parse_settings(args) -> Dict[str, Any]:
     return {"methods": methods, "noise_steps": [int(v) for v in steps], "tpo_a": _floats("tpo-a", args.tpo_a, 0),
             "catpo_layers": _layer_sets(args.catpo_layers), "catpo_alpha": _floats("catpo-alpha", args.catpo_alpha,
                                                                                     0, 1),
+            "catpo_heads": _head_sets(args.catpo_heads), "catpo_per_head": bool(args.catpo_per_head),
             "csr_lams": _floats("csr-lams", args.csr_lams, 0, 1), "csr_metrics": _metrics(args.csr_metrics),
             "csr_pairs": [p for p in (args.csr_pairs or "").split(",") if p.strip()]}
 
@@ -147,15 +167,29 @@ def run(model, processor, records, settings: Dict[str, Any], *, out: str, seed: 
         res["seconds"]["tpo"] = time.perf_counter() - t
     if "catpo" in m:
         t = time.perf_counter()
+        from vpo.ops.attention_select import parse_heads
+
         for layers in settings["catpo_layers"]:
-            for alpha in settings["catpo_alpha"]:
-                tok = dg.catpo_signals(model, processor, records, layers=layers, alpha=alpha, batch_size=batch_size)
-                name = f"layers={'all' if layers is None else ','.join(map(str, layers))}, alpha={alpha:g}"
-                rows.append({"method": "catpo", "setting": name, "signal": "T", "kind": "auroc",
-                             **_row(dg.summarize_tokens(tok, "T"))})
-                rows.append({"method": "catpo", "setting": name, "signal": "w (rejected)", "kind": "auroc",
-                             **_row(dg.summarize_tokens(tok, "w", rows="rejected", higher="hallucinated"))})
-                dists.setdefault("catpo", {"setting": name, "T": _split(tok, "T")})
+            for heads in settings.get("catpo_heads", ["all"]):
+                for alpha in settings["catpo_alpha"]:
+                    if isinstance(parse_heads(heads), dict) and layers is not None:
+                        continue  # layer:head pairs choose their layers: one row, under layers=all
+                    tok = dg.catpo_signals(model, processor, records, layers=layers, heads=parse_heads(heads),
+                                           alpha=alpha, batch_size=batch_size)
+                    name = f"layers={'all' if layers is None else ','.join(map(str, layers))}, alpha={alpha:g}"
+                    name += "" if heads == "all" else f", heads={heads}"
+                    rows.append({"method": "catpo", "setting": name, "signal": "T", "kind": "auroc",
+                                 **_row(dg.summarize_tokens(tok, "T"))})
+                    rows.append({"method": "catpo", "setting": name, "signal": "w (rejected)", "kind": "auroc",
+                                 **_row(dg.summarize_tokens(tok, "w", rows="rejected", higher="hallucinated"))})
+                    dists.setdefault("catpo", {"setting": name, "T": _split(tok, "T")})
+        if settings.get("catpo_per_head"):
+            res["catpo_per_head"] = dg.catpo_head_grid(model, processor, records, alpha=settings["catpo_alpha"][0],
+                                                       batch_size=batch_size, log=log)
+            for (layer, head), stat in res["catpo_per_head"]["cells"].items():
+                rows.append({"method": "catpo", "setting": f"layer {layer}, head {head} only, "
+                             f"alpha={settings['catpo_alpha'][0]:g}", "signal": "T", "kind": "auroc", **_row(stat)})
+            res["catpo_per_head"]["cells"] = {f"{l}:{h}": v for (l, h), v in res["catpo_per_head"]["cells"].items()}
         res["seconds"]["catpo"] = time.perf_counter() - t
     if "csr" in m:
         t = time.perf_counter()
@@ -195,7 +229,7 @@ def run(model, processor, records, settings: Dict[str, Any], *, out: str, seed: 
                          "value": ov[key], "n": ov["n"]})
     os.makedirs(out, exist_ok=True)
     res["table"] = format_table(rows)
-    res["png"] = diagnose_png(rows, dists, os.path.join(out, "diagnose.png"))
+    res["png"] = diagnose_png(rows, dists, os.path.join(out, "diagnose.png"), head_grid=res.get("catpo_per_head"))
     res["distributions"] = dists
     with open(os.path.join(out, "diagnose.json"), "w", encoding="utf-8") as f:
         json.dump(res, f, indent=1)
@@ -228,19 +262,21 @@ def _build_lpoi(records, folder: str) -> str:
 
 def format_table(rows) -> str:
     """The diagnostics as aligned text: method, setting, signal, grounded / hallucinated means, AUROC or rate."""
-    head = f"{'method':<7}{'setting':<26}{'signal':<28}{'grounded':>10}{'halluc.':>10}{'AUROC/rate':>12}{'n':>12}"
+    w = max([26] + [len(r["setting"]) + 1 for r in rows])
+    head = f"{'method':<7}{'setting':<{w}}{'signal':<28}{'grounded':>10}{'halluc.':>10}{'AUROC/rate':>12}{'n':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
         g = f"{r['grounded_mean']:.3f}" if "grounded_mean" in r else ""
         h = f"{r['hallucinated_mean']:.3f}" if "hallucinated_mean" in r else ""
         extra = f"  log c gap {r['log_c_gap']:+.3f}" if "log_c_gap" in r else ""
-        lines.append(f"{r['method']:<7}{r['setting']:<26}{r['signal']:<28}{g:>10}{h:>10}{r['value']:>12.3f}"
+        lines.append(f"{r['method']:<7}{r['setting']:<{w}}{r['signal']:<28}{g:>10}{h:>10}{r['value']:>12.3f}"
                      f"{str(r['n']):>12}{extra}")
     return "\n".join(lines)
 
 
-def diagnose_png(rows, dists, path: str) -> str:
-    """Histograms of the token signals (grounded vs hallucinated) and bars of the AUROCs and rates."""
+def diagnose_png(rows, dists, path: str, head_grid=None) -> str:
+    """Histograms of the token signals (grounded vs hallucinated), Cat-PO's per-head AUROC map when ``head_grid``
+    (``res["catpo_per_head"]``) is given, and bars of the AUROCs and rates."""
     from vpo.visualize import _makedirs_for, _pyplot
 
     plt = _pyplot()
@@ -250,12 +286,26 @@ def diagnose_png(rows, dists, path: str) -> str:
         panels += [(f"TPO s (k={t['k']})", t["s"]), (f"TPO c, rejected (k={t['k']}, a={t['a']:g})", t["c"])]
     if "catpo" in dists:
         panels.append((f"Cat-PO T ({dists['catpo']['setting']})", dists["catpo"]["T"]))
+    if head_grid:
+        panels.append(("Cat-PO: AUROC of T, one head at a time", head_grid))
     ncol = max(1, len(panels))
     bar_h = 0.2 * len(rows) + 0.8
     fig = plt.figure(figsize=(4.4 * ncol + 2.5, 3.4 + bar_h), dpi=110)
     grid = fig.add_gridspec(2, ncol, height_ratios=[3.0, bar_h])
     for i, (title, d) in enumerate(panels):
         ax = fig.add_subplot(grid[0, i])
+        if d is head_grid:
+            cells = d["cells"]
+            m = [[cells[f"{l}:{h}"]["auroc"] for h in range(d["num_heads"])] for l in range(d["num_layers"])]
+            im = ax.imshow(m, cmap="RdBu", vmin=0.0, vmax=1.0, aspect="auto")
+            for l, row in enumerate(m):
+                for h, v in enumerate(row):
+                    ax.text(h, l, f"{v:.2f}", ha="center", va="center", fontsize=7)
+            ax.set_xlabel("head", fontsize=8)
+            ax.set_ylabel("layer", fontsize=8)
+            ax.set_title(f"{title} (α={d['alpha']:g})", fontsize=9)
+            fig.colorbar(im, ax=ax, fraction=0.05)
+            continue
         for cls, col in (("grounded", "#2166ac"), ("hallucinated", "#b2182b")):
             if d[cls]:
                 ax.hist(d[cls], bins=30, alpha=0.55, density=True, color=col, label=f"{cls} ({len(d[cls])})")

@@ -5,7 +5,8 @@ averaged over heads and over a configurable set of layers. Per layer this module
 
     a[b, t, n] = (1 / H) Σ_h P_h[b, i, p_n],       i = query_positions[b, t],   p_n = image_positions[b, n]
 
-and :class:`ImageAttentionAccumulator` averages the per-layer results over the selected layers. Two routes
+and :class:`ImageAttentionAccumulator` averages the per-layer results over the selected layers. Both functions take
+``heads=`` to average over a subset of heads instead (``vpo.ops.attention_select``). Two routes
 (docs/methods.md, "Kernel contracts", image-attention stats):
 
 (a) :func:`image_attention_from_probs` — from one layer's materialized probabilities ``P [B, H, T, T]`` (eager
@@ -52,12 +53,13 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Iterable, List, Optional, Tuple
+from typing import Optional, Sequence
 
 import torch
 
 from vpo import _ext
 from vpo.ops._common import triton_imports
+from vpo.ops.attention_select import ImageAttentionAccumulator, heads_of_probs, heads_of_qk
 from vpo._validate import (
     INDEX_DTYPES,
     check_choice,
@@ -70,7 +72,7 @@ from vpo._validate import (
 __all__ = [
     "image_attention_from_probs",
     "image_attention_from_qk",
-    "ImageAttentionAccumulator",
+    "ImageAttentionAccumulator",  # vpo.ops.attention_select, re-exported
     "PROBS_IMPLS",
     "QK_IMPLS",
     "QK_TILE_BUDGET",
@@ -171,6 +173,7 @@ def image_attention_from_probs(
     image_positions: torch.Tensor,
     *,
     query_positions: Optional[torch.Tensor] = None,
+    heads: Optional[Sequence[int]] = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Head-averaged attention probability of each query row on each image key, from one layer's probabilities.
@@ -183,12 +186,14 @@ def image_attention_from_probs(
             ``[0, T)``; ``out[b, :, n]`` follows this order (use the order of the projected image features ``u_j``).
         query_positions: ``[B, Tq]`` int64 query positions (e.g. the response positions), or ``None`` for every row
             (``Tq = T``).
+        heads: the head indices to average over (negative count from the end), or ``None`` (default) for all ``H``
+            (``vpo.ops.attention_select``: a contiguous ascending set is a view, any other a ``[B, |S|, T, T]`` copy).
         impl: ``"auto"`` (default: ``"cpp"`` for CPU tensors, ``"cuda"`` for CUDA tensors when vpo._C has them, else
             ``"torch"``), ``"cpp"``, ``"cuda"`` or ``"torch"``.
 
     Returns:
         ``[B, Tq, N_p]`` float32:
-        ``out[b, t, n] = mean_h attn_probs[b, h, query_positions[b, t], image_positions[b, n]]``.
+        ``out[b, t, n] = mean_{h ∈ heads} attn_probs[b, h, query_positions[b, t], image_positions[b, n]]``.
         No gradient (computed under ``no_grad``).
 
     Example:
@@ -210,6 +215,7 @@ def image_attention_from_probs(
     if query_positions is not None:
         qpos = _check_positions("query_positions", query_positions, B, T, "attn_probs", attn_probs, allow_empty=True)
     name = _resolve_probs_impl(impl, attn_probs.device)
+    attn_probs = heads_of_probs(attn_probs, heads)
     if name == "torch":
         return _probs_torch(attn_probs, ipos, qpos)
     return _probs_ext(attn_probs, ipos, qpos, name)
@@ -298,6 +304,7 @@ def image_attention_from_qk(
     key_padding_mask: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     causal: bool = True,
+    heads: Optional[Sequence[int]] = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Head-averaged attention probability of each query row on each image key, from ``q`` and ``k`` (no ``[T, T]``).
@@ -314,6 +321,8 @@ def image_attention_from_qk(
         key_padding_mask: ``[B, T]`` bool, True = real token; False keys are masked out. ``None``: all real.
         scale: score scale, default ``d ** -0.5``.
         causal: key ``j`` is visible to query ``i`` iff ``j <= i`` (default ``True``).
+        heads: the QUERY head indices to average over (negative count from the end), or ``None`` (default) for all
+            ``Hq``; each selected head reads its own kv head (``vpo.ops.attention_select.heads_of_qk``).
         impl: ``"auto"`` (default: ``"triton"`` for CUDA tensors in float16/bfloat16/float32 when triton imports, else
             ``"torch"``), ``"triton"`` (CPU tensors only under ``TRITON_INTERPRET=1``) or ``"torch"`` (query-row chunks;
             largest tile ``max(QK_TILE_BUDGET, B · Hq · T)`` elements).
@@ -365,112 +374,6 @@ def image_attention_from_qk(
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool, got {type(causal).__name__}")
     name = _resolve_qk_impl(impl, q)
+    q, k = heads_of_qk(q, k, heads)
     fn = _qk_triton if name == "triton" else _qk_torch
     return fn(q, k, ipos, qpos, kmask, float(scale), causal)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Averaging over layers
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class ImageAttentionAccumulator:
-    """Averages per-layer ``[B, Tq, N_p]`` image-attention results over a chosen set of layers (docs/methods.md: all by
-    default).
-
-    Args:
-        layers: indices of the layers to keep; ``None`` (default) keeps every layer added. Negative indices count from
-            the end and need ``num_layers``.
-        num_layers: the model's number of layers (optional; enables negative ``layers`` and range checks in ``add``).
-
-    ``add(layer_idx, a)`` sums ``a`` if the layer is selected (returns whether it was kept; call :meth:`wants` first
-    to skip computing unselected layers); ``mean()`` returns the sum divided by the number of layers kept, as
-    float32 (float64 if the inputs were). Adding a layer twice, or calling ``mean()`` before every selected layer
-    was added, raises ``ValueError``. Nothing here carries gradient.
-
-    Example:
-        >>> import torch
-        >>> from vpo.ops.attention_stats import ImageAttentionAccumulator
-        >>> acc = ImageAttentionAccumulator(layers=[0, -1], num_layers=3)
-        >>> for i in range(3):
-        ...     _ = acc.add(i, torch.full((1, 2, 4), float(i)))
-        >>> acc.layers_seen, acc.mean()[0, 0].tolist()
-        ((0, 2), [1.0, 1.0, 1.0, 1.0])
-    """
-
-    def __init__(self, layers: Optional[Iterable[int]] = None, *, num_layers: Optional[int] = None):
-        if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int)
-                                       or num_layers <= 0):
-            raise ValueError(f"num_layers must be a positive int or None, got {num_layers!r}")
-        self.num_layers = num_layers
-        self.layers: Optional[Tuple[int, ...]] = None
-        if layers is not None:
-            resolved: List[int] = []
-            for i in layers:
-                if isinstance(i, bool) or not isinstance(i, int):
-                    raise ValueError(f"layers must hold ints, got {i!r}")
-                if i < 0:
-                    if num_layers is None:
-                        raise ValueError(f"layers contains {i}: negative layer indices need num_layers")
-                    i += num_layers
-                if i < 0 or (num_layers is not None and i >= num_layers):
-                    raise ValueError(f"layers contains an index outside [-{num_layers}, {num_layers}): {i}")
-                if i in resolved:
-                    raise ValueError(f"layers contains {i} twice")
-                resolved.append(i)
-            if not resolved:
-                raise ValueError("layers must not be empty: expected layer indices, or None for all layers")
-            self.layers = tuple(resolved)
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget everything added (the layer selection stays)."""
-        self._sum: Optional[torch.Tensor] = None
-        self._seen: List[int] = []
-
-    @property
-    def layers_seen(self) -> Tuple[int, ...]:
-        """The layer indices kept so far, in the order they were added."""
-        return tuple(self._seen)
-
-    def wants(self, layer_idx: int) -> bool:
-        """Whether ``layer_idx`` is selected (compute its attention only if so)."""
-        self._check_layer(layer_idx)
-        return self.layers is None or layer_idx in self.layers
-
-    def add(self, layer_idx: int, a: torch.Tensor) -> bool:
-        """Add one layer's ``a [B, Tq, N_p]``; returns False (and ignores ``a``) for an unselected layer."""
-        if not self.wants(layer_idx):
-            return False
-        if layer_idx in self._seen:
-            raise ValueError(f"layer_idx {layer_idx} was already added")
-        check_float("a", a, ndim=3, allow_empty=True)
-        a = a.detach()
-        if self._sum is None:
-            self._sum = a.to(torch.promote_types(a.dtype, torch.float32), copy=True)
-        else:
-            if a.shape != self._sum.shape:
-                raise ValueError(
-                    f"a has shape {tuple(a.shape)} but the layers added before had shape {tuple(self._sum.shape)}: "
-                    "expected the same [B, Tq, N_p] for every layer"
-                )
-            check_same_device("a", a, "the layers added before", self._sum)
-            self._sum += a
-        self._seen.append(layer_idx)
-        return True
-
-    def mean(self) -> torch.Tensor:
-        """``[B, Tq, N_p]``: the mean over the layers kept."""
-        if self._sum is None:
-            raise ValueError("no layer was added: call add(layer_idx, a) for the selected layers before mean()")
-        if self.layers is not None:
-            missing = [i for i in self.layers if i not in self._seen]
-            if missing:
-                raise ValueError(f"layers {missing} were selected but never added (added: {self._seen})")
-        return self._sum / len(self._seen)
-
-    def _check_layer(self, layer_idx) -> None:
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
-            raise ValueError(f"layer_idx must be a non-negative int, got {layer_idx!r}")
-        if self.num_layers is not None and layer_idx >= self.num_layers:
-            raise ValueError(f"layer_idx must be in [0, {self.num_layers}), got {layer_idx}")

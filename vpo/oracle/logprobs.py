@@ -16,11 +16,18 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     logits = hidden @ weight.T  # [..., D] @ [D, V] -> [..., V]
     if bias is not None:
         logits = logits + bias
+    return transform_logits(logits, logit_softcap=logit_softcap, logit_scale=logit_scale)
+
+
+def transform_logits(z: torch.Tensor, *, logit_softcap: Optional[float] = None,
+                     logit_scale: Optional[float] = None) -> torch.Tensor:
+    """The head's elementwise logit transform on raw logits ``z`` (any shape, e.g. ``[..., V]`` or gathered target
+    logits ``[...]``): times ``logit_scale``, then ``cap · tanh(z / cap)`` with ``cap = logit_softcap``."""
     if logit_scale is not None:
-        logits = logits * logit_scale
+        z = z * logit_scale
     if logit_softcap is not None:
-        logits = logit_softcap * torch.tanh(logits / logit_softcap)
-    return logits
+        z = logit_softcap * torch.tanh(z / logit_softcap)
+    return z
 
 
 def token_logprobs(

@@ -29,8 +29,9 @@ SECTIONS = (
      ["f_divergence_type", "f_alpha_divergence_coef", "discopop_tau", "use_weighting", "ld_alpha", "sync_ref_model",
       "ref_model_mixup_alpha", "ref_model_sync_steps", "disable_dropout"]),
     ("per method (docs/methods.md)",
-     ["tpo_a", "noise_step", "fixed_noise", "kl_coef", "catpo_alpha", "ovip_image_loss", "ovip_anchor", "online",
-      "list_size", "anchor_delta", "crop_keep_min", "crop_keep_max", "crop_frac", "noise_clip", "csr_iteration"]),
+     ["tpo_a", "noise_step", "fixed_noise", "kl_coef", "catpo_alpha", "catpo_layers", "catpo_heads", "ovip_image_loss",
+      "ovip_anchor", "online", "list_size", "anchor_delta", "crop_keep_min", "crop_keep_max", "crop_frac", "noise_clip",
+      "csr_iteration"]),
 )
 
 

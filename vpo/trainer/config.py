@@ -106,6 +106,10 @@ class VPOConfig(TrainingArguments):
                 "or batch (the data's precomputed weights, batch['token_weights'])"})
     catpo_layers: Optional[str] = field(default=None, metadata={
         "help": "Cat-PO: comma-separated LM layers to average attention over (default: all)"})
+    catpo_heads: Optional[str] = field(default=None, metadata={
+        "help": "Cat-PO: attention heads to average over (default: all): '0,3' = those heads in every layer, "
+                "'1:0,2:3' = layer:head pairs (these also select the layers); `vpo diagnose --catpo-per-head` "
+                "shows which heads see the hallucination"})
     # OViP
     ovip_beta1: float = field(default=0.1, metadata={"help": "OViP β1 of the image loss"})
     ovip_beta2: float = field(default=0.1, metadata={"help": "OViP β2 of the image loss"})
@@ -266,6 +270,7 @@ class VPOConfig(TrainingArguments):
                 raise ValueError(f"ref_mode='precomputed' with method='catpo' needs kl_coef=0 (the KL term needs the "
                                  f"reference's full distribution at every step), got kl_coef={self.kl_coef}")
         self.catpo_layer_list()  # validate early
+        self.catpo_head_selection()
 
     def _check_training_numbers(self) -> None:
         """Training settings that would run nothing or train backwards (ValueError naming the option), checked
@@ -346,6 +351,24 @@ class VPOConfig(TrainingArguments):
             return [int(x) for x in str(self.catpo_layers).split(",") if x.strip()]
         except ValueError:
             raise ValueError(f"catpo_layers must be comma-separated ints or 'all', got {self.catpo_layers!r}") from None
+
+    def catpo_head_selection(self):
+        """``catpo_heads`` parsed (``vpo.ops.attention_select.parse_heads``): None (all heads), a list of heads for
+        every layer, or ``{layer: [heads]}``; with ``layer:head`` pairs and ``catpo_layers`` both set, every layer
+        of the pairs must be among ``catpo_layers``."""
+        from vpo.ops.attention_select import parse_heads
+
+        heads = parse_heads(self.catpo_heads, name="catpo_heads")
+        layers = self.catpo_layer_list()
+        if isinstance(heads, dict) and layers is not None and any(l not in layers for l in heads):
+            raise ValueError(f"catpo_heads names layers {sorted(l for l in heads if l not in layers)} that are not "
+                             f"in catpo_layers {layers}: drop catpo_layers (the pairs select the layers) or add them")
+        return heads
+
+    def catpo_weight_kwargs(self) -> dict:
+        """The keyword arguments of ``Passes.token_weights`` for this config's Cat-PO settings."""
+        return dict(alpha=self.catpo_alpha, lambda_ref=self.catpo_lambda_ref, layers=self.catpo_layer_list(),
+                    heads=self.catpo_head_selection(), source=self.catpo_token_weights)
 
     def lora_target_list(self):
         """``lora_target_modules`` as a list of leaf names, or ``"all-linear"``."""

@@ -159,8 +159,7 @@ def _fused_catpo():
 
 
 def _catpo_weights(p: Passes, cfg) -> torch.Tensor:
-    return p.token_weights(alpha=cfg.catpo_alpha, lambda_ref=cfg.catpo_lambda_ref, layers=cfg.catpo_layer_list(),
-                           source=cfg.catpo_token_weights)
+    return p.token_weights(**cfg.catpo_weight_kwargs())
 
 
 def catpo(p: Passes, cfg) -> Tuple[torch.Tensor, Metrics]:

@@ -287,7 +287,8 @@ class Passes:
 
     # -- Cat-PO ---------------------------------------------------------------------------------------------------
 
-    def token_weights(self, *, alpha: float, lambda_ref: float, layers=None, source: str = "reference") -> torch.Tensor:
+    def token_weights(self, *, alpha: float, lambda_ref: float, layers=None, heads=None,
+                      source: str = "reference") -> torch.Tensor:
         """``[2B, T]`` Cat-PO token weights aligned with :meth:`labels`.
 
         ``source="batch"``: ``batch["token_weights"]`` (aligned with the unshifted labels; the data's precomputed
@@ -309,7 +310,7 @@ class Passes:
         else:
             full = shift_labels_full(self.batch["labels"])
             w, h = self.reference.catpo_weights(self.policy, model_inputs(self.batch), full, alpha=alpha,
-                                                lambda_ref=lambda_ref, layers=layers)
+                                                lambda_ref=lambda_ref, layers=layers, heads=heads)
             w = w[:, :-1][:, self.window(MAIN)]
             if h is not None and MAIN not in self._ref_hidden and not self.precomputed:
                 self._ref_hidden[MAIN] = h[:, :-1][:, self.window(MAIN)].to(self._ref_dtype)

@@ -99,7 +99,7 @@ class Reference:
         with self._as_reference(policy) as ref:
             return forward_hidden(ref, inputs)
 
-    def catpo_weights(self, policy, inputs, full_labels, *, alpha: float, lambda_ref: float, layers=None):
+    def catpo_weights(self, policy, inputs, full_labels, *, alpha: float, lambda_ref: float, layers=None, heads=None):
         """Cat-PO token weights ``[R, L]`` (aligned with ``full_labels``, the shifted labels padded to ``L``) from the
         reference's attention, and the reference's hidden states ``[R, L, D]`` of the same forward."""
         from vpo.integrations import catpo_weights_for_batch
@@ -112,7 +112,7 @@ class Reference:
         with self._as_reference(policy) as ref:
             handle = backbone(ref).register_forward_hook(grab)
             try:
-                w = catpo_weights_for_batch(ref, inputs, full_labels, layers=layers, alpha=alpha,
+                w = catpo_weights_for_batch(ref, inputs, full_labels, layers=layers, heads=heads, alpha=alpha,
                                             lambda_ref=lambda_ref)
             finally:
                 handle.remove()
@@ -288,8 +288,7 @@ def precompute_reference(model, dataset: Iterable, collator, config, *, batch_si
             for key, row_values in zip(ids, _split_rows(name, values, passes.B)):
                 table[str(key)][name] = row_values
         if config.method == "catpo":
-            w = passes.token_weights(alpha=config.catpo_alpha, lambda_ref=config.catpo_lambda_ref,
-                                     layers=config.catpo_layer_list(), source=config.catpo_token_weights)
+            w = passes.token_weights(**config.catpo_weight_kwargs())
             mask = passes.labels() != IGNORE_INDEX
             for i, key in enumerate(ids):
                 j = passes.B + i  # the rejected row of pair i
