@@ -301,6 +301,8 @@ def diagnose_png(rows, dists, path: str, head_grid=None) -> str:
             for l, row in enumerate(m):
                 for h, v in enumerate(row):
                     ax.text(h, l, f"{v:.2f}", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(d["num_heads"]))
+            ax.set_yticks(range(d["num_layers"]))
             ax.set_xlabel("head", fontsize=8)
             ax.set_ylabel("layer", fontsize=8)
             ax.set_title(f"{title} (α={d['alpha']:g})", fontsize=9)

@@ -1,9 +1,10 @@
 """Cat-PO image-attention statistics captured inside an ordinary ``transformers`` forward (no ``output_attentions``).
 
 Cat-PO (docs/methods.md, Cat-PO) needs ``a[b, t, j]``: the attention of each query (response) token ``t`` on the ``N_p``
-image tokens ``j`` of the LANGUAGE model, averaged over heads and a set of layers. ``output_attentions=True`` would
-force eager attention and return ``L`` tensors of ``[B, H, T, T]``; instead this module registers wrapped attention
-functions in transformers' attention registry and points only the language model at them while a capture is active:
+image tokens ``j`` of the LANGUAGE model, averaged over heads (all, or a chosen set: ``heads=``) and a set of layers.
+``output_attentions=True`` would force eager attention and return ``L`` tensors of ``[B, H, T, T]``; instead this module
+registers wrapped attention functions in transformers' attention registry and points only the language model at them
+while a capture is active:
 
 - ``transformers.AttentionInterface.register(name, fn)`` (the global registry ``ALL_ATTENTION_FUNCTIONS``): every
   attention module of a transformers-5 model calls
@@ -150,8 +151,8 @@ class ImageAttentionCapture:
     """Context manager capturing Cat-PO image-attention statistics of a model's language model during a forward.
 
     Build it with :func:`capture_image_attention`. Inside the ``with`` block run exactly one ordinary forward of the
-    model on the batch the positions refer to; then :meth:`result` gives ``[B, Tq, N_p]`` float32, averaged over heads
-    and over ``layers``. On exit (also on an exception) the language model's original attention implementation is
+    model on the batch the positions refer to; then :meth:`result` gives ``[B, Tq, N_p]`` float32, averaged over the
+    selected heads of each layer, then over ``layers``. On exit (also on an exception) the language model's original attention implementation is
     restored.
 
     Attributes:
@@ -254,7 +255,7 @@ class ImageAttentionCapture:
         return tuple(self._seen)
 
     def result(self) -> torch.Tensor:
-        """``[B, Tq, N_p]`` float32 image attention, averaged over heads and the capture's ``layers``.
+        """``[B, Tq, N_p]`` float32 image attention, averaged over the selected heads and the capture's ``layers``.
 
         Raises ``ValueError`` unless exactly one forward ran inside the capture (every selected layer seen once).
         """
