@@ -81,15 +81,20 @@ class ToyScorer:
         return [toy_r_i(t) for t in texts]
 
 
-def all_sentences(lm, prefix, max_new_tokens):
-    """Every sentence after ``prefix`` with its summed log-prob, by plain recursion (no beam search)."""
+def all_sentences(lm, prefix, max_new_tokens, min_tokens=0, bare_eos=False):
+    """Every sentence after ``prefix`` with its summed log-prob, by plain recursion (no beam search). A stop token
+    ends one only after ``min(min_tokens, max_new_tokens - 1)`` tokens, or as a bare eos when ``bare_eos``."""
     out = []
+    least = min(min_tokens, max_new_tokens - 1)
 
     def rec(toks, lp):
         dist = lm._logprobs(tuple(prefix) + toks)
         for t in (EOS, DOT, A, B):
             nt, nlp = toks + (t,), lp + float(dist[t])
-            if t in (EOS, DOT) or len(nt) == max_new_tokens:
+            if t in (EOS, DOT):
+                if len(toks) >= least or (bare_eos and not toks and t == EOS):
+                    out.append((nt, nlp))
+            elif len(nt) == max_new_tokens:
                 out.append((nt, nlp))
             else:
                 rec(nt, nlp)
@@ -103,8 +108,9 @@ def brute_force(lm, cfg):
     lam = cfg.lam
     out = []
 
-    def expand(prefix, depth, score_sum, cost_sum, n_ranked):
-        sents = all_sentences(lm, prefix, cfg.max_new_tokens)
+    def expand(prefix, depth, score_sum, cost_sum, n_ranked, cut):
+        # the minimum sentence length: not after a sentence cut by max_new_tokens; a bare eos ends a response
+        sents = all_sentences(lm, prefix, cfg.max_new_tokens, 0 if cut else cfg.min_sentence_tokens, bool(prefix))
         texts = [lm.decode([t for t in s if t != EOS]).strip() for s, _ in sents]
         live = [j for j, t in enumerate(texts) if t]
         # R_T = prod P (language_score "prob"); ranks among non-empty siblings, ties by log-prob order
@@ -128,9 +134,9 @@ def brute_force(lm, cfg):
                     reward = s2 if cfg.mode == "score" else -c2 / n2
                     out.append((text, reward))
             else:
-                expand(path, depth + 1, s2, c2, n2)
+                expand(path, depth + 1, s2, c2, n2, toks[-1] not in (EOS, DOT))
 
-    expand((), 0, 0.0, 0.0, 0)
+    expand((), 0, 0.0, 0.0, 0, False)
     return out
 
 
@@ -139,13 +145,15 @@ EXHAUSTIVE = dict(max_new_tokens=2, num_candidates=10, token_beams=4, max_senten
 
 
 @pytest.mark.parametrize("mode", ["score", "rank"])
-@pytest.mark.parametrize("salt", [0, 1, 2])
-def test_exhaustive_search_returns_bruteforce_argmax_and_argmin(mode, salt):
+@pytest.mark.parametrize("salt, least", [(0, 0), (1, 0), (2, 0), (0, 2), (1, 5)])
+def test_exhaustive_search_returns_bruteforce_argmax_and_argmin(mode, salt, least):
     # 10 sentences per prefix (eos, ".", x eos, x ".", x y; x, y in {a, b}), 7 of them open: 10 + 70 + 490 nodes.
     # token_beams=4 >= the 4 open 2-token prefixes, num_candidates=10 >= all sentences, keep 50 >= 49 open paths:
-    # nothing is pruned, so the search must see every response and pick the exact arg-max / arg-min.
+    # nothing is pruned, so the search must see every response and pick the exact arg-max / arg-min. With a
+    # minimum sentence length (capped at max_new_tokens - 1 = 1 here) the bare "." and the bare eos of a first
+    # sentence are gone: the search is exact over the responses that remain.
     lm = ToyLM(salt)
-    cfg = CSRConfig(mode=mode, **EXHAUSTIVE)
+    cfg = CSRConfig(mode=mode, min_sentence_tokens=least, **EXHAUSTIVE)
     res = sentence_beam_search(lm, ToyScorer(), config=cfg)
     bf = brute_force(lm, cfg)
     assert len(res.responses) == len(bf)
@@ -176,9 +184,10 @@ def test_propose_sentences_is_exhaustive_and_sorted():
 
 
 def test_pruning_keeps_top_and_bottom_paths():
-    # keep_top=1, keep_bottom=2 (the CSR code's): after round 1 exactly 3 of the 7 open paths are expanded.
+    # keep_top=1, keep_bottom=2 (the CSR code's): after round 1 exactly 3 of the 7 open paths are expanded (every
+    # sentence a candidate: no minimum length).
     lm = ToyLM(5)
-    cfg = CSRConfig(**{**EXHAUSTIVE, "keep_top": 1, "keep_bottom": 2, "max_sentences": 2})
+    cfg = CSRConfig(**{**EXHAUSTIVE, "keep_top": 1, "keep_bottom": 2, "max_sentences": 2, "min_sentence_tokens": 0})
     res = sentence_beam_search(lm, ToyScorer(), config=cfg)
     assert res.num_sentences == 10 + 3 * 10
     first = all_sentences(lm, (), 2)

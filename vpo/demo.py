@@ -112,6 +112,10 @@ class DemoSettings:
     catpo_alpha: float = 1.0
     csr_lam: float = 0.9
     csr_metric: str = "f1"
+    # CSR's search (CSRConfig.min_sentence_tokens): a proposed sentence needs 3 tokens before its stop token. With 0
+    # (the paper's search) the rejected response of 99% of round 1's pairs named no object ("." / "two ."): the
+    # diverse groups' fragments; with 3, none (160 prompts of the pair split, diagnose-cpu.md, "CSR").
+    csr_min_sentence_tokens: int = 3
 
     def prior(self):
         from vpo.worlds.shapes import DEFAULT_PRIOR_PAIRS, CooccurrencePrior

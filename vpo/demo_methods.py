@@ -145,7 +145,8 @@ def _train_csr(sft_model_dir, data, settings, seed, out_dir, impl, progress, bar
 
     from vpo.construct.csr_scorers import ShapesWorldScorer
 
-    config = CSRConfig(max_new_tokens=24, max_sentences=1, max_response_tokens=24, lam=settings.csr_lam)
+    config = CSRConfig(max_new_tokens=24, max_sentences=1, max_response_tokens=24, lam=settings.csr_lam,
+                       min_sentence_tokens=settings.csr_min_sentence_tokens)
     rounds = csr_iterate(data["pairs"], out_dir, model_path=sft_model_dir, train_fn=train_fn,
                          scorer=ShapesWorldScorer(settings.csr_metric), iterations=CSR_ITERATIONS, config=config,
                          limit=CSR_PROMPTS,

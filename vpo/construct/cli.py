@@ -61,7 +61,7 @@ def csr_main(args: argparse.Namespace) -> int:
                        diversity_penalty=args.diversity_penalty,
                        max_new_tokens=args.max_new_tokens, max_sentences=args.max_sentences,
                        max_response_tokens=args.max_response_tokens, sentence_end=tuple(args.sentence_end),
-                       language_score=args.language_score)
+                       language_score=args.language_score, min_sentence_tokens=args.min_sentence_tokens)
     scorer = make_scorer(args.scorer, clip_path=args.clip_path, device=args.device)
 
     def load(path):
@@ -183,6 +183,9 @@ def register(sub) -> None:
     c.add_argument("--max-response-tokens", type=int, default=512)
     c.add_argument("--sentence-end", nargs="+", default=["."], help="strings that end a sentence (one token each)")
     c.add_argument("--language-score", choices=["prob", "logprob", "mean_logprob"], default="prob")
+    c.add_argument("--min-sentence-tokens", type=int, default=3,
+                   help="a proposed sentence needs this many tokens before its stop token (0 = the paper's search, "
+                        "where the diverse groups propose '.' and one-word fragments)")
     c.add_argument("--iterations", type=int, default=1, help="T > 1 runs the iterative loop: build, train (method "
                                                              "csr, reference = the previous iterate), merge, repeat")
     c.add_argument("--train-config", default=None, help="the iterative loop's trainer YAML (VPOConfig fields, as "

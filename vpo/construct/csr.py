@@ -34,11 +34,21 @@ A path is finished when its last sentence ended the response, when it reached ``
 Sentences whose text is empty (a bare end-of-response token after ``"."``: the common way a response ends) only mark
 the end: they add nothing to ``R(y)`` and take no rank. Empty responses are never chosen or rejected.
 
+Fragments (``min_sentence_tokens``, default 3; not in the paper). A stop token ends a proposed sentence only after that
+many tokens; before, it is masked and the beams go on (a bare end-of-response after a complete sentence, and the rest
+of a sentence cut by ``max_new_tokens``, are exempt; if nothing of a path reaches the minimum, its longest proposals
+are kept). Why: the diverse search taxes every content token that an earlier group chose at the same step
+(``diversity_penalty`` each) but never a stop token, so each group after the first finds that stopping at once (``"."``)
+or after one word (``"two ."``) scores above any full sentence it could still write, and proposes that fragment. A
+fragment has the lowest ``R_I`` there is (it shows nothing) and a low ``R_T``, so it became the rejected response of
+nearly every pair: on the shapes world (the demo's SFT model, 160 prompts), the rejected response named no object in
+99% of pairs without the minimum and in none with it (``benchmarks/results/diagnose-cpu.md``).
+
 Exactness. The search is exact — the chosen and rejected are the arg-max and arg-min of ``R(y)`` over every response
-the model can produce within the limits — whenever nothing is pruned: one beam group, ``token_beams`` and
-``num_candidates`` covering every sentence, and ``keep_top + keep_bottom`` covering every unfinished path (the test
-checks this against brute-force enumeration on a tiny vocabulary; the diverse search's penalized scores are checked
-the same way).
+the model can produce within the limits and ``min_sentence_tokens`` — whenever nothing is pruned: one beam group,
+``token_beams`` and ``num_candidates`` covering every sentence, and ``keep_top + keep_bottom`` covering every
+unfinished path (the test checks this against brute-force enumeration on a tiny vocabulary, with and without the
+minimum; the diverse search's penalized scores are checked the same way).
 
 Models. The search talks to a :class:`TokenLM` (next-token log-probabilities of the response given its prefix, the
 image and prompt being bound), so a tiny table can stand in for a model. :class:`VLMTokenLM` wraps a transformers VLM

@@ -37,9 +37,12 @@ def propose_sentences(
     max_new_tokens: int = 74,
     num_beam_groups: int = 1,
     diversity_penalty: float = 0.0,
+    min_tokens: int = 0,
+    bare_eos: bool = False,
 ) -> List[Sentence]:
     """The ``num_candidates`` most likely next sentences after ``prefix`` by token-level beam search; with
-    ``num_beam_groups > 1``, by diverse (group) beam search (:func:`diverse_token_beams`).
+    ``num_beam_groups > 1``, by diverse (group) beam search (:func:`diverse_token_beams`). ``min_tokens`` /
+    ``bare_eos``: the shortest sentence a stop token may end (:func:`diverse_token_beams`).
 
     Every step extends the ``token_beams`` best unfinished prefixes by every token; a candidate ending in a stop
     token (sentence end or eos) is finished, the ``token_beams`` best others stay alive; after ``max_new_tokens``
@@ -52,7 +55,8 @@ def propose_sentences(
     # Plain beam search is the one-group case of the diverse search (no earlier group, so no penalty): one search.
     return diverse_token_beams(lm, prefix, sentence_end_ids=sentence_end_ids, eos_ids=eos_ids,
                                num_candidates=num_candidates, token_beams=token_beams, max_new_tokens=max_new_tokens,
-                               num_beam_groups=num_beam_groups, diversity_penalty=diversity_penalty)
+                               num_beam_groups=num_beam_groups, diversity_penalty=diversity_penalty,
+                               min_tokens=min_tokens, bare_eos=bare_eos)
 
 
 def diverse_token_beams(
@@ -66,6 +70,8 @@ def diverse_token_beams(
     max_new_tokens: int = 74,
     num_beam_groups: int = 5,
     diversity_penalty: float = 3.0,
+    min_tokens: int = 0,
+    bare_eos: bool = False,
 ) -> List[Sentence]:
     """Diverse beam search (Vijayakumar et al. 2018, Hamming diversity) for the next sentence after ``prefix``: the
     proposals CSR samples (5 groups, penalty 3.0).
@@ -89,20 +95,42 @@ def diverse_token_beams(
 
     With ``G = 1`` (or a zero penalty, where the groups are independent copies of a width-``W`` search) it reduces
     to plain beam search (:func:`propose_sentences`).
+
+    Minimum length. A stop token ends a candidate only after at least ``min_tokens`` tokens (the stop token not
+    counted; capped at ``max_new_tokens - 1`` so that a sentence can always end); before that it is masked, as
+    transformers' ``min_new_tokens`` masks eos, and the beams go on. With ``bare_eos``, an end-of-response token as
+    the very first token is allowed whatever ``min_tokens`` says: it ends a response whose last sentence is complete.
+    Without the minimum, the groups after the first tend to end on a bare ``"."`` or a one-word fragment: stop tokens
+    are never penalized, while every content token that an earlier group chose at the same step costs
+    ``diversity_penalty``, so a stop at step 0 or 1 outscores the group's real sentences. If no candidate reaches
+    the minimum (every beam died before it: all continuations impossible), the search is rerun without it and the
+    longest of its candidates are returned, so a path never runs out of proposals silently.
     """
     check_int("num_candidates", num_candidates, 1)
     check_int("num_beam_groups", num_beam_groups, 1)
+    check_int("min_tokens", min_tokens, 0)
     k = -(-num_candidates // num_beam_groups)
-    groups = group_beams(lm, prefix, sentence_end_ids=sentence_end_ids, eos_ids=eos_ids, keep=k,
-                         token_beams=token_beams, max_new_tokens=max_new_tokens, num_beam_groups=num_beam_groups,
-                         diversity_penalty=diversity_penalty)
+    kw = dict(sentence_end_ids=sentence_end_ids, eos_ids=eos_ids, keep=k, token_beams=token_beams,
+              max_new_tokens=max_new_tokens, num_beam_groups=num_beam_groups, diversity_penalty=diversity_penalty)
+    pool = _pool(group_beams(lm, prefix, min_tokens=min_tokens, bare_eos=bare_eos, **kw), k)
+    if not pool and min_tokens > 0:
+        # Fallback: nothing reached the minimum; the longest of the unconstrained candidates (ties: by score).
+        pool = _pool(group_beams(lm, prefix, **kw), k)
+        n = max(len(f[3]) for f in pool) if pool else 0
+        pool = [f for f in pool if len(f[3]) == n]
+    return [Sentence(toks, true_lp, end) for _, _, _, toks, end, true_lp in pool[:num_candidates]]
+
+
+def _pool(groups, k: int):
+    """Each group's ``k`` best finished candidates not contributed by an earlier group, as
+    ``(penalized score, group, order, tokens, end, true log-prob)``, best first."""
     pool, seen = [], set()
     for g, fin in enumerate(groups):
         best = [f for f in sorted(fin, key=lambda f: (-f[0], f[1])) if f[2] not in seen][:k]
         seen.update(f[2] for f in best)
         pool.extend((f[0], g, f[1], f[2], f[3], f[4]) for f in best)
     pool.sort(key=lambda f: (-f[0], f[1], f[2]))
-    return [Sentence(toks, true_lp, end) for _, _, _, toks, end, true_lp in pool[:num_candidates]]
+    return pool
 
 
 def group_beams(
@@ -116,9 +144,13 @@ def group_beams(
     max_new_tokens: int = 74,
     num_beam_groups: int = 5,
     diversity_penalty: float = 3.0,
+    min_tokens: int = 0,
+    bare_eos: bool = False,
 ) -> List[List[Tuple[float, int, Tuple[int, ...], str, float]]]:
     """The search of :func:`diverse_token_beams` (``keep`` = its ``k``), per group: every finished candidate of each
-    group as ``(penalized score, finishing order, tokens, end, true log-prob)``, in finishing order."""
+    group as ``(penalized score, finishing order, tokens, end, true log-prob)``, in finishing order. A stop token
+    finishes a candidate only after ``min(min_tokens, max_new_tokens - 1)`` tokens, or, with ``bare_eos``, when it
+    is an end-of-response token at the first step."""
     check_int("num_beam_groups", num_beam_groups, 1)
     check_int("token_beams", token_beams, 1)
     check_int("keep", keep, 1)
@@ -127,6 +159,7 @@ def group_beams(
         raise ValueError(f"token_beams must be a multiple of num_beam_groups, got {token_beams} and "
                          f"{num_beam_groups}")
     check_range("diversity_penalty", diversity_penalty, 0.0, math.inf)
+    min_tokens = min(check_int("min_tokens", min_tokens, 0), max_new_tokens - 1)
     G, W = num_beam_groups, token_beams // num_beam_groups
     k = keep
     stops = sorted(set(int(t) for t in sentence_end_ids) | set(int(t) for t in eos_ids))
@@ -160,8 +193,10 @@ def group_beams(
                 penalty[tok] = diversity_penalty * c
             pen = torch.tensor([a[1] for a in alive[g]], dtype=torch.float64)[:, None] + block - penalty[None, :]
             true = torch.tensor([a[2] for a in alive[g]], dtype=torch.float64)[:, None] + block
+            # stop tokens allowed at this step: all once the minimum is reached, else only a bare eos (if allowed)
+            stops_now = in_vocab if step >= min_tokens else [s for s in in_vocab if bare_eos and step == 0 and s in eos]
             for i, (toks, _, _) in enumerate(alive[g]):
-                for s in in_vocab:
+                for s in stops_now:
                     if pen[i, s] > -math.inf:
                         finished[g].append((float(pen[i, s]), order, toks + (s,), "eos" if s in eos else "sentence",
                                             float(true[i, s])))

@@ -24,7 +24,8 @@ LANGUAGE_SCORES = ("prob", "logprob", "mean_logprob")
 # ------------------------------------------------------------------------------------------------------- config
 @dataclass(frozen=True)
 class CSRConfig:
-    """Options of the sentence-level beam search (module docstring). Defaults: the paper's and the CSR code's.
+    """Options of the sentence-level beam search (module docstring). Defaults: the paper's and the CSR code's, except
+    ``min_sentence_tokens`` (this package's guard against fragments; 0 restores the paper's search).
 
     Attributes:
         mode: ``"score"`` (sum of calibrated rewards) or ``"rank"`` (mean sibling rank).
@@ -40,6 +41,15 @@ class CSRConfig:
         max_response_tokens: tokens per response.
         sentence_end: the strings that end a sentence (each must be one token of the tokenizer).
         language_score: ``R_T`` as ``"prob"`` (``Π P``, the paper), ``"logprob"`` or ``"mean_logprob"``.
+        min_sentence_tokens: the fewest tokens a proposed sentence has before its stop token (``"."`` or the end of
+            the response). A stop token is not a candidate before that: it is masked and the token beams go on
+            (transformers' ``min_new_tokens``, applied per sentence). Exempt: a bare end-of-response after a complete
+            sentence (how a response ends) and the continuation of a sentence cut by ``max_new_tokens``. Capped at
+            ``max_new_tokens - 1``; when no proposal of a path reaches it, the longest proposals are kept, so a path
+            never runs dry. Default 3: fewer tokens are at most a word and a modifier (``"."``, ``"two ."``,
+            ``"two red ."``); without the minimum, the diverse groups end on such fragments (module docstring) and
+            the calibrated reward then picks one as the rejected response. 0 = every stop is a candidate (the
+            paper's search, and this one's before the option).
     """
 
     mode: str = "score"
@@ -55,6 +65,7 @@ class CSRConfig:
     max_response_tokens: int = 512
     sentence_end: Tuple[str, ...] = (".",)
     language_score: str = "prob"
+    min_sentence_tokens: int = 3
 
     def __post_init__(self):
         check_choice("mode", self.mode, MODES)
@@ -79,6 +90,7 @@ class CSRConfig:
             raise ValueError(f"sentence_end must be a tuple of non-empty strings, got {ends!r}")
         object.__setattr__(self, "sentence_end", tuple(ends))
         check_choice("language_score", self.language_score, LANGUAGE_SCORES)
+        check_int("min_sentence_tokens", self.min_sentence_tokens, 0)
 
 
 # ---------------------------------------------------------------------------------------------------- protocols
@@ -276,7 +288,10 @@ def sentence_beam_search(
                                       num_candidates=config.num_candidates, token_beams=config.token_beams,
                                       num_beam_groups=config.num_beam_groups,
                                       diversity_penalty=config.diversity_penalty,
-                                      max_new_tokens=min(config.max_new_tokens, budget))
+                                      max_new_tokens=min(config.max_new_tokens, budget),
+                                      # a sentence cut by max_new_tokens may end at once; a bare eos ends a response
+                                      min_tokens=0 if parent.end == "length" else config.min_sentence_tokens,
+                                      bare_eos=bool(prefix))
             texts = [lm.decode([t for t in c.token_ids if t not in eos_set]).strip() for c in cands]
             live = [j for j, t in enumerate(texts) if t]
             r_i: Dict[int, float] = {}
