@@ -114,10 +114,14 @@ def test_diagnose_command_quick_run(tmp_path):
     """`vpo diagnose --help`, a usage error, and a quick run on the tiny model: the table, the JSON and the PNG."""
     env = {**os.environ, "VPO_CACHE": str(tmp_path / "cache")}
     h = subprocess.run([sys.executable, "-m", "vpo.cli", "diagnose", "--help"], capture_output=True, text=True)
-    assert h.returncode == 0 and "--noise-steps" in h.stdout and "--catpo-layers" in h.stdout
+    flags = ("--noise-steps", "--catpo-layers", "--catpo-heads", "--catpo-per-head")
+    assert h.returncode == 0 and all(f in h.stdout for f in flags)
     bad = subprocess.run([sys.executable, "-m", "vpo.cli", "diagnose", "--model", "tiny-cache", "--data", "x",
                           "--csr-lams", "2"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "--csr-lams" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "vpo.cli", "diagnose", "--model", "tiny-cache", "--data", "x",
+                          "--catpo-heads", "all;1,2:3"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "--catpo-heads mixes heads and layer:head pairs" in bad.stderr
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, "-m", "vpo.cli", "diagnose", "--model", "tiny-cache", "--data",
                           str(tmp_path / "pairs"), "--create", "8", "--out", str(out), "--threads", "1",
