@@ -421,9 +421,9 @@ def test_listwise_rejects_bad_input():
 
 
 def test_docstring_examples():
-    from vpo.losses import heads, loss_types
+    from vpo.losses import heads, image_heads, loss_types
 
-    for module, least in ((heads, 8), (loss_types, 2)):
+    for module, least in ((heads, 8), (image_heads, 3), (loss_types, 2)):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.attempted >= least and result.failed == 0, module.__name__
 

@@ -231,7 +231,8 @@ def tpo_signals(model, processor, records: Sequence[Mapping], *, noise_step: int
     ``c``, ``cls``, ``row``, ``kind`` (one entry per token) and ``skipped_rows``."""
     import torch
 
-    from vpo.data.collator import PreferenceCollator, model_inputs
+    from vpo.data.batching import model_inputs
+    from vpo.data.collator import PreferenceCollator
     from vpo.oracle.logprobs import transform_logits
     from vpo.oracle.tpo import tpo_calibrated_reward, tpo_scores
     from vpo.trainer.modeling import head_transform, lm_head, model_family
@@ -273,7 +274,8 @@ def catpo_signals(model, processor, records: Sequence[Mapping], *, layers: Optio
     ``VPOConfig.catpo_heads``). Returns columns ``T``, ``w``, ``cls``, ``row``, ``kind`` and ``skipped_rows``."""
     import torch
 
-    from vpo.data.collator import PreferenceCollator, model_inputs
+    from vpo.data.batching import model_inputs
+    from vpo.data.collator import PreferenceCollator
     from vpo.integrations import catpo_weights_for_batch
     from vpo.trainer.modeling import model_family
     from vpo.trainer.passes import shift_labels_full
@@ -327,7 +329,8 @@ def response_logps(model, processor, records: Sequence[Mapping], *, batch_size: 
     token excluded), in the order of ``records`` (NaN for a record the collator skips)."""
     import torch
 
-    from vpo.data.collator import PreferenceCollator, model_inputs
+    from vpo.data.batching import model_inputs
+    from vpo.data.collator import PreferenceCollator
     from vpo.oracle.logprobs import head_logits
     from vpo.trainer.modeling import head_transform, lm_head, model_family
     from vpo.trainer.passes import forward_hidden, shift_labels_full

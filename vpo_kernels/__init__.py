@@ -1,4 +1,5 @@
-"""Triton kernels for vpo. Each module holds one op: its kernels, host launchers and autograd Function.
+"""Triton kernels for vpo. Each module holds one op: its kernels, host launchers and autograd Function — for the two
+largest (``linear_logprobs``, ``token_kl``) the ``@triton.jit`` kernels sit in a sibling ``*_kernels`` module.
 
 Importing this package imports Triton; set ``TRITON_INTERPRET=1`` before importing it to run on CPU.
 

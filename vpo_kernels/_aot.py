@@ -194,7 +194,7 @@ def _tile_variants(kernel: str) -> List[Variant]:
     return [Variant("pinned", d, base, cfg.num_warps, 2, False) for d in ("bf16", "fp16", "fp32")]
 
 
-_LL, _TG, _KL = "vpo_kernels.linear_logprobs", "vpo_kernels.target_logits", "vpo_kernels.token_kl"
+_LL, _TG, _KL = "vpo_kernels.linear_logprobs_kernels", "vpo_kernels.target_logits", "vpo_kernels.token_kl_kernels"
 _AS, _EP = "vpo_kernels.attention_stats", "vpo_kernels.epilogue"
 _STATS = {"order_ptr": "i64", "n_valid_ptr": "i32", "labels_ptr": "i64", "lse_ptr": "fp32", "g_ptr": "fp32",
           "t_ptr": "fp32", "e_ptr": "fp32", "m_part_ptr": "fp32", "s_part_ptr": "fp32", "part_ptr": "fp32",

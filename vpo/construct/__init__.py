@@ -3,9 +3,9 @@
 - :mod:`vpo.construct.csr`: sentence-level beam search under CSR's calibrated reward (``score`` and ``rank`` modes),
   image-text scorers (the shapes world's ground truth, CLIP from a local folder), :func:`write_csr_dataset` and the
   iterative loop :func:`csr_iterate`.
-- :mod:`vpo.construct.lpoi`: LPOI's progressively masked image lists with a visual prompt, detectors (the shapes
-  world's ground truth, a zero-shot detector from a local folder), the verification hook and
-  :func:`write_lpoi_dataset`.
+- :mod:`vpo.construct.lpoi`: LPOI's progressively masked image lists with a visual prompt and
+  :func:`write_lpoi_dataset`; its detectors (the shapes world's ground truth, a zero-shot detector from a local folder)
+  and the verification hook are in :mod:`vpo.construct.lpoi_detectors`.
 - :mod:`vpo.construct.mdpo`: mDPO's crop (the collator's, recorded per example) and :func:`write_mdpo_dataset`.
 
 Every writer reads a ``.jsonl`` file (or a folder with ``train.jsonl``) and writes ``out_dir/train.jsonl`` ("vpo"
@@ -26,9 +26,10 @@ _ATTRS = {
     "load_policy": "vpo.construct.csr", "make_scorer": "vpo.construct.csr", "propose_sentences": "vpo.construct.csr",
     "sentence_beam_search": "vpo.construct.csr", "sibling_ranks": "vpo.construct.csr",
     "vlm_factory": "vpo.construct.csr", "write_csr_dataset": "vpo.construct.csr",
-    "Detection": "vpo.construct.lpoi", "Detector": "vpo.construct.lpoi", "DetectorVerifier": "vpo.construct.lpoi",
-    "GroundTruthDetector": "vpo.construct.lpoi", "LPOIConfig": "vpo.construct.lpoi",
-    "ZeroShotDetector": "vpo.construct.lpoi", "build_lpoi_list": "vpo.construct.lpoi",
+    "Detection": "vpo.construct.lpoi_detectors", "Detector": "vpo.construct.lpoi_detectors",
+    "DetectorVerifier": "vpo.construct.lpoi_detectors", "GroundTruthDetector": "vpo.construct.lpoi_detectors",
+    "ZeroShotDetector": "vpo.construct.lpoi_detectors", "LPOIConfig": "vpo.construct.lpoi",
+    "build_lpoi_list": "vpo.construct.lpoi",
     "lpoi_mask_side": "vpo.construct.lpoi", "lpoi_masks": "vpo.construct.lpoi",
     "write_lpoi_dataset": "vpo.construct.lpoi",
     "crop_image": "vpo.construct.mdpo", "mdpo_crop_box": "vpo.construct.mdpo",
@@ -58,17 +59,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         vlm_factory,
         write_csr_dataset,
     )
-    from vpo.construct.lpoi import (
+    from vpo.construct.lpoi import LPOIConfig, build_lpoi_list, lpoi_mask_side, lpoi_masks, write_lpoi_dataset
+    from vpo.construct.lpoi_detectors import (
         Detection,
         Detector,
         DetectorVerifier,
         GroundTruthDetector,
-        LPOIConfig,
         ZeroShotDetector,
-        build_lpoi_list,
-        lpoi_mask_side,
-        lpoi_masks,
-        write_lpoi_dataset,
     )
     from vpo.construct.mdpo import crop_image, mdpo_crop_box, write_mdpo_dataset
 

@@ -97,8 +97,8 @@ def csr_main(args: argparse.Namespace) -> int:
 
 @_errors_to_exit_code
 def lpoi_main(args: argparse.Namespace) -> int:
-    from vpo.construct.lpoi import (DetectorVerifier, GroundTruthDetector, LPOIConfig, ZeroShotDetector,
-                                    write_lpoi_dataset)
+    from vpo.construct.lpoi import LPOIConfig, write_lpoi_dataset
+    from vpo.construct.lpoi_detectors import DetectorVerifier, GroundTruthDetector, ZeroShotDetector
 
     config = LPOIConfig(L=args.list_size, ellipse_color=_rgb(args.ellipse_color), ellipse_width=args.ellipse_width,
                         mask_fill=_rgb(args.mask_fill), max_candidates=args.max_candidates)

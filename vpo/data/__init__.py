@@ -4,15 +4,8 @@ preference collator (four tuned families + ``"generic"`` for any processor).
 
 See ``docs/data_format.md`` for the formats and the batch contract.
 """
-from vpo.data.collator import (
-    GENERIC,
-    IGNORE_INDEX,
-    METHODS,
-    MODEL_INPUT_KEYS,
-    VISION_KEYS,
-    PreferenceCollator,
-    model_inputs,
-)
+from vpo.data.batching import IGNORE_INDEX, MODEL_INPUT_KEYS, VISION_KEYS, model_inputs
+from vpo.data.collator import GENERIC, METHODS, PreferenceCollator
 from vpo.data.processors import FAMILIES, TINY_WORDS, build_tiny_processor, build_tiny_tokenizer
 from vpo.data.records import (
     LAYOUTS,

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from vpo._validate import check_positive, check_range
-from vpo.losses.heads import Metrics, _check_real, _check_seqs, preference_metrics
+from vpo.losses._common import Metrics, _check_real, _check_seqs
+from vpo.losses.heads import preference_metrics
 from vpo.losses.trl_terms import check_f_divergence, f_divergence_scores
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@
   :class:`OpenAIChatJudge` (an OpenAI-compatible chat endpoint, e.g. a local vLLM server);
 - negative images (:mod:`vpo.online.negatives`): :class:`ShapesNegativeGenerator`, :class:`DiffusersNegativeGenerator`;
 - the loop (:mod:`vpo.online.ovip`): :func:`select_pairs` (the paper's filter), :class:`ExperienceBuffer`,
-  :func:`ovip_online_step`, :func:`ovip_build_dataset` (a dataset folder for ``method: ovip``) and
-  :class:`OViPOnlineDataset` (the trainer's online data source).
+  :func:`ovip_online_step`;
+- its data (:mod:`vpo.online.ovip_data`): :func:`load_prompt_rows`, :func:`ovip_build_dataset` (a dataset folder for
+  ``method: ovip``) and :class:`OViPOnlineDataset` (the trainer's online data source).
 
 The image-side loss and the image-free pass are the trainer's (``method: ovip``, :func:`vpo.losses.ovip_image_loss`);
 the records made here carry what they need (``neg_image``).
@@ -31,15 +32,13 @@ from vpo.online.negatives import (
 from vpo.online.ovip import (
     ExperienceBuffer,
     OnlineConfig,
-    OViPOnlineDataset,
     SelectedPair,
-    load_prompt_rows,
-    ovip_build_dataset,
     ovip_online_step,
     pair_margin,
     score_std,
     select_pairs,
 )
+from vpo.online.ovip_data import OViPOnlineDataset, load_prompt_rows, ovip_build_dataset
 from vpo.online.sampling import KeyedSampler, expand_inputs, sample_responses, stream_seed
 
 __all__ = [

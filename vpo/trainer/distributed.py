@@ -32,10 +32,11 @@ process holds the whole reference model (data parallel; the model is not sharded
 dataset rows ``rank::world_size`` (:func:`precompute_shard`); :func:`gather_tables` gathers the per-rank tables and
 merges them in dataset order on every rank; rank 0 writes the file.
 
-OViP online (:mod:`vpo.online.ovip`): under several processes a rank whose whole pass over its rows yields no pair no
-longer raises; its dataset yields placeholder records (ids starting with :data:`vpo.online.ovip.NO_PAIR_PREFIX`) and
-:func:`placeholder_batch` tells the trainer to scale that step's loss by zero: the forward and backward run as on every
-rank (so DDP's all-reduce and FSDP's all-gathers / reduce-scatters match), and the rank's gradient is zero.
+OViP online (:mod:`vpo.online.ovip_data`): under several processes a rank whose whole pass over its rows yields no pair
+no longer raises; its dataset yields placeholder records (ids starting with
+:data:`vpo.online.ovip_data.NO_PAIR_PREFIX`) and :func:`placeholder_batch` tells the trainer to scale that step's loss
+by zero: the forward and backward run as on every rank (so DDP's all-reduce and FSDP's all-gathers / reduce-scatters
+match), and the rank's gradient is zero.
 
 Tested on CPU with 2 gloo processes against one process on the same global batch: ``tests/test_distributed_*.py``
 (FSDP2 and, where ``deepspeed`` is installed, ZeRO-2/3 trainer runs; the gather logic against a stub of DeepSpeed's API
@@ -235,7 +236,7 @@ def gather_tables(table: Dict[str, Dict], index_of: Dict[str, int]) -> Dict[str,
 def placeholder_batch(batch: Dict) -> bool:
     """Whether every pair of ``batch`` is an OViP placeholder (a rank whose pass found no pair): train on it with
     the loss scaled by zero."""
-    from vpo.online.ovip import NO_PAIR_PREFIX
+    from vpo.online.ovip_data import NO_PAIR_PREFIX
 
     ids = batch.get("ids")
     return bool(ids) and all(str(i).startswith(NO_PAIR_PREFIX) for i in ids)

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 def is_online_dataset(dataset) -> bool:
     """Whether ``dataset`` is OViP's online data source."""
-    from vpo.online.ovip import OViPOnlineDataset
+    from vpo.online.ovip_data import OViPOnlineDataset
 
     return isinstance(dataset, OViPOnlineDataset)
 

@@ -21,7 +21,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from transformers import Trainer, TrainingArguments
 
-from vpo.data.collator import IGNORE_INDEX, PreferenceCollator
+from vpo.data.batching import IGNORE_INDEX
+from vpo.data.collator import PreferenceCollator
 from vpo.ops.linear_logprobs import linear_logprobs
 from vpo.trainer.modeling import head_kwargs, head_transform, lm_head, model_type_of
 from vpo.trainer.passes import forward_hidden, select_rows
