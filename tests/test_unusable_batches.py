@@ -118,18 +118,6 @@ def _blanking_ids(collator, blank_ids):
     return collate
 
 
-def _perturbed(model, seed=1, scale=0.3):
-    """LoRA B starts at 0 (policy == reference, every loss log 2): give it values so batches' losses differ."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(scale * torch.randn(p.shape, generator=g))
-    return model
-
-
 _TIMING = ("runtime", "samples_per_second", "steps_per_second")
 
 
@@ -146,7 +134,10 @@ def test_eval_excludes_a_batch_without_scored_tokens(tmp_path):
     collate = _blanking_ids(TinyPreferenceCollator(tiny, "dpo"), blank)
     trainer = VPOTrainer(tiny.model, _args(tmp_path, per_device_eval_batch_size=2), train_dataset=records[:2],
                          data_collator=collate)
-    _perturbed(trainer.model)
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_trainer import perturb_lora
+
+    perturb_lora(trainer.model)  # LoRA B starts at 0 (every pair's loss log 2): make the batches' losses differ
     with_blank = trainer.evaluate(records)
     without = trainer.evaluate(records[:2] + records[4:])
     assert with_blank["eval_skipped_batches"] == 1.0 and without["eval_skipped_batches"] == 0.0
