@@ -114,3 +114,63 @@ def test_data_path_of_the_config_when_no_dataset_is_passed(tmp_path, proc):
     trainer = VPOTrainer(tiny_llava().model, args(tmp_path / "o", data_path=str(tmp_path / "d.jsonl")),
                          processing_class=proc)
     assert len(trainer.train_dataset) == 4 and trainer.eval_dataset is None
+
+
+def test_the_data_it_reads_gets_one_summary_of_what_was_skipped(tmp_path, proc, caplog):
+    """VPOTrainer logs the line `vpo train` prints for each file (vpo.trainer.data_report), once per dataset it reads
+    itself, only when records were skipped; a dataset the caller opened is the caller's to report."""
+    import json
+    import logging
+
+    from vpo.data import open_preference_data
+    from vpo.trainer.data_report import data_summary
+
+    for i, c in enumerate(COLORS):
+        Image.new("RGB", (24, 24), c).save(tmp_path / f"{i}.png")
+    good = [json.dumps({"image": f"{i}.png", "prompt": "what color ?", "chosen": f"{c} .", "rejected": "black ."})
+            for i, c in enumerate(COLORS)]
+    (tmp_path / "d.jsonl").write_text("\n".join(good + ["{not json", json.dumps({"image": "0.png", "prompt": "x",
+                                                                                  "answer": "y ."})]) + "\n")
+    (tmp_path / "clean.jsonl").write_text("\n".join(good) + "\n")
+    rows = trl_dataset().to_list()
+    rows.append(dict(rows[0], chosen=None))  # no chosen response
+
+    def logged(**data):
+        caplog.clear()
+        with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="vpo.trainer"):
+            warnings.simplefilter("ignore")  # the per-record DataWarnings are the reader's, tested in test_data.py
+            trainer = VPOTrainer(tiny_llava().model, args(tmp_path / "o", image_root=str(tmp_path)),
+                                 processing_class=proc, **data)
+        return trainer, [(r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith("vpo.trainer")]
+
+    path = str(tmp_path / "d.jsonl")
+    trainer, lines = logged(train_dataset=path, eval_dataset=datasets.Dataset.from_list(rows))
+    assert lines == [
+        (logging.WARNING, f"vpo: train data {path}: kept 4 of 6 records; skipped 2 (bad_json 1, missing_field 1); "
+                          "columns found: image, prompt, chosen, rejected, answer"),
+        (logging.WARNING, "vpo: eval data datasets.Dataset (5 rows): kept 4 of 5 records; skipped 1 (missing_field "
+                          "1); columns found: images, prompt, chosen, rejected"),
+    ]
+    # the command line's line, from the same function: only the speaker differs
+    assert data_summary("train", path, trainer.train_dataset, prefix="vpo train") == "vpo train" + lines[0][1][3:]
+    assert logged(train_dataset=str(tmp_path / "clean.jsonl"))[1] == []  # nothing skipped: nothing said
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opened = open_preference_data(path, image_root=str(tmp_path))
+    assert logged(train_dataset=opened)[1] == []  # opened (and reported) by the caller, as vpo train does
+
+
+def test_data_summary_checks_its_arguments():
+    from types import SimpleNamespace
+
+    from vpo.data import DataStats
+    from vpo.trainer.data_report import data_summary, describe_source
+
+    read = SimpleNamespace(stats=DataStats(seen=2, kept=2))
+    assert data_summary("eval", [{"a": 1}, {"a": 2}], read) == "vpo: eval data 2 rows: kept 2 of 2 records"
+    assert data_summary("eval", "x.jsonl", object()) is None  # no reader stats: nothing to say
+    assert describe_source(3) == "int"
+    with pytest.raises(ValueError, match="^name must be a non-empty string"):
+        data_summary("", "x.jsonl", read)
+    with pytest.raises(ValueError, match="^prefix must be a non-empty string"):
+        data_summary("train", "x.jsonl", read, prefix=None)

@@ -8,13 +8,14 @@ Public API (shapes in each docstring):
 - data-side helpers: :func:`add_diffusion_noise` (TPO), :func:`catpo_token_weights` (Cat-PO)
 - :data:`AVAILABLE`: what is built and usable here (``cpp``, ``cuda_ext``, ``cuda_device``, ``triton``)
 """
-import importlib
 from typing import TYPE_CHECKING
+
+from vpo import _lazy
 
 __version__ = "0.1.0"
 
-# The public names load on first use (PEP 562), so `vpo --help` and the command line's other light paths do not pay
-# for importing torch and the kernels (benchmarks/cli_startup.py measures it).
+# The public names load on first use (PEP 562, vpo._lazy), so `vpo --help` and the command line's other light paths
+# do not pay for importing torch and the kernels (benchmarks/cli_startup.py measures it).
 _SUBMODULES = ("losses", "oracle")
 _ATTRS = {
     "AVAILABLE": "vpo._ext",
@@ -39,19 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from vpo.ops.token_kl import linear_token_kl  # noqa: F401
 
 
-def __getattr__(name: str):
-    if name in _SUBMODULES:
-        return importlib.import_module(f"vpo.{name}")
-    module = _ATTRS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'vpo' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_ATTRS) | set(_SUBMODULES))
+__getattr__, __dir__ = _lazy.lazy_exports(__name__, _ATTRS, submodules=_SUBMODULES)
 
 __all__ = [
     "AVAILABLE",

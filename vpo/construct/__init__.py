@@ -13,10 +13,11 @@ layout, ``docs/data_format.md``; image paths relative to ``out_dir``), the image
 and ``out_dir/construct.json`` (options and counts). Command line: :mod:`vpo.construct.cli` (``vpo csr``,
 ``vpo lpoi-lists``, ``vpo mdpo-crops``).
 """
-import importlib
 from typing import TYPE_CHECKING
 
-# Names load on first use (PEP 562): the command line's parser imports vpo.construct.cli without torch.
+from vpo import _lazy
+
+# Names load on first use (PEP 562, vpo._lazy): the command line's parser imports vpo.construct.cli without torch.
 _ATTRS = {
     "ConstructWarning": "vpo.construct._io", "ConstructionSummary": "vpo.construct._io",
     "CLIPScorer": "vpo.construct.csr", "CSRConfig": "vpo.construct.csr", "CSRIteration": "vpo.construct.csr",
@@ -70,17 +71,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from vpo.construct.mdpo import crop_image, mdpo_crop_box, write_mdpo_dataset
 
 
-def __getattr__(name: str):
-    module = _ATTRS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'vpo.construct' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_ATTRS))
+__getattr__, __dir__ = _lazy.lazy_exports(__name__, _ATTRS)
 
 __all__ = [
     "CLIPScorer",

@@ -14,10 +14,10 @@
 - the command line: :func:`vpo.trainer.cli.train_main` (``vpo train``), :func:`vpo.trainer.cli.precompute_ref_main`
   (``vpo precompute-ref``).
 """
-import importlib
+from vpo import _lazy
 
-# name -> submodule. Imported on first use (PEP 562): transformers is slow to import, and `vpo.trainer.cli`'s
-# subcommand registration must stay cheap for `vpo info` / `vpo demo`.
+# name -> submodule. Imported on first use (PEP 562, vpo._lazy): transformers is slow to import, and
+# `vpo.trainer.cli`'s subcommand registration must stay cheap for `vpo info` / `vpo demo`.
 _EXPORTS = {
     "METHODS": "config",
     "REF_MODES": "config",
@@ -45,14 +45,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'vpo.trainer' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"vpo.trainer.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = _lazy.lazy_exports(__name__, {name: f".{module}" for name, module in _EXPORTS.items()})

@@ -130,6 +130,7 @@ def build_data(config: "VPOConfig", family: str, processor, tiny):
         raise ValueError(f"data_path {config.data_path!r} needs the model's processor, and none was loaded")
     read = dict(layout=config.data_layout, image_root=config.image_root)
     from vpo.trainer import cli_report
+    from vpo.trainer.data_report import data_summary
 
     if config.online:  # OViP online: data_path holds the source rows; the pairs are sampled during training
         from vpo.trainer.online import build_online_dataset
@@ -141,7 +142,7 @@ def build_data(config: "VPOConfig", family: str, processor, tiny):
     if config.eval_data_path is not None:
         evaluation = _read_quietly(config.eval_data_path, read)
     for name, path, ds in (("train", config.data_path, train), ("eval", config.eval_data_path, evaluation)):
-        line = cli_report.data_summary(name, path, ds)  # one line per file, not one warning per skipped record
+        line = data_summary(name, path, ds, prefix="vpo train")  # one line per file, not a warning per record
         if line is not None and ds.stats.skipped:
             print(line, file=sys.stderr, flush=True)
         if ds is not None:
@@ -163,7 +164,7 @@ def _read_quietly(path: str, read: dict):
 
     from vpo.data.records import DataWarning
     from vpo.data.sources import NoUsableRecordError, open_preference_data
-    from vpo.trainer.cli_report import columns_of
+    from vpo.trainer.data_report import columns_of
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)

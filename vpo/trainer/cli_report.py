@@ -1,19 +1,18 @@
 """What ``vpo train`` tells its user: the start banner, one summary of the records each data file kept and skipped
-(with the columns it found), the image files checked before training, the final "saved to" line, and where an
-interrupted run can resume. Also the command line's own repairs: a negative number after a flag
-(``--learning_rate -1e-4``) is that flag's value, not an unknown option.
+(with the columns it found: :func:`vpo.trainer.data_report.data_summary`, the line VPOTrainer logs too), the image
+files checked before training, the final "saved to" line, and where an interrupted run can resume. Also the command
+line's own repairs: a negative number after a flag (``--learning_rate -1e-4``) is that flag's value, not an unknown
+option.
 
 Kept apart from :mod:`vpo.trainer.cli` (loading and training) so each reads on its own; every line printed here is
 tested by subprocess in tests/test_cli_train_report.py.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
-from collections import Counter
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Sequence
 
 _NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -40,55 +39,6 @@ def say(line: str) -> None:
 
 
 # -- data -------------------------------------------------------------------------------------------------------------
-
-def columns_of(path: Optional[str]) -> List[str]:
-    """The columns (keys) a data source has: a JSONL file's first rows, a parquet file's schema, a ``save_to_disk``
-    folder's features. Empty when it cannot tell."""
-    if not path or not isinstance(path, str) or not os.path.exists(path):
-        return []
-    try:
-        if os.path.isfile(path) and path.endswith((".jsonl", ".json")):
-            keys: List[str] = []
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f):
-                    if n >= 20:
-                        break
-                    line = line.strip()
-                    if line:
-                        row = json.loads(line)
-                        keys += [k for k in row if k not in keys] if isinstance(row, dict) else []
-            return keys
-        if os.path.isfile(path) and path.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            return list(pq.read_schema(path).names)
-        if os.path.isdir(path):
-            info = os.path.join(path, "dataset_info.json")
-            if os.path.isfile(info):
-                with open(info, encoding="utf-8") as f:
-                    return list((json.load(f).get("features") or {}).keys())
-            files = sorted(p for p in os.listdir(path) if p.endswith(".parquet"))
-            if files:
-                return columns_of(os.path.join(path, files[0]))
-    except (OSError, ValueError, ImportError):
-        return []
-    return []
-
-
-def data_summary(name: str, path: Optional[str], dataset) -> Optional[str]:
-    """One line: records kept of seen, the skip counts per reason, and the columns found when some were skipped."""
-    stats = getattr(dataset, "stats", None)
-    if stats is None:
-        return None
-    line = f"vpo train: {name} data {path}: kept {stats.kept} of {stats.seen} records"
-    if stats.skipped:
-        reasons = ", ".join(f"{k} {v}" for k, v in Counter(stats.skipped).most_common())
-        cols = columns_of(path)
-        line += f"; skipped {sum(stats.skipped.values())} ({reasons})"
-        if cols:
-            line += f"; columns found: {', '.join(cols)}"
-    return line
-
 
 def _image_paths(rec) -> Iterable[str]:
     for attr in ("image", "neg_image", "image_list"):

@@ -10,7 +10,9 @@ checkpoints, resume from the newest complete one with every RNG and the data pos
 Metrics: each step's metrics (TRL's names plus the method's, :mod:`vpo.trainer.methods`) are stored, and averaged
 over the steps since the last log (and over processes) when the Trainer logs, as TRL's ``DPOTrainer`` does with
 ``store_metrics``. Evaluation metrics get the ``eval_`` prefix. Records the collator skipped (``batch["skipped"]``, a
-count or ``{reason: count}``) are summed over the logging window as ``data/skipped_<reason>``.
+count or ``{reason: count}``) are summed over the logging window as ``data/skipped_<reason>``. An evaluation leaves
+out the batches without a scored token (or without rows) from its loss and metric means, as training skips them, and
+reports how many as ``eval_skipped_batches``; an evaluation with no usable batch raises ValueError.
 
 OViP online (``method: ovip``, ``online: true``; :mod:`vpo.trainer.online`): with a
 :class:`vpo.online.OViPOnlineDataset` as ``train_dataset`` the trainer points it at the policy, trains from a plain
@@ -136,6 +138,7 @@ class VPOTrainer(ResumeMixin, Trainer):
         self._tokens_since_log = torch.zeros((), dtype=torch.long, device=args.device)
         self._stored_metrics = defaultdict(lambda: defaultdict(list))
         self._skipped = defaultdict(lambda: defaultdict(int))
+        self._eval_batches = {"used": 0, "skipped": 0}  # this evaluation's batches (evaluation_loop)
         self._online = self._setup_online(self.train_dataset)
         self._online_training_s = 0.0
 
@@ -199,12 +202,22 @@ class VPOTrainer(ResumeMixin, Trainer):
 
     # -- loss -----------------------------------------------------------------------------------------------------
 
-    def _loss_and_metrics(self, model, inputs, split: str):
+    def _usable(self, inputs, split: str) -> bool:
+        """Count the batch's skipped records under ``split`` and say whether it has rows and a scored token; under
+        several processes the ranks agree (False on every rank if any rank's batch is unusable;
+        :mod:`vpo.trainer.usable`)."""
         mark_unscored(inputs)  # rows without a scored token count as skipped (vpo.trainer.usable)
         self._count_skipped(inputs.get("skipped"), split)
-        usable = batch_usable(inputs)  # the ranks agree to skip under DDP
-        if not (ranks_agree(usable, self.args.device) if self.args.world_size > 1 else usable):
+        usable = batch_usable(inputs)
+        return ranks_agree(usable, self.args.device) if self.args.world_size > 1 else usable
+
+    def _loss_and_metrics(self, model, inputs, split: str):
+        if not self._usable(inputs, split):
             return torch.zeros((), device=self.args.device, requires_grad=True), {}
+        return self._method_loss(model, inputs)
+
+    def _method_loss(self, model, inputs):
+        """The method's loss and metrics on a usable batch."""
         passes = Passes(inputs, model, self.reference, list_size=self.args.list_size,
                         need_grad=torch.is_grad_enabled(), impl=self.args.loss_impl)
         loss, metrics = compute(passes, self.args)
@@ -222,14 +235,46 @@ class VPOTrainer(ResumeMixin, Trainer):
         return (loss, metrics) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
-        if "input_ids" not in inputs or inputs["input_ids"].shape[0] == 0:  # every record skipped: no loss to average
-            self._count_skipped(inputs.get("skipped"), "eval")
+        """``(loss, None, None)`` for a usable batch (its metrics are stored for the evaluation's log);
+        ``(None, None, None)`` for a batch with no rows (every record skipped) or no scored token, which the
+        evaluation loop then leaves out of the loss mean (the metric means never see it) and
+        :meth:`evaluation_loop` counts. Under several processes the ranks agree, as in training: if any rank's batch
+        is unusable, every rank leaves this step out."""
+        ids = inputs.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.shape[0] > 0:
+            inputs = self._prepare_inputs(inputs)
+        if not self._usable(inputs, "eval"):
+            self._eval_batches["skipped"] += 1
             return None, None, None
-        inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager(), distributed.step_context(self, model):
-            loss, metrics = self._loss_and_metrics(model, inputs, "eval")
+            loss, metrics = self._method_loss(model, inputs)
         self.store_metrics(metrics, "eval")
+        self._eval_batches["used"] += 1
         return loss.detach(), None, None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        """The Trainer's loop over only the usable batches: adds ``<prefix>_skipped_batches`` (the batches left out
+        of the loss and metric means, summed over processes) and raises ValueError when no batch was usable, instead
+        of a loss from nothing."""
+        self._eval_batches = {"used": 0, "skipped": 0}
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                         ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        used, skipped = self._eval_batches["used"], self._eval_batches["skipped"]
+        if self.args.world_size > 1:
+            from accelerate.utils import gather_object
+
+            parts = gather_object([(used, skipped)])  # every process evaluates: a collective is safe here
+            used, skipped = sum(u for u, _ in parts), sum(s for _, s in parts)
+        if used == 0:  # the ranks agree per batch, so every process raises together
+            self._stored_metrics.pop("eval", None)
+            reasons = dict(self._skipped.pop("eval", {}))
+            what = (f"all {skipped} batches were skipped (records skipped: {reasons or 'none'})" if skipped else
+                    "it gave no batch")
+            raise ValueError(f"{_dataset_argument(metric_key_prefix)}: no evaluation batch has a scored token: "
+                             f"{what}; nothing to report a loss from")
+        output.metrics[f"{metric_key_prefix}_skipped_batches"] = float(skipped)
+        return output
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
         """``Trainer.save_model`` plus a filled model card (``README.md``, :mod:`vpo.trainer.model_card`)."""
@@ -297,6 +342,16 @@ class VPOTrainer(ResumeMixin, Trainer):
         for key, value in self._flush(split).items():
             logs[f"{prefix}{key}"] = value
         return super().log(logs, start_time)
+
+
+def _dataset_argument(metric_key_prefix: str) -> str:
+    """The argument an evaluation's data came from, for errors: ``eval_dataset``, ``eval_dataset['name']`` (a dict of
+    eval datasets), ``test_dataset`` (``predict``)."""
+    if metric_key_prefix == "eval":
+        return "eval_dataset"
+    if metric_key_prefix.startswith("eval_"):
+        return f"eval_dataset[{metric_key_prefix[len('eval_'):]!r}]"
+    return f"{metric_key_prefix}_dataset"
 
 
 class _CollatorDrawCallback(TrainerCallback):

@@ -9,7 +9,8 @@ TRL's ``DPOTrainer`` does:
   processor's chat template (any model ``AutoModelForImageTextToText`` loads);
 - ``train_dataset`` / ``eval_dataset`` may be anything :func:`vpo.data.open_preference_data` reads (a
   ``datasets.Dataset`` in TRL's layout, a path, rows; default: ``args.data_path`` / ``args.eval_data_path``): they
-  are opened once, and a dataset whose records are all skipped raises before training;
+  are opened once, and a dataset whose records are all skipped raises before training; when the read skipped some,
+  one line says how many and why (:func:`vpo.trainer.data_report.log_data_summary`, the line ``vpo train`` prints);
 - ``peft_config``: the model is wrapped with it (:func:`apply_peft_config`); the reference is then the policy with the
   adapter disabled;
 - full fine-tuning (no LoRA, no ``peft_config``) with ``ref_mode`` ``auto``/``model`` and no ``ref_model``: a frozen
@@ -61,7 +62,9 @@ def default_collator(processor, model, args):
 
 def open_dataset(data: Any, args, name: str, collator=None):
     """``data`` as a torch dataset of preference records (None and torch datasets pass through; a list of dicts is
-    read as preference rows only for vpo's own collator, or none yet — other collators take their own rows)."""
+    read as preference rows only for vpo's own collator, or none yet — other collators take their own rows). Data it
+    reads itself that loses records gets one logged summary line on the main process (``name`` without
+    ``_dataset`` names it: ``train`` / ``eval``)."""
     if data is None:  # VPOConfig's data_path / eval_data_path stand in for a dataset not passed
         path = getattr(args, "data_path" if name == "train_dataset" else "eval_data_path", None)
         if not path or str(path).startswith("synthetic") or getattr(args, "online", False):
@@ -79,7 +82,12 @@ def open_dataset(data: Any, args, name: str, collator=None):
     is_rows = isinstance(data, list) and data and all(isinstance(r, dict) for r in data) and (
         collator is None or isinstance(collator, PreferenceCollator))
     if is_rows or isinstance(data, str) or _is_hf(data):
-        return open_preference_data(data, layout=args.data_layout, image_root=args.image_root)
+        dataset = open_preference_data(data, layout=args.data_layout, image_root=args.image_root)
+        if getattr(args, "process_index", 0) == 0:  # what the read skipped, once: vpo train's words
+            from vpo.trainer.data_report import log_data_summary
+
+            log_data_summary(name[:-len("_dataset")] if name.endswith("_dataset") else name, data, dataset)
+        return dataset
     return data  # a user's own torch dataset of records
 
 

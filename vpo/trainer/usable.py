@@ -7,7 +7,9 @@ scores). A batch with rows but no scored token — every response cut or overwri
 trained on: in one process :class:`vpo.trainer.resume.ResumeMixin` drops it and draws the next batch, as it does
 for a batch whose records the collator all skipped. Under DDP the ranks agree first (one ``all_reduce`` of a flag,
 MIN): if any rank's batch is unusable, every rank returns a zero loss without a forward for this micro-batch, so no
-rank waits for gradients the others never compute.
+rank waits for gradients the others never compute. Evaluation does the same
+(:meth:`vpo.trainer.VPOTrainer.prediction_step`): such a batch gives no loss, is left out of the eval loss and metric
+means and counted as ``eval_skipped_batches``; an evaluation where no batch is usable raises ValueError.
 """
 from __future__ import annotations
 
