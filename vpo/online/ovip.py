@@ -56,7 +56,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import numbers
 import time
@@ -64,6 +63,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from vpo._lazy import lazy_exports
 from vpo._validate import check_choice, check_positive
 from vpo.online.judges import Judge, JudgeRequest
 from vpo.online.negatives import NegativeImageGenerator, NegativeRequest
@@ -71,20 +71,9 @@ from vpo.online.sampling import sample_responses, stream_seed
 
 STD_KINDS = ("population", "sample")
 
-# Moved to vpo.online.ovip_data (they use the step below), still importable from here: {name: its module}.
-_MOVED = {name: "vpo.online.ovip_data"
-          for name in ("NO_PAIR_PREFIX", "OViPOnlineDataset", "load_prompt_rows", "ovip_build_dataset")}
-
-
-def __getattr__(name: str):
-    module = _MOVED.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_MOVED))
+# Moved to vpo.online.ovip_data (they use the step below), still importable from here.
+__getattr__, __dir__ = lazy_exports(__name__, {name: "vpo.online.ovip_data" for name in (
+    "NO_PAIR_PREFIX", "OViPOnlineDataset", "load_prompt_rows", "ovip_build_dataset")})
 
 
 # ---------------------------------------------------------------------------------------------------- pair filtering
