@@ -264,3 +264,23 @@ def test_diagnose_logits_are_the_models_own(monkeypatch, pairs):
     assert max(abs(a - b) for a, b in zip(sum(plain_lp, []), sum(capped_lp, []))) > 0.1
     # cap 0.5 bounds every logit to (-0.5, 0.5), so s (a difference of two logits) stays below 1 in magnitude
     assert max(abs(v) for v in capped_s) < 1.0 < max(abs(v) for v in plain_s)
+
+
+def test_records_the_collator_skips_are_counted_and_shown(pairs, tmp_path):
+    """A record whose image cannot be read drops out of the AUROC; the signal says so, and so does the table."""
+    from vpo.diagnose import catpo_signals, tpo_signals
+    from vpo.diagnose_cli import _skips, format_table
+    from vpo.models.cache import build_tiny_shapes_llava
+
+    model, processor = build_tiny_shapes_llava()
+    recs = [dict(r) for r in pairs[:4]]
+    recs[1]["image"] = str(tmp_path / "missing.png")
+    with pytest.warns(Warning):
+        tok = tpo_signals(model, processor, recs, noise_step=500, batch_size=2)
+    assert tok["skipped_records"] == 1
+    with pytest.warns(Warning):
+        assert catpo_signals(model, processor, recs, batch_size=2)["skipped_records"] == 1
+    assert tpo_signals(model, processor, pairs[:2])["skipped_records"] == 0
+    row = {"method": "tpo", "setting": "k=500", "signal": "s", "kind": "auroc", "value": 0.6, "grounded_mean": 0.1,
+           "hallucinated_mean": 0.0, "n": "3/1", **_skips(tok)}
+    assert "skipped: 1 records" in format_table([row])

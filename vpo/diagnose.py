@@ -171,11 +171,20 @@ def _spans(rec: Mapping[str, Any]) -> List:
     return diff_spans(str(rec.get("rejected", "")), str(rec.get("chosen", "")))
 
 
-def _batches(records: Sequence[Mapping], size: int):
+def _collated(collator, records: Sequence[Mapping], size: int, counts: Dict[str, Any]):
+    """``(batch, labels [2B, L])`` for each ``size`` records the collator keeps (labels shifted as the trainer's);
+    the records it skips are added to ``counts["skipped_records"]``, so none drops out unseen."""
+    from vpo.trainer.passes import shift_labels_full
+
     if size < 1:
         raise ValueError(f"batch_size must be >= 1, got {size}")
+    counts.setdefault("skipped_records", 0)
     for i in range(0, len(records), size):
-        yield list(records[i:i + size])
+        recs = list(records[i:i + size])
+        batch = collator(recs)
+        counts["skipped_records"] += len(recs) - len(batch["ids"])
+        if batch["ids"]:
+            yield batch, shift_labels_full(batch["labels"])
 
 
 def _aligned(processor, lab_row, text: str, spans) -> Optional[List[Optional[str]]]:
@@ -228,7 +237,8 @@ def tpo_signals(model, processor, records: Sequence[Mapping], *, noise_step: int
                 seed: int = 0, batch_size: int = 16, noise_clip: str = "clamp") -> Dict[str, list]:
     """TPO's ``s`` and ``c`` on every classed token of ``records`` (module docstring), the noised image as the
     trainer's collator makes it (``noise_step``, one fixed draw per record from ``seed``). Returns columns ``s``,
-    ``c``, ``cls``, ``row``, ``kind`` (one entry per token) and ``skipped_rows``."""
+    ``c``, ``cls``, ``row``, ``kind`` (one entry per token), ``skipped_rows`` (responses whose tokens and words
+    disagree) and ``skipped_records`` (records the collator skips)."""
     import torch
 
     from vpo.data.batching import model_inputs
@@ -236,7 +246,7 @@ def tpo_signals(model, processor, records: Sequence[Mapping], *, noise_step: int
     from vpo.oracle.logprobs import transform_logits
     from vpo.oracle.tpo import tpo_calibrated_reward, tpo_scores
     from vpo.trainer.modeling import head_transform, lm_head, model_family
-    from vpo.trainer.passes import forward_hidden, shift_labels_full
+    from vpo.trainer.passes import forward_hidden
 
     softcap, scale = head_transform(model)  # the logits TPO's s compares are the model's own (soft-capped, scaled)
     collator = PreferenceCollator(processor, model_family(model), method="tpo", seed=seed, fixed_noise=True,
@@ -247,11 +257,7 @@ def tpo_signals(model, processor, records: Sequence[Mapping], *, noise_step: int
     weight, bias = lm_head(model)
     model.eval()
     with torch.no_grad():
-        for recs in _batches(records, batch_size):
-            batch = collator(recs)
-            if not batch["ids"]:
-                continue
-            lab = shift_labels_full(batch["labels"])                                  # [2B, L]
+        for batch, lab in _collated(collator, records, batch_size, out):              # lab: [2B, L]
             z = []
             for inputs in (batch, batch["sub"]["noised"]):
                 h = forward_hidden(model, model_inputs(inputs)).to(weight.dtype)      # [2B, L, D]
@@ -271,25 +277,21 @@ def catpo_signals(model, processor, records: Sequence[Mapping], *, layers: Optio
                   heads=None, alpha: float = 0.5, lambda_ref: float = 0.5, batch_size: int = 16) -> Dict[str, list]:
     """Cat-PO's ``T`` and ``w`` on every classed token (module docstring), from the model's attention averaged over
     ``layers`` (None: all) and ``heads`` (None: all; a list for every layer or ``{layer: [heads]}``, as
-    ``VPOConfig.catpo_heads``). Returns columns ``T``, ``w``, ``cls``, ``row``, ``kind`` and ``skipped_rows``."""
+    ``VPOConfig.catpo_heads``). Returns columns ``T``, ``w``, ``cls``, ``row``, ``kind``, ``skipped_rows`` and
+    ``skipped_records`` (as :func:`tpo_signals`)."""
     import torch
 
     from vpo.data.batching import model_inputs
     from vpo.data.collator import PreferenceCollator
     from vpo.integrations import catpo_weights_for_batch
     from vpo.trainer.modeling import model_family
-    from vpo.trainer.passes import shift_labels_full
 
     collator = PreferenceCollator(processor, model_family(model), method="dpo")
     by_id = {r["id"]: r for r in records}
     out: Dict[str, list] = {"T": [], "w": [], "cls": [], "row": [], "kind": []}
     skipped = 0
     model.eval()
-    for recs in _batches(records, batch_size):
-        batch = collator(recs)
-        if not batch["ids"]:
-            continue
-        lab = shift_labels_full(batch["labels"])
+    for batch, lab in _collated(collator, records, batch_size, out):
         with torch.no_grad():
             t = catpo_weights_for_batch(model, model_inputs(batch), lab, is_chosen=True, layers=layers, heads=heads,
                                         alpha=alpha, lambda_ref=lambda_ref) - lambda_ref  # [2B, L]: T
@@ -333,7 +335,7 @@ def response_logps(model, processor, records: Sequence[Mapping], *, batch_size: 
     from vpo.data.collator import PreferenceCollator
     from vpo.oracle.logprobs import head_logits
     from vpo.trainer.modeling import head_transform, lm_head, model_family
-    from vpo.trainer.passes import forward_hidden, shift_labels_full
+    from vpo.trainer.passes import forward_hidden
 
     collator = PreferenceCollator(processor, model_family(model), method="dpo")
     weight, bias = lm_head(model)
@@ -341,11 +343,7 @@ def response_logps(model, processor, records: Sequence[Mapping], *, batch_size: 
     got: Dict[str, List[float]] = {}
     model.eval()
     with torch.no_grad():
-        for recs in _batches(records, batch_size):
-            batch = collator(recs)
-            if not batch["ids"]:
-                continue
-            lab = shift_labels_full(batch["labels"])                                  # [2B, L]
+        for batch, lab in _collated(collator, records, batch_size, {}):               # lab: [2B, L]
             h = forward_hidden(model, model_inputs(batch)).to(weight.dtype)           # [2B, L, D]
             logits = head_logits(h, weight, bias, logit_softcap=softcap, logit_scale=scale)  # [2B, L, V] (small V)
             lp = torch.log_softmax(logits.float(), -1).gather(-1, lab.clamp_min(0)[..., None])[..., 0]

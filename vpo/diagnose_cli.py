@@ -152,7 +152,8 @@ def run(model, processor, records, settings: Dict[str, Any], *, out: str, seed: 
         for k in settings["noise_steps"]:
             tok = dg.tpo_signals(model, processor, records, noise_step=k, seed=seed, batch_size=batch_size)
             s_stat = dg.summarize_tokens(tok, "s")
-            rows.append({"method": "tpo", "setting": f"k={k}", "signal": "s", "kind": "auroc", **_row(s_stat)})
+            rows.append({"method": "tpo", "setting": f"k={k}", "signal": "s", "kind": "auroc", **_row(s_stat),
+                         **_skips(tok)})
             chosen = torch.tensor([r == "chosen" for r in tok["row"]])
             for a in settings["tpo_a"]:
                 c = tpo_calibrated_reward(torch.tensor(tok["s"]), chosen, a=a)
@@ -179,7 +180,7 @@ def run(model, processor, records, settings: Dict[str, Any], *, out: str, seed: 
                     name = f"layers={'all' if layers is None else ','.join(map(str, layers))}, alpha={alpha:g}"
                     name += "" if heads == "all" else f", heads={heads}"
                     rows.append({"method": "catpo", "setting": name, "signal": "T", "kind": "auroc",
-                                 **_row(dg.summarize_tokens(tok, "T"))})
+                                 **_row(dg.summarize_tokens(tok, "T")), **_skips(tok)})
                     rows.append({"method": "catpo", "setting": name, "signal": "w (rejected)", "kind": "auroc",
                                  **_row(dg.summarize_tokens(tok, "w", rows="rejected", higher="hallucinated"))})
                     dists.setdefault("catpo", {"setting": name, "T": _split(tok, "T")})
@@ -242,6 +243,11 @@ def _row(stat: Dict[str, Any]) -> Dict[str, Any]:
             "hallucinated_mean": h.get("mean", float("nan")), "n": f"{g['n']}/{h['n']}"}
 
 
+def _skips(tok) -> Dict[str, int]:
+    """The responses and records a signal could not use (shown in the table when any)."""
+    return {"skipped_rows": tok.get("skipped_rows", 0), "skipped_records": tok.get("skipped_records", 0)}
+
+
 def _split(tok, key, rows="both"):
     keep = [i for i, r in enumerate(tok["row"]) if rows == "both" or r == rows]
     return {c: [tok[key][i] for i in keep if tok["cls"][i] == c] for c in ("grounded", "hallucinated")}
@@ -249,7 +255,6 @@ def _split(tok, key, rows="both"):
 
 def _build_lpoi(records, folder: str) -> str:
     from vpo.construct.lpoi import write_lpoi_dataset
-    from vpo.worlds.shapes import read_jsonl  # noqa: F401  (the writer reads a JSONL)
 
     os.makedirs(folder, exist_ok=True)
     src = os.path.join(folder, "source.jsonl")
@@ -269,6 +274,8 @@ def format_table(rows) -> str:
         g = f"{r['grounded_mean']:.3f}" if "grounded_mean" in r else ""
         h = f"{r['hallucinated_mean']:.3f}" if "hallucinated_mean" in r else ""
         extra = f"  log c gap {r['log_c_gap']:+.3f}" if "log_c_gap" in r else ""
+        if r.get("skipped_rows") or r.get("skipped_records"):
+            extra += f"  skipped: {r['skipped_records']} records, {r['skipped_rows']} responses"
         lines.append(f"{r['method']:<7}{r['setting']:<{w}}{r['signal']:<28}{g:>10}{h:>10}{r['value']:>12.3f}"
                      f"{str(r['n']):>12}{extra}")
     return "\n".join(lines)
