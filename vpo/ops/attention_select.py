@@ -20,6 +20,7 @@ equal weight (each selected layer counts once, whatever its number of heads).
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -55,7 +56,10 @@ def check_heads(heads: Optional[Iterable[int]], num_heads: int, *, name: str = "
     return tuple(out)
 
 
-def _index(heads: Tuple[int, ...], device) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _index(heads: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The head indices as an int64 tensor on ``device``, made once per (heads, device): a capture narrows every
+    layer of every forward to the same heads, and a fresh host-to-device copy each time is wasted."""
     return torch.tensor(heads, dtype=torch.int64, device=device)
 
 
